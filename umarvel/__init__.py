@@ -1,0 +1,16 @@
+"""umarvel: U-MARVEL universal multimodal retrieval (Qwen2-VL embedding model).
+
+The public API is imported lazily so that ``import umarvel`` stays cheap::
+
+    from umarvel import UMarvel
+    model = UMarvel.from_pretrained("TencentBAC/U-MARVEL-Qwen2VL-7B-Instruct", device="cuda", dtype="bfloat16")
+"""
+__version__ = "0.1.0"
+__all__ = ["UMarvel", "__version__"]
+
+
+def __getattr__(name):
+    if name == "UMarvel":
+        from umarvel.api import UMarvel
+        return UMarvel
+    raise AttributeError(f"module 'umarvel' has no attribute {name!r}")

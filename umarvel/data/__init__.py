@@ -1,0 +1,1 @@
+"""Input construction: prompt strings, images, processor, collation, batching and readers."""
