@@ -1,0 +1,1 @@
+"""M-BEIR benchmark: readers of the released file layout."""
