@@ -1,0 +1,217 @@
+"""From inputs to padded model batches: chat rendering, tokenization, image patches, pool masks.
+
+Pipeline for one input (``EmbedInput``): the chat is rendered with the checkpoint's own template
+(``build_messages`` + ``apply_chat_template``), tokenized once, and each ``<|image_pad|>`` /
+``<|video_pad|>`` placeholder is expanded to the number of visual tokens of its (already resized)
+image or video. ``collate`` then pads (left by default, like the official collators), builds the
+instruction and pool masks, and runs the image processor once for the whole batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from umarvel.data.formatting import INSTRUCTION_END, INSTRUCTION_START, PromptStyle, build_messages
+from umarvel.errors import DataError
+
+_TEXT_SLOT = "\u0000UMARVEL_TEXT\u0000"
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    """A video already turned into Qwen2-VL patches (see ``umarvel.data.video.video_patches``).
+
+    Attributes:
+        pixel_values: float32 (t*h*w, C*T*P*P) patches.
+        grid_thw: (t, h, w) patch grid.
+    """
+
+    pixel_values: np.ndarray
+    grid_thw: tuple[int, int, int]
+
+
+@dataclass
+class EmbedInput:
+    """One input ready to tokenize.
+
+    Attributes:
+        text: the final user text (formatted; instruction markers included for queries), without suffix.
+        images: resized RGB images (``umarvel.data.images.load_image``), shown before the text.
+        video: optional video patches, shown before the text (instead of images).
+    """
+
+    text: str
+    images: tuple[Image.Image, ...] = ()
+    video: VideoInput | None = None
+
+
+@dataclass
+class TokenizedInput:
+    """An input after tokenization: ids with visual placeholders expanded, plus its visuals."""
+
+    input_ids: list[int]
+    images: tuple[Image.Image, ...] = ()
+    video: VideoInput | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class EmbeddingTokenizer:
+    """Renders and tokenizes ``EmbedInput`` items exactly as the official collators do.
+
+    Args:
+        tokenizer: the checkpoint tokenizer with the U-MARVEL tokens added.
+        style: suffix / generation-prompt policy (``umarvel.data.formatting.PromptStyle``).
+        merge_size: Qwen2-VL spatial merge (2): visual tokens = patches / merge_size**2.
+        patch_size: ViT patch size (14); images must be resized to multiples of patch*merge.
+    """
+
+    def __init__(self, tokenizer, style: PromptStyle, merge_size: int = 2, patch_size: int = 14):
+        self.tokenizer = tokenizer
+        self.style = style
+        self.merge_size = merge_size
+        self.patch_size = patch_size
+        self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.video_pad_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self._templates: dict[tuple, tuple[str, str]] = {}
+
+    def _template(self, n_images: int, video: bool, text_empty: bool) -> tuple[str, str]:
+        """Rendered chat around the user text, cached per layout: ``(before, after)``."""
+        key = (n_images, video, text_empty)
+        if key not in self._templates:
+            has_visual = n_images > 0 or video
+            msgs = build_messages("" if text_empty else _TEXT_SLOT, has_visual, self.style,
+                                  n_images=max(n_images, 1), video=video)
+            rendered = self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=self.style.add_generation_prompt)
+            if text_empty:  # nothing to substitute: the whole rendering is fixed for this layout
+                self._templates[key] = (rendered, "")
+            else:
+                before, after = rendered.split(_TEXT_SLOT)
+                self._templates[key] = (before, after)
+        return self._templates[key]
+
+    def render(self, inp: EmbedInput) -> str:
+        """The exact chat string (before visual placeholder expansion)."""
+        before, after = self._template(len(inp.images), inp.video is not None, inp.text == "")
+        return before + inp.text + after
+
+    def visual_tokens(self, image: Image.Image) -> int:
+        """LLM tokens of a resized image: (H/14)*(W/14)/merge**2."""
+        f = self.patch_size * self.merge_size
+        w, h = image.size
+        if h % f or w % f:
+            raise DataError(f"image of size {w}x{h} is not resized to multiples of {f}; use load_image()")
+        return (h // f) * (w // f)
+
+    def tokenize(self, inputs: Sequence[EmbedInput]) -> list[TokenizedInput]:
+        """Tokenize a list of inputs (one fast-tokenizer call) and expand visual placeholders."""
+        texts = [self.render(x) for x in inputs]
+        ids_list = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [self._expand(ids, inp) for ids, inp in zip(ids_list, inputs)]
+
+    def _expand(self, ids: list[int], inp: EmbedInput) -> TokenizedInput:
+        counts = [self.visual_tokens(im) for im in inp.images]
+        video_count = None
+        if inp.video is not None:
+            t, h, w = inp.video.grid_thw
+            video_count = t * h * w // self.merge_size ** 2
+        out: list[int] = []
+        it = iter(counts)
+        for tok in ids:
+            if tok == self.image_pad_id:
+                out.extend([tok] * next(it))
+            elif tok == self.video_pad_id and video_count is not None:
+                out.extend([tok] * video_count)
+            else:
+                out.append(tok)
+        return TokenizedInput(out, tuple(inp.images), inp.video)
+
+
+def instruction_mask(input_ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
+    """1 on ``<instruction_start> ... <instruction_end>`` spans, both markers included.
+
+    Args:
+        input_ids: (B, L) token ids.
+    Returns:
+        (B, L) int64 mask.
+    """
+    is_start = (input_ids == start_id).long()
+    is_end = (input_ids == end_id).long()
+    depth = torch.cumsum(is_start - is_end, dim=-1)
+    return ((depth > 0) | (is_end > 0)).long()
+
+
+class EmbeddingCollator:
+    """Pads tokenized inputs into a model batch and builds pool masks.
+
+    Output dict (B sequences, L padded length):
+        ``input_ids`` (B, L) int64; ``attention_mask`` (B, L) int64; ``instruction_mask`` (B, L);
+        ``pool_mask`` (B, L) = non-pad and outside the instruction span; and, when present,
+        ``pixel_values`` (patches, 1176) float32 + ``image_grid_thw`` (n_images, 3) int64,
+        ``pixel_values_videos`` + ``video_grid_thw``.
+    """
+
+    def __init__(self, tokenizer, image_processor, padding_side: str = "left", mask_instruction: bool = True):
+        self.image_processor = image_processor
+        self.pad_id = tokenizer.pad_token_id
+        self.padding_side = padding_side
+        self.mask_instruction = mask_instruction
+        self.start_id = tokenizer.convert_tokens_to_ids(INSTRUCTION_START)
+        self.end_id = tokenizer.convert_tokens_to_ids(INSTRUCTION_END)
+
+    def pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad id lists to (B, L) ``input_ids`` and ``attention_mask``."""
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if self.padding_side == "left":
+                ids[i, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
+                mask[i, length - len(s):] = 1
+            else:
+                ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+                mask[i, : len(s)] = 1
+        return ids, mask
+
+    def __call__(self, items: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
+        ids, attn = self.pad([x.input_ids for x in items])
+        instr = instruction_mask(ids, self.start_id, self.end_id)
+        pool = attn * (1 - instr) if self.mask_instruction else attn.clone()
+        batch = {"input_ids": ids, "attention_mask": attn, "instruction_mask": instr, "pool_mask": pool}
+        images = [im for x in items for im in x.images]
+        if images:
+            out = self.image_processor(images=images, do_resize=False, return_tensors="pt")
+            batch["pixel_values"] = out["pixel_values"]
+            batch["image_grid_thw"] = out["image_grid_thw"]
+        videos = [x.video for x in items if x.video is not None]
+        if videos:
+            batch["pixel_values_videos"] = torch.from_numpy(np.concatenate([v.pixel_values for v in videos]))
+            batch["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.long)
+        return batch
+
+
+def plan_batches(lengths: Sequence[int], max_batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Length-aware batching: indices sorted by length (longest first), cut so that
+    ``len(batch) * longest <= max_tokens`` and ``len(batch) <= max_batch_size``.
+
+    Returns a list of index lists; every index appears exactly once. Order is restored by the caller.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) >= max_batch_size or (max_tokens and (len(cur) + 1) * longest > max_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
