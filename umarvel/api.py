@@ -149,6 +149,27 @@ class UMarvel:
                     settings.dtype, device, marker_rows, temperature)
         return cls(embedder, tokenizer, image_processor, settings, device=device, source=str(path))
 
+    @classmethod
+    def from_backbone(cls, model: torch.nn.Module, processor_dir: str | os.PathLike = BUNDLED_PROCESSOR_DIR,
+                      device: str | torch.device = "cpu", min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                      style: PromptStyle = INFERENCE_STYLE, temperature: float = loading.DEFAULT_TEMPERATURE,
+                      attention: str = "bidirectional", positions: str = "1d") -> "UMarvel":
+        """Wrap an in-memory transformers model (e.g. a randomly initialised one for benchmarks).
+
+        The tokenizer and image processor come from ``processor_dir`` (the bundled Qwen2-VL files by default).
+        """
+        from umarvel.model.backbones import get_backbone_spec
+
+        spec = get_backbone_spec(model.config.model_type)
+        tokenizer = load_tokenizer(processor_dir)
+        image_processor = load_image_processor(processor_dir, min_pixels, max_pixels)
+        loading.ensure_token_rows(model, tokenizer)
+        dtype = next(model.parameters()).dtype
+        embedder = UMarvelEmbedder(model, spec, temperature=temperature, attention=attention, positions=positions)
+        embedder.to(device).eval()
+        settings = EncodeSettings(min_pixels, max_pixels, style, attention, positions, str(dtype).split(".")[-1])
+        return cls(embedder, tokenizer, image_processor, settings, device=device, source="<in-memory>")
+
     def save_pretrained(self, path: str | os.PathLike, extra_meta: dict | None = None) -> Path:
         """Write a self-contained checkpoint folder (merged weights, tokenizer with tokens, umarvel.json)."""
         from umarvel.model.lora import is_lora
