@@ -1,0 +1,200 @@
+"""Zero-shot metrics on score matrices (pure numpy; torch tensors are accepted and converted).
+
+Tie policy (one rule everywhere): **ties count against the model.** A candidate scoring exactly as high as a
+positive is ranked before it:
+
+- hit@k (recall): a query hits iff fewer than k non-positive candidates score >= its best positive;
+- CIRCO ranking: candidates are ordered by (score desc, non-ground-truth first, index asc);
+- GeneCIS: the target is ranked after every distractor with an equal score;
+- CC-Neg / Sugar-Crepe accuracy: a sample counts only if cos(img, pos) > cos(img, neg) strictly.
+
+Real embeddings almost never tie; the rule matters for duplicates and degenerate (e.g. constant) models,
+which then score 0 instead of an optimistic number.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from umarvel.errors import DataError
+
+RECALL_KS = (1, 5, 10)
+CIRCO_KS = (5, 10, 25, 50)
+GENECIS_KS = (1, 2, 3)
+
+
+def _np(x) -> np.ndarray:
+    """Float64 numpy view of a numpy array or torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _check_scores(scores: np.ndarray, n_rows: int, what: str) -> None:
+    if scores.ndim != 2 or scores.shape[0] != n_rows:
+        raise DataError(f"{what}: expected scores of shape ({n_rows}, C), got {scores.shape}")
+
+
+def hits_at_k(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = RECALL_KS,
+              exclude: Sequence[Sequence[int]] | None = None, chunk: int = 1024) -> dict[int, np.ndarray]:
+    """Per-query hit indicators: does any positive rank in the top k (ties against the model)?
+
+    Args:
+        scores: (Q, C) similarities. positives: per query, candidate indices (non-empty).
+        exclude: per query, candidate indices removed from the ranking (e.g. VIST context images).
+        chunk: rows scored at once (memory: chunk * C booleans).
+
+    Returns:
+        {k: (Q,) bool}.
+    """
+    s = _np(scores)
+    _check_scores(s, len(positives), "hits_at_k")
+    q, c = s.shape
+    out = {k: np.zeros(q, dtype=bool) for k in ks}
+    for start in range(0, q, chunk):
+        block = s[start:start + chunk].copy()
+        n = block.shape[0]
+        pos_mask = np.zeros((n, c), dtype=bool)
+        for r in range(n):
+            p = positives[start + r]
+            if len(p) == 0:
+                raise DataError(f"hits_at_k: query {start + r} has no positive")
+            pos_mask[r, list(p)] = True
+            if exclude is not None and len(exclude[start + r]):
+                block[r, list(exclude[start + r])] = -np.inf
+        best = np.where(pos_mask, block, -np.inf).max(axis=1)
+        n_before = ((block >= best[:, None]) & ~pos_mask).sum(axis=1)
+        for k in ks:
+            out[k][start:start + n] = n_before < k
+    return out
+
+
+def recall_at_k(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = RECALL_KS,
+                exclude: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Hit-rate recall ``{"R@k": mean hit}`` (CLIP-benchmark / M-BEIR definition), in percent."""
+    hits = hits_at_k(scores, positives, ks, exclude)
+    return {f"R@{k}": 100.0 * float(h.mean()) for k, h in hits.items()}
+
+
+def bidirectional_recall(text_image_scores, text_to_image: Sequence[int],
+                         ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Text->image and image->text recall from one (T, I) score matrix.
+
+    t2i: a text hits if its own image is in the top k of the I images. i2t: an image hits if ANY of its
+    captions is in the top k of the T texts (an image without captions is an error).
+
+    Returns:
+        ``{"t2i_R@k": %, "i2t_R@k": %}``.
+    """
+    s = _np(text_image_scores)
+    t2i = np.asarray(text_to_image, dtype=np.int64)
+    _check_scores(s, len(t2i), "bidirectional_recall")
+    n_img = s.shape[1]
+    captions = [[] for _ in range(n_img)]
+    for t, i in enumerate(t2i):
+        captions[int(i)].append(t)
+    for i, caps in enumerate(captions):
+        if not caps:
+            raise DataError(f"bidirectional_recall: image {i} has no caption")
+    out = {f"t2i_{k}": v for k, v in recall_at_k(s, [[int(i)] for i in t2i], ks).items()}
+    out.update({f"i2t_{k}": v for k, v in recall_at_k(s.T, captions, ks).items()})
+    return out
+
+
+def ranked_topk(scores, k: int, positives: Sequence[Sequence[int]] | None = None,
+                exclude: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Top-k candidate indices per query, ordered by (score desc, non-positive first, index asc).
+
+    Args:
+        scores: (Q, C). positives: per query, indices placed after equal-scoring others (tie policy).
+
+    Returns:
+        (Q, min(k, C)) int64.
+    """
+    s = _np(scores)
+    q, c = s.shape
+    k = min(k, c)
+    out = np.empty((q, k), dtype=np.int64)
+    for r in range(q):
+        row = s[r].copy()
+        if exclude is not None and len(exclude[r]):
+            row[list(exclude[r])] = -np.inf
+        kth = np.partition(row, c - k)[c - k]
+        cand = np.flatnonzero(row >= kth)
+        is_pos = np.zeros(c, dtype=bool)
+        if positives is not None and len(positives[r]):
+            is_pos[list(positives[r])] = True
+        order = np.lexsort((cand, is_pos[cand], -row[cand]))
+        out[r] = cand[order][:k]
+    return out
+
+
+def circo_map_at_k(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = CIRCO_KS,
+                   exclude: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """CIRCO mAP@k (official definition, several ground truths), in percent.
+
+    ``AP@k = (1 / min(k, n_gt)) * sum_{i<=k} P@i * rel_i`` with ``P@i`` the precision of the first i results
+    and ``rel_i`` 1 if the i-th result is a ground truth; mAP@k is the mean over queries.
+
+    Args:
+        scores: (Q, C). positives: per query, the ground-truth candidate indices (non-empty).
+
+    Returns:
+        ``{"mAP@k": %}``.
+    """
+    s = _np(scores)
+    _check_scores(s, len(positives), "circo_map_at_k")
+    top = ranked_topk(s, max(ks), positives, exclude)
+    aps = {k: np.zeros(len(positives)) for k in ks}
+    for r, gts in enumerate(positives):
+        if len(gts) == 0:
+            raise DataError(f"circo_map_at_k: query {r} has no ground truth")
+        rel = np.isin(top[r], list(gts)).astype(np.float64)
+        prec = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+        for k in ks:
+            aps[k][r] = float((prec[:k] * rel[:k]).sum() / min(k, len(set(gts))))
+    return {f"mAP@{k}": 100.0 * float(v.mean()) for k, v in aps.items()}
+
+
+def genecis_recall(gallery_scores: Sequence, ks: Sequence[int] = GENECIS_KS) -> dict[str, float]:
+    """GeneCIS R@k within each query's own gallery, target at position 0, in percent.
+
+    Args:
+        gallery_scores: per query a (G_q,) array of scores of ``[target, distractor_1, ...]``.
+
+    Returns:
+        ``{"R@k": %}``; a query hits when fewer than k distractors score >= the target.
+    """
+    if len(gallery_scores) == 0:
+        raise DataError("genecis_recall: no queries")
+    n_before = np.empty(len(gallery_scores), dtype=np.int64)
+    for r, g in enumerate(gallery_scores):
+        g = _np(g).reshape(-1)
+        if g.size < 1:
+            raise DataError(f"genecis_recall: query {r} has an empty gallery")
+        n_before[r] = int((g[1:] >= g[0]).sum())
+    return {f"R@{k}": 100.0 * float((n_before < k).mean()) for k in ks}
+
+
+def gallery_scores(query_emb, cand_emb, galleries: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Scores of each query against its gallery: query_emb (Q, D), cand_emb (C, D) -> Q arrays (G_q,)."""
+    qe, ce = _np(query_emb), _np(cand_emb)
+    return [ce[list(g)] @ qe[r] for r, g in enumerate(galleries)]
+
+
+def pair_accuracy(image_emb, pos_emb, neg_emb) -> float:
+    """CC-Neg / Sugar-Crepe accuracy in percent: mean of cos(img, pos) > cos(img, neg) (ties fail).
+
+    Args:
+        image_emb, pos_emb, neg_emb: (N, D) embeddings (normalised inside, so cosine = dot product).
+    """
+    im, po, ne = (_np(x) for x in (image_emb, pos_emb, neg_emb))
+    if not (im.shape == po.shape == ne.shape) or im.ndim != 2 or im.shape[0] == 0:
+        raise DataError(f"pair_accuracy: shapes differ or empty: {im.shape}, {po.shape}, {ne.shape}")
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    im, po, ne = unit(im), unit(po), unit(ne)
+    return 100.0 * float(((im * po).sum(1) > (im * ne).sum(1)).mean())
