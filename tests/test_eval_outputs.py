@@ -1,0 +1,99 @@
+"""TREC run files, results.json schema and results.md (local and global side by side)."""
+import json
+
+import numpy as np
+import pytest
+
+from umarvel.errors import DataError
+from umarvel.eval.metrics import score_task
+from umarvel.eval.outputs import (
+    build_results, read_results_json, render_results_md, validate_results, write_results, write_trec_run,
+)
+from umarvel.eval.registry import get_task
+
+
+def _results(protocol, shift=0.0, reranked=None):
+    tasks = []
+    for name, hit in (("cirr_task7", [1, 0]), ("mscoco_task0", [1, 1]), ("fashioniq_task7", [0, 1])):
+        t = get_task(name)
+        ret = [[f"{t.dataset_id}:{i}" for i in range(1, 51)]] * 2
+        pos = [{f"{t.dataset_id}:{3 if h else 99}"} for h in hit]
+        tasks.append(score_task(t, ret, pos, pool_size=100))
+    res = build_results(protocol=protocol, model="tiny", split="test", instruction_mode="random",
+                        instruction_seed=2023, tasks=tasks, reranked=reranked)
+    for t in res["tasks"]:
+        t["value"] -= shift
+    res["average"] -= shift
+    return res
+
+
+def test_build_results_schema_and_order():
+    res = _results("local")
+    assert list(res) == ["protocol", "model", "split", "instruction_mode", "instruction_seed", "tasks", "average"]
+    assert [t["name"] for t in res["tasks"]] == ["mscoco_task0", "fashioniq_task7", "cirr_task7"]  # paper order
+    assert set(res["tasks"][0]) == {"name", "dataset", "task_id", "metric", "value", "recall", "num_queries",
+                                    "pool_size"}
+    assert res["tasks"][0]["recall"] == {"1": 0.0, "5": 100.0, "10": 100.0, "50": 100.0}
+    assert res["average"] == pytest.approx((100 + 50 + 50) / 3)
+    assert _results("global", reranked=True)["reranked"] is True
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda r: r.update(extra=1), "unexpected \\['extra'\\]"),
+    (lambda r: r.update(protocol="union"), "protocol"),
+    (lambda r: r.update(instruction_mode="fixed"), "instruction_mode"),
+    (lambda r: r["tasks"][0].pop("pool_size"), "exactly the keys"),
+    (lambda r: r["tasks"][0].update(recall={1: 3.0}), "recall"),
+    (lambda r: r.update(average=float("nan")), "finite"),
+])
+def test_schema_violations_rejected(mutate, match):
+    res = _results("local")
+    mutate(res)
+    with pytest.raises(DataError, match=match):
+        validate_results(res, "r")
+
+
+def test_trec_run_file(tmp_path):
+    path = tmp_path / "run.trec"
+    ids = np.array([[90000003, 90000001, -1], [90000002, 90000003, 90000001]])
+    scores = np.array([[0.9, 0.5, 0.0], [0.8, 0.7, 0.1]])
+    assert write_trec_run(path, ["9:1", "9:2"], ids, scores, "mbeir_mscoco_task0_local") == 5
+    lines = path.read_text().splitlines()
+    assert lines[0] == "9:1 Q0 9:3 1 0.900000 mbeir_mscoco_task0_local"
+    assert lines[2] == "9:2 Q0 9:2 1 0.800000 mbeir_mscoco_task0_local"
+    with pytest.raises(DataError, match="run_id"):
+        write_trec_run(path, ["9:1", "9:2"], ids, scores, "bad id")
+    with pytest.raises(DataError, match="need \\(Q, K\\)"):
+        write_trec_run(path, ["9:1"], ids, scores, "r")
+
+
+def test_results_md_pairs_sibling_folders(tmp_path):
+    write_results(tmp_path / "local", _results("local"))
+    md_alone = (tmp_path / "local" / "results.md").read_text()
+    assert "| Local |" in md_alone and "Global" not in md_alone
+    write_results(tmp_path / "global", _results("global", shift=10.0))
+    for proto in ("local", "global"):
+        md = (tmp_path / proto / "results.md").read_text()
+        assert "| # | Task | Dataset | Metric | Local | Global |" in md
+        assert "| 1 | mscoco_task0 | MSCOCO | R@5 | 100.00 | 90.00 |" in md
+        assert md.index("mscoco_task0") < md.index("fashioniq_task7") < md.index("cirr_task7")
+    assert read_results_json(tmp_path / "global" / "results.json")["protocol"] == "global"
+
+
+def test_results_md_refuses_mismatched_pair():
+    other = _results("global")
+    other["model"] = "another"
+    with pytest.raises(DataError, match="differ in model"):
+        render_results_md([_results("local"), other])
+    md = render_results_md([_results("global"), _results("local")])
+    assert md.index("| Local | Global |") > 0
+
+
+def test_read_results_json_errors(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("{\n  bad")
+    with pytest.raises(DataError, match=f"{path}:2: malformed JSON"):
+        read_results_json(path)
+    path.write_text(json.dumps({"protocol": "local"}))
+    with pytest.raises(DataError, match="keys differ"):
+        read_results_json(path)
