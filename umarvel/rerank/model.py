@@ -1,0 +1,207 @@
+"""The point-wise reranker: a stock causal Qwen2-VL answering ``Yes`` / ``No`` (method spec section 4).
+
+- Model: stock ``Qwen2VLForConditionalGeneration`` with causal attention and NO added tokens
+  (tokenizer loaded with ``add_umarvel_tokens=False``); LoRA (``task_type=CAUSAL_LM``) on every
+  language-model linear, vision tower and merger frozen.
+- Training loss: the HF causal-LM loss (shift by one, mean CE over labels != -100), but vocabulary
+  logits are computed only at the supervised positions (6 per row), never for the whole sequence.
+- Scoring (D10): ONE forward pass; ``P(yes) = softmax([logit_Yes, logit_No])[0]`` at the last
+  position (left padding), ``lm_head`` applied to that position only.
+- Positions: ``"1d"`` (default) = 0.. over each row's real tokens in all three M-RoPE sections, the
+  convention the reranker is trained with (the official plain forward used 0..L-1 over the padded
+  length; for the real tokens of a left-padded row this differs only by a shift, and the golden
+  fixture shows the two agree to 2.4e-7). ``"mrope"`` = ``get_rope_index`` positions, which is what
+  the official ``generate``-based scorer used: it equals generate's first step. The two differ by
+  up to 0.12 in P(yes) on rows with images.
+- Any ``repetition_penalty`` of a checkpoint's ``generation_config`` is NOT applied (one forward, no
+  logits processors); the official generate-based scores include it (``Yes``/``No`` occur in the prompt).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
+from umarvel.data.processor import BUNDLED_PROCESSOR_DIR, has_processor_files, load_image_processor, load_tokenizer
+from umarvel.errors import CheckpointError
+from umarvel.model import loading
+from umarvel.model.backbones import BackboneSpec
+from umarvel.model.embedder import rowwise_positions
+from umarvel.rerank.collate import IGNORE_INDEX, answer_token_ids
+
+logger = logging.getLogger(__name__)
+
+Positions = Literal["1d", "mrope"]
+POSITIONS: tuple[str, ...] = ("1d", "mrope")
+
+
+class Reranker(nn.Module):
+    """A causal vision-language model scoring (query, candidate) pairs.
+
+    Args:
+        backbone: a transformers ``Qwen2VLForConditionalGeneration`` (optionally peft-wrapped).
+        spec: the backbone family's :class:`BackboneSpec`.
+        yes_id / no_id: token ids of ``Yes`` and ``No`` (9454 / 2753 on Qwen2-VL).
+        positions: default position convention, ``"1d"`` or ``"mrope"``.
+    """
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, yes_id: int, no_id: int, positions: Positions = "1d"):
+        super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        self.backbone = backbone
+        self.spec = spec
+        self.yes_id, self.no_id = int(yes_id), int(no_id)
+        self.positions = positions
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model (peft wrapper removed; injected LoRA layers stay active)."""
+        get_base = getattr(self.backbone, "get_base_model", None)
+        return get_base() if callable(get_base) else self.backbone
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     image_grid_thw: torch.Tensor | None, positions: Positions | None = None) -> torch.Tensor:
+        """Position ids: (B, L) row-wise 1-D, or (3, B, L) M-RoPE from ``get_rope_index``."""
+        positions = positions or self.positions
+        if positions == "1d":
+            return rowwise_positions(attention_mask)
+        if positions != "mrope":
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        cfg = self.hf_model.config
+        mm_types = torch.zeros_like(input_ids, dtype=torch.int)
+        mm_types[input_ids == cfg.image_token_id] = 1
+        mm_types[input_ids == cfg.video_token_id] = 2
+        pos, _ = self.spec.inner(self.hf_model).get_rope_index(
+            input_ids, mm_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+        return pos
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                      positions: Positions | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, L, D) of the causal language model (no vocabulary logits)."""
+        inner = self.spec.inner(self.hf_model)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(next(self.spec.visual(self.hf_model).parameters()).dtype)
+        out = inner(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                    image_grid_thw=image_grid_thw, use_cache=False,
+                    position_ids=self.position_ids(input_ids, attention_mask, image_grid_thw, positions))
+        return out.last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head`` on selected hidden states: (..., D) -> (..., V) float32."""
+        return self.hf_model.lm_head(hidden).float()
+
+    def last_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                    positions: Positions | None = None) -> torch.Tensor:
+        """Vocabulary logits (B, V) float32 at the last position of a LEFT-padded batch."""
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("scoring batches must be left-padded (every row's last token real)")
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions)
+        return self.lm_logits(hidden[:, -1])
+
+    def yes_no_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                      positions: Positions | None = None, **_: torch.Tensor) -> torch.Tensor:
+        """``[logit_Yes, logit_No]`` at the last position: (B, 2) float32."""
+        logits = self.last_logits(input_ids, attention_mask, pixel_values, image_grid_thw, positions)
+        return logits[:, [self.yes_id, self.no_id]]
+
+    def p_yes(self, batch: Mapping[str, torch.Tensor], positions: Positions | None = None) -> torch.Tensor:
+        """``P(yes) = softmax([logit_Yes, logit_No])[0]`` of a left-padded scoring batch: (B,) float32."""
+        return torch.softmax(self.yes_no_logits(**batch, positions=positions), dim=-1)[:, 0]
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+             positions: Positions | None = None, **_: torch.Tensor) -> torch.Tensor:
+        """HF causal-LM loss: the logits at t predict ``labels[t+1]``; mean CE over labels != -100.
+
+        Args:
+            input_ids / attention_mask / labels: (B, L) training batch (``RerankTrainCollator``).
+        Returns:
+            scalar float32 loss (vocabulary logits are computed for the supervised positions only).
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions)
+        target = labels[:, 1:]  # (B, L-1)
+        sel = target != IGNORE_INDEX
+        if not bool(sel.any()):
+            raise ValueError("the batch has no supervised token (all labels are -100)")
+        logits = self.lm_logits(hidden[:, :-1][sel])  # (N, V)
+        return F.cross_entropy(logits, target[sel])
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        """Training forward: :meth:`loss` of a collated batch (so DDP wraps this module)."""
+        return self.loss(**batch)
+
+
+def attach_reranker_lora(reranker: Reranker, r: int, alpha: int, dropout: float = 0.05) -> Reranker:
+    """Wrap the backbone with a fresh LoRA (``task_type=CAUSAL_LM``) on all language-model linears.
+
+    Every other weight (vision tower, merger, embeddings, ``lm_head``) is frozen.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(reranker.backbone, "peft_config"):
+        raise CheckpointError("the reranker already has a LoRA attached; merge it first")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                     target_modules=reranker.spec.lora_target_regex)
+    reranker.backbone = get_peft_model(reranker.backbone, cfg)
+    n = sum(p.numel() for p in reranker.backbone.parameters() if p.requires_grad)
+    logger.info("reranker LoRA r=%d alpha=%d dropout=%.3g: %d trainable parameters", r, alpha, dropout, n)
+    return reranker
+
+
+@dataclass
+class LoadedReranker:
+    """A reranker with its preprocessing: the module, stock tokenizer and PIL image processor."""
+
+    model: Reranker
+    tokenizer: object
+    image_processor: object
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+
+def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                  adapter: str | os.PathLike | None = None, positions: Positions = "1d",
+                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                  attn_implementation: str = "sdpa", trainable_adapter: bool = False) -> LoadedReranker:
+    """Load a reranker checkpoint folder (stock or merged), optionally with a LoRA adapter on top.
+
+    A LoRA adapter folder given as ``path`` loads its base (``base_model_name_or_path``) first.
+    """
+    from peft import PeftModel
+    import json
+
+    p = loading.check_checkpoint_dir(path)
+    torch_dtype = loading.resolve_dtype(dtype, device)
+    base, adapters = p, []
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        base_name = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise CheckpointError(f"{p}: adapter folder without base_model_name_or_path")
+        base, adapters = loading.check_checkpoint_dir(base_name), [p]
+    if adapter is not None:
+        adapters.append(loading.check_checkpoint_dir(adapter))
+    model, spec = loading.load_hf_backbone(base, torch_dtype, device, attn_implementation)
+    tok_dir = next((d for d in [*adapters[::-1], base] if has_processor_files(d)), BUNDLED_PROCESSOR_DIR)
+    tokenizer = load_tokenizer(tok_dir, add_umarvel_tokens=False)
+    proc_dir = base if (Path(base) / "preprocessor_config.json").is_file() else BUNDLED_PROCESSOR_DIR
+    image_processor = load_image_processor(proc_dir, min_pixels, max_pixels)
+    yes_id, no_id = answer_token_ids(tokenizer)
+    reranker = Reranker(model, spec, yes_id, no_id, positions)
+    for a in adapters:
+        reranker.backbone = PeftModel.from_pretrained(reranker.backbone, str(a), is_trainable=trainable_adapter)
+    reranker.to(device).eval()
+    logger.info("loaded reranker %s (%s on %s, positions %s, Yes/No ids %d/%d)", p, torch_dtype, device,
+                positions, yes_id, no_id)
+    return LoadedReranker(reranker, tokenizer, image_processor, torch.device(device), torch_dtype, str(p))
