@@ -448,7 +448,7 @@ def load_mbeir_task(root: PathLike, task: "Task", split: str = "test", *,
     _check_task_membership(queries, task, qpath)
     pool = read_pool(root / files.pool, root)
     qrels = read_qrels(root / files.qrels)
-    modality_of = ChainMap(dict(global_modalities or {}), {c.did: c.modality for c in pool})
+    modality_of = ChainMap(global_modalities or {}, {c.did: c.modality for c in pool})  # type: ignore[arg-type]
     unknown = check_known_ids(queries, qrels, modality_of, where=f"{task.name} ({split}, {qpath})",
                               allow_missing=allow_missing)
     no_qrels = sum(1 for q in queries if not qrels.get(q.qid))
