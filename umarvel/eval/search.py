@@ -1,0 +1,574 @@
+"""Exact (and approximate) inner-product top-k search that never materialises the full score matrix.
+
+One entry point, :func:`search`, with interchangeable backends:
+
+- ``"torch"`` (default): tiled ``queries @ candidates.T`` plus a per-tile ``topk`` and an exact merge.
+  On CUDA the matmul runs in fp16/bf16 with fp32 accumulation and fp32 scores (``torch.mm(...,
+  out_dtype=float32)`` where available, else half-precision scores cast to fp32); on CPU in fp32.
+  Candidates may be float16 numpy memmaps (from :mod:`umarvel.eval.cache`): they are streamed in
+  chunks of ``chunk_bytes`` and converted to the compute dtype one chunk at a time. With several
+  devices (``devices=[...]`` or ``device="cuda"`` with several visible GPUs) the candidates are split
+  into contiguous shards, each device computes a local top-k, and the results are merged exactly.
+- ``"faiss"``: ``faiss.IndexFlatIP`` (exact, CPU; holds an fp32 copy of the candidates).
+- ``"faiss-ivf"`` / ``"faiss-hnsw"``: approximate faiss indexes; :func:`ann_recall` /
+  :func:`evaluate_ann` report their recall@k against the exact result.
+
+Result contract (every backend): ``(scores, indices)`` numpy arrays of shape ``(Q, k)``, ``float32`` and
+``int64``, each row sorted by score descending, **ties broken by lower candidate index first**. For the
+exact backends this also decides *which* tied candidates are kept when a tie straddles the k-th place
+(cost: one ``topk(k + 1)`` per tile and a vectorised fix-up of the rare rows whose k-th and (k+1)-th
+scores are equal; for faiss, a ``range_search`` on those rows). Scores of different tilings may differ in
+the last bits (BLAS blocking), so "equal" means bit-equal scores as computed. When ``k`` exceeds the
+number of candidates, rows are padded with index ``-1`` and score ``-inf``. NaN inputs are not checked.
+
+Use :func:`make_searcher` to build an index / upload candidates once and search many query sets.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from umarvel.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "faiss", "faiss-ivf", "faiss-hnsw")
+PAD_INDEX = -1
+PAD_SCORE = float("-inf")
+
+# CPU defaults: a 1024 x 1024 fp32 score tile (4 MiB) stays in the L2 caches of the 2-core dev machine,
+# so the per-tile ``amax`` of the pruned merge is nearly free and the matmul runs at full speed.
+_CPU_TILE_BYTES = 4 << 20
+_CPU_Q_TILE = 1024
+_CPU_CHUNK_BYTES = 256 << 20
+# CUDA defaults: large tiles keep tensor cores busy; 4 GiB of fp32 scores per tile.
+_CUDA_TILE_BYTES = 4 << 30
+_CUDA_Q_TILE = 16384
+_CUDA_CHUNK_BYTES = 2 << 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidate row sources
+# ----------------------------------------------------------------------------------------------
+class RowBlocks:
+    """Read-only view of a candidate matrix stored as consecutive blocks (no copy is made).
+
+    Accepts a numpy array / memmap, a torch tensor, a list of those (concatenated row-wise), or any
+    object with a ``vector_blocks()`` method returning such a list (e.g. ``CachedEmbeddings``).
+    """
+
+    def __init__(self, candidates: Any):
+        if hasattr(candidates, "vector_blocks"):
+            blocks = list(candidates.vector_blocks())
+        elif isinstance(candidates, (list, tuple)):
+            blocks = list(candidates)
+        elif torch.is_tensor(candidates):
+            blocks = [candidates]
+        else:
+            blocks = [np.asarray(candidates)]
+        blocks = [b if torch.is_tensor(b) else np.asarray(b) for b in blocks]
+        for b in blocks:
+            if b.ndim != 2:
+                raise DataError(f"candidates must be 2-D (N, D), got a block of shape {tuple(b.shape)}")
+        dims = {int(b.shape[1]) for b in blocks if b.shape[0] > 0}
+        if len(dims) > 1:
+            raise DataError(f"candidate blocks disagree on the embedding dimension: {sorted(dims)}")
+        self.blocks = [b for b in blocks if b.shape[0] > 0]
+        self.dim = dims.pop() if dims else (int(blocks[0].shape[1]) if blocks else 0)
+        self.offsets = np.cumsum([0] + [int(b.shape[0]) for b in self.blocks]).tolist()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def chunks(self, max_rows: int, start: int = 0, stop: int | None = None):
+        """Yield ``(global_row_offset, block_slice)`` pieces of at most ``max_rows`` rows, each inside one block.
+
+        Restricted to global rows ``[start, stop)``; a slice is ``(rows, D)`` numpy or torch, not copied.
+        """
+        stop = len(self) if stop is None else stop
+        for b, off in zip(self.blocks, self.offsets):
+            lo, hi = max(start, off), min(stop, off + int(b.shape[0]))
+            for a in range(lo, hi, max_rows):
+                yield a, b[a - off: min(hi, a + max_rows) - off]
+
+
+def _to_device(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Numpy / torch ``(n, D)`` -> contiguous torch ``(n, D)`` of ``dtype`` on ``device`` (copy only as needed)."""
+    if torch.is_tensor(x):
+        t = x
+    else:
+        with warnings.catch_warnings():  # read-only memmaps: the tensor is only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(x))
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory() if t.numel() * t.element_size() <= (1 << 30) else t
+        t = t.to(device, non_blocking=True)
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
+def _as_queries(queries: Any) -> Any:
+    """Validate queries ``(Q, D)`` (numpy or torch) and return them unchanged."""
+    q = queries if torch.is_tensor(queries) else np.asarray(queries)
+    if q.ndim != 2:
+        raise DataError(f"queries must be 2-D (Q, D), got shape {tuple(q.shape)}")
+    return q
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k kernels (exact, with deterministic tie-breaking)
+# ----------------------------------------------------------------------------------------------
+def tile_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of a score tile, ties at the k-th place resolved to the lowest column.
+
+    Args:
+        scores: ``(q, T)`` float32.
+        k: number wanted (``min(k, T)`` are returned).
+    Returns:
+        ``(values, columns)``: ``(q, min(k, T))`` float32 and int64, the lexicographically best
+        (score desc, column asc) set; the order inside a row is by score only (ties unordered).
+    """
+    q, t = scores.shape
+    if t <= k:
+        cols = torch.arange(t, device=scores.device).expand(q, t)
+        return scores, cols
+    vals, cols = torch.topk(scores, k + 1, dim=1, largest=True, sorted=True)
+    tied = vals[:, k - 1] == vals[:, k]
+    vals, cols = vals[:, :k], cols[:, :k]
+    if bool(tied.any()):
+        vals, cols = vals.clone(), cols.clone()
+        rows = tied.nonzero().squeeze(1)
+        sub = scores[rows]                                  # (r, T)
+        thr = vals[rows, k - 1:k]                           # (r, 1): the k-th score
+        gt = sub > thr
+        eq = sub == thr
+        need = k - gt.sum(dim=1, keepdim=True)
+        keep = gt | (eq & (eq.cumsum(dim=1) <= need))       # exactly k per row, lowest tied columns
+        sel = keep.nonzero()[:, 1].view(len(rows), k)
+        vals[rows] = sub.gather(1, sel)
+        cols[rows] = sel
+    return vals, cols
+
+
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact lexicographic (score desc, index asc) top-k of candidate lists.
+
+    Args:
+        values: ``(q, m)`` float32; indices: ``(q, m)`` int64, distinct within a row (no padding).
+    Returns:
+        ``(q, min(k, m))`` values and indices, sorted by score desc then index asc.
+    """
+    order = indices.argsort(dim=1)
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    values, order = values.sort(dim=1, descending=True, stable=True)
+    return values[:, :k].contiguous(), indices.gather(1, order[:, :k])
+
+
+def _update_pruned(best_v: torch.Tensor, best_i: torch.Tensor, scores: torch.Tensor, offset: int, k: int) -> None:
+    """Merge one score tile into the running top-k, touching only rows whose max beats their k-th best.
+
+    Args:
+        best_v, best_i: ``(q, k)`` running state (lexicographic order; views updated in place).
+        scores: ``(q, T)`` float32 tile whose column 0 is candidate ``offset``.
+    A later candidate with a score *equal* to the k-th best loses the tie (higher index), so the strict
+    ``>`` test is exact. Costs one ``amax`` pass per tile; ``topk`` runs only on the rows that change
+    (a shrinking fraction as the scan proceeds), which is what makes the CPU path as fast as faiss.
+    """
+    rows = (scores.amax(dim=1) > best_v[:, k - 1]).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    full = rows.numel() == scores.shape[0]
+    sub = scores if full else scores.index_select(0, rows)
+    v, i = tile_topk(sub, k)
+    old_v = best_v if full else best_v.index_select(0, rows)
+    old_i = best_i if full else best_i.index_select(0, rows)
+    nv, ni = merge_topk(torch.cat([old_v, v], 1), torch.cat([old_i, i + offset], 1), k)
+    if full:
+        best_v.copy_(nv)
+        best_i.copy_(ni)
+    else:
+        best_v.index_copy_(0, rows, nv)
+        best_i.index_copy_(0, rows, ni)
+
+
+def _pad(values: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad ``(Q, m)`` results to ``(Q, k)`` with score ``-inf`` / index ``-1``."""
+    q, m = values.shape
+    if m >= k:
+        return values, indices
+    pv = np.full((q, k), PAD_SCORE, dtype=np.float32)
+    pi = np.full((q, k), PAD_INDEX, dtype=np.int64)
+    pv[:, :m], pi[:, :m] = values, indices
+    return pv, pi
+
+
+_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def tile_scores(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Inner products ``(q, D) x (T, D) -> (q, T)`` float32.
+
+    Half-precision inputs on CUDA use ``torch.mm(..., out_dtype=float32)`` (fp32 accumulate and fp32
+    output) when the installed torch supports it, else the half-precision product cast to fp32.
+    """
+    if q.dtype == torch.float32:
+        return q @ c.T
+    key = f"{q.device.type}:{q.dtype}"
+    if _MM_OUT_DTYPE_OK.get(key, True):
+        try:
+            return torch.mm(q, c.T, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[key] = False
+            logger.info("torch.mm(out_dtype=float32) unavailable for %s; using %s scores", key, q.dtype)
+    return (q @ c.T).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch backend
+# ----------------------------------------------------------------------------------------------
+def _default_dtype(device: torch.device, source: RowBlocks) -> torch.dtype:
+    """fp32 on CPU; on CUDA fp16 when the candidates are fp16 (exact upload), else bf16."""
+    if device.type != "cuda":
+        return torch.float32
+    first = source.blocks[0] if source.blocks else None
+    if first is not None and first.dtype in (np.float16, torch.float16):
+        return torch.float16
+    return torch.bfloat16
+
+
+class TorchSearcher:
+    """Exact tiled search of one candidate set on one device.
+
+    Candidates are kept where they are (host memmap / array) and streamed in chunks, unless
+    ``resident=True`` (or they already live on ``device``), in which case they are uploaded once
+    in the compute dtype and reused across :meth:`search` calls.
+    """
+
+    def __init__(self, candidates: Any, device: str | torch.device | None = None,
+                 dtype: torch.dtype | str | None = None, q_tile: int | None = None,
+                 c_tile: int | None = None, chunk_bytes: int | None = None,
+                 tile_bytes: int | None = None, resident: bool | None = None,
+                 prune: bool | None = None):
+        self.source = candidates if isinstance(candidates, RowBlocks) else RowBlocks(candidates)
+        if len(self.source) == 0:
+            raise DataError("candidate pool is empty: nothing to search")
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype or _default_dtype(self.device, self.source)
+        cuda = self.device.type == "cuda"
+        self.prune = (not cuda) if prune is None else prune
+        self.q_tile = q_tile or (_CUDA_Q_TILE if cuda else _CPU_Q_TILE)
+        tb = tile_bytes or (_CUDA_TILE_BYTES if cuda else _CPU_TILE_BYTES)
+        self.c_tile = c_tile or max(256, (tb // (4 * self.q_tile)) // 256 * 256)
+        cb = chunk_bytes or (_CUDA_CHUNK_BYTES if cuda else _CPU_CHUNK_BYTES)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.chunk_rows = max(self.c_tile, (cb // (elem * max(1, self.source.dim))) // self.c_tile * self.c_tile)
+        on_device = all(torch.is_tensor(b) and b.device == self.device and b.dtype == self.dtype
+                        for b in self.source.blocks)
+        self._resident: list[tuple[int, torch.Tensor]] | None = None
+        if on_device:
+            self._resident = [(off, b) for b, off in zip(self.source.blocks, self.source.offsets)]
+        elif resident:
+            self._resident = [(off, _to_device(piece, self.device, self.dtype))
+                              for off, piece in self.source.chunks(self.chunk_rows)]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _chunks(self):
+        """Yield ``(row_offset, (rows, D) tensor on device in the compute dtype)``."""
+        if self._resident is not None:
+            yield from self._resident
+            return
+        for off, piece in self.source.chunks(self.chunk_rows):
+            yield off, _to_device(piece, self.device, self.dtype)
+
+    def search_tensors(self, queries: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k on this device.
+
+        Args:
+            queries: ``(Q, D)`` numpy / torch.
+        Returns:
+            ``(Q, min(k, N))`` float32 scores and int64 indices (device tensors), lexicographic order.
+        """
+        queries = _as_queries(queries)
+        if queries.shape[1] != self.source.dim:
+            raise DataError(f"query dim {queries.shape[1]} != candidate dim {self.source.dim}")
+        nq = int(queries.shape[0])
+        qd = _to_device(queries, self.device, self.dtype)
+        best_v = torch.full((nq, k), PAD_SCORE, dtype=torch.float32, device=self.device)
+        best_i = (torch.iinfo(torch.int64).max - torch.arange(k, device=self.device)).expand(nq, k).clone()
+        for off, chunk in self._chunks():
+            for q0 in range(0, nq, self.q_tile):
+                qt, sv, si = qd[q0:q0 + self.q_tile], best_v[q0:q0 + self.q_tile], best_i[q0:q0 + self.q_tile]
+                if self.prune:
+                    for t0 in range(0, chunk.shape[0], self.c_tile):
+                        _update_pruned(sv, si, tile_scores(qt, chunk[t0:t0 + self.c_tile]), off + t0, k)
+                    continue
+                vals, idxs = [sv], [si]
+                for t0 in range(0, chunk.shape[0], self.c_tile):
+                    v, i = tile_topk(tile_scores(qt, chunk[t0:t0 + self.c_tile]), k)
+                    vals.append(v)
+                    idxs.append(i + (off + t0))
+                nv, ni = merge_topk(torch.cat(vals, 1), torch.cat(idxs, 1), k)
+                sv.copy_(nv)
+                si.copy_(ni)
+        m = min(k, len(self))
+        return best_v[:, :m], best_i[:, :m]
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(Q, D)`` queries -> ``(Q, k)`` float32 scores and int64 indices (numpy, padded)."""
+        _check_k(k)
+        v, i = self.search_tensors(queries, k)
+        return _pad(v.float().cpu().numpy(), i.cpu().numpy(), k)
+
+
+class ShardedTorchSearcher:
+    """Candidates split into contiguous shards, one :class:`TorchSearcher` per device; exact merge.
+
+    Each device searches its shard in its own thread (CUDA kernels release the GIL), the local
+    ``(Q, k)`` results are moved to the CPU, offset to global indices and merged with
+    :func:`merge_topk`. Works with any devices, including ``["cpu", "cpu"]`` (tests).
+    """
+
+    def __init__(self, candidates: Any, devices: Sequence[str | torch.device], **kwargs: Any):
+        source = candidates if isinstance(candidates, RowBlocks) else RowBlocks(candidates)
+        n = len(source)
+        if n == 0:
+            raise DataError("candidate pool is empty: nothing to search")
+        if not devices:
+            raise ConfigError("devices must name at least one device")
+        bounds = np.linspace(0, n, len(devices) + 1).astype(int).tolist()
+        self.shards: list[tuple[int, TorchSearcher]] = []
+        for dev, lo, hi in zip(devices, bounds[:-1], bounds[1:]):
+            if hi > lo:
+                pieces = [p for _, p in source.chunks(hi - lo, lo, hi)]
+                self.shards.append((lo, TorchSearcher(RowBlocks(pieces), device=dev, **kwargs)))
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(Q, D)`` queries -> ``(Q, k)`` float32 scores and int64 indices (numpy, padded)."""
+        _check_k(k)
+        queries = _as_queries(queries)
+
+        def one(shard: tuple[int, TorchSearcher]) -> tuple[torch.Tensor, torch.Tensor]:
+            off, s = shard
+            v, i = s.search_tensors(queries, k)
+            return v.float().cpu(), i.cpu() + off
+
+        with ThreadPoolExecutor(max_workers=len(self.shards)) as pool:
+            parts = list(pool.map(one, self.shards))
+        v, i = merge_topk(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
+        return _pad(v.numpy(), i.numpy(), k)
+
+
+# ----------------------------------------------------------------------------------------------
+# faiss backends
+# ----------------------------------------------------------------------------------------------
+def _lex_sort_rows(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row of ``(Q, m)`` results by (score desc, index asc); faiss padding -> (-inf, -1)."""
+    scores = scores.astype(np.float32, copy=True)
+    indices = indices.astype(np.int64, copy=True)
+    missing = indices < 0
+    scores[missing], indices[missing] = PAD_SCORE, PAD_INDEX
+    big = np.where(missing, np.iinfo(np.int64).max, indices)
+    order = np.lexsort((big, -scores), axis=-1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
+
+
+class FaissSearcher:
+    """faiss index over the candidates (built once; fp32 copy of the vectors is held by faiss).
+
+    kind: ``"flat"`` (IndexFlatIP, exact, same tie rule as the torch backend), ``"ivf"`` (IndexIVFFlat,
+    ``nlist`` lists trained on ``train_size`` sampled rows, ``nprobe`` probed) or ``"hnsw"``
+    (IndexHNSWFlat with ``hnsw_m`` links, ``ef_construction``, ``ef_search``). Approximate kinds only sort
+    their own results.
+    """
+
+    def __init__(self, candidates: Any, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
+                 train_size: int | None = None, hnsw_m: int = 32, ef_construction: int = 128,
+                 ef_search: int = 128, seed: int = 0, add_rows: int = 1 << 16):
+        import faiss  # local: optional at import time
+
+        source = candidates if isinstance(candidates, RowBlocks) else RowBlocks(candidates)
+        n, d = len(source), source.dim
+        if n == 0:
+            raise DataError("candidate pool is empty: nothing to search")
+        self.kind, self.n = kind, n
+        t0 = time.perf_counter()
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif kind == "ivf":
+            nlist = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            m = min(n, train_size or max(64 * nlist, 10_000))
+            rows = np.sort(rng.choice(n, size=m, replace=False))
+            index.train(self._gather(source, rows))
+            index.nprobe = min(nprobe, nlist)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = ef_construction
+            index.hnsw.efSearch = ef_search
+        else:
+            raise ConfigError(f"unknown faiss index kind {kind!r} (flat, ivf, hnsw)")
+        for _, piece in source.chunks(add_rows):
+            index.add(self._f32(piece))
+        self.index = index
+        logger.info("built faiss %s index over %d x %d in %.2fs", kind, n, d, time.perf_counter() - t0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @staticmethod
+    def _f32(x: Any) -> np.ndarray:
+        """``(n, D)`` numpy/torch -> C-contiguous float32 numpy."""
+        if torch.is_tensor(x):
+            x = x.detach().float().cpu().numpy()
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    @classmethod
+    def _gather(cls, source: RowBlocks, rows: np.ndarray) -> np.ndarray:
+        """Rows ``(m,)`` (sorted global indices) -> ``(m, D)`` float32."""
+        out = []
+        for b, off in zip(source.blocks, source.offsets):
+            sel = rows[(rows >= off) & (rows < off + b.shape[0])] - off
+            if len(sel):
+                out.append(cls._f32(b[torch.as_tensor(sel)] if torch.is_tensor(b) else b[sel]))
+        return np.concatenate(out)
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(Q, D)`` queries -> ``(Q, k)`` float32 scores and int64 indices (numpy, padded)."""
+        _check_k(k)
+        xq = self._f32(_as_queries(queries))
+        if xq.shape[1] != self.index.d:
+            raise DataError(f"query dim {xq.shape[1]} != candidate dim {self.index.d}")
+        exact = self.kind == "flat"
+        kk = min(k + 1, self.n) if exact else min(k, self.n)
+        scores, idx = self.index.search(xq, kk)
+        scores, idx = _lex_sort_rows(scores, idx)
+        if exact and kk > k:
+            tied = np.nonzero(scores[:, k - 1] == scores[:, k])[0]
+            if len(tied):
+                self._fix_ties(xq, scores, idx, tied, k)
+        return _pad(scores[:, :k], idx[:, :k], k)
+
+    def _fix_ties(self, xq: np.ndarray, scores: np.ndarray, idx: np.ndarray, rows: np.ndarray, k: int) -> None:
+        """Rows whose k-th and (k+1)-th scores tie: keep the lowest-index tied candidates (in place)."""
+        radius = np.nextafter(scores[rows, k - 1], np.float32(-np.inf)).astype(np.float32)
+        for r, rad in zip(rows, radius):
+            lims, d, i = self.index.range_search(xq[r:r + 1], float(rad))
+            d, i = d[lims[0]:lims[1]].astype(np.float32), i[lims[0]:lims[1]].astype(np.int64)
+            order = np.lexsort((i, -d))[:k]
+            scores[r, :k], idx[r, :k] = d[order], i[order]
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+def _check_k(k: int) -> None:
+    """``k`` must be a positive int."""
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+
+
+def _resolve_devices(device: Any, devices: Sequence[Any] | None) -> list[torch.device]:
+    """One device, or all visible GPUs when ``device == "cuda"`` and several are visible."""
+    if devices:
+        return [torch.device(d) for d in devices]
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [dev]
+
+
+def make_searcher(candidates: Any, backend: str = "torch", device: Any = None,
+                  devices: Sequence[Any] | None = None, **kwargs: Any):
+    """Build a reusable searcher over ``candidates`` ``(N, D)`` (array, memmap, tensor, block list, cache).
+
+    ``kwargs`` go to :class:`TorchSearcher` (``dtype, q_tile, c_tile, chunk_bytes, tile_bytes, resident``)
+    or :class:`FaissSearcher` (``nlist, nprobe, train_size, hnsw_m, ef_construction, ef_search``).
+    """
+    if backend == "torch":
+        devs = _resolve_devices(device, devices)
+        if len(devs) == 1:
+            return TorchSearcher(candidates, device=devs[0], **kwargs)
+        return ShardedTorchSearcher(candidates, devs, **kwargs)
+    if backend in ("faiss", "faiss-ivf", "faiss-hnsw"):
+        kind = {"faiss": "flat", "faiss-ivf": "ivf", "faiss-hnsw": "hnsw"}[backend]
+        return FaissSearcher(candidates, kind=kind, **kwargs)
+    raise ConfigError(f"unknown search backend {backend!r}; choose one of {BACKENDS}")
+
+
+def search(queries: Any, candidates: Any, k: int, backend: str = "torch", device: Any = None,
+           devices: Sequence[Any] | None = None, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product top-k of every query over all candidates.
+
+    Args:
+        queries: ``(Q, D)`` numpy / torch (any float dtype).
+        candidates: ``(N, D)`` numpy array or float16 memmap, torch tensor, list of blocks, or an object
+            with ``vector_blocks()`` (``CachedEmbeddings``); never copied whole for the torch backend.
+        k: neighbours per query; when ``k > N`` rows are padded with index -1 / score -inf.
+        backend: ``"torch"`` (exact), ``"faiss"`` (exact IndexFlatIP), ``"faiss-ivf"``, ``"faiss-hnsw"``.
+        device / devices: torch backend placement (default: cuda if available, else cpu; several
+            devices -> sharded search with an exact merge).
+    Returns:
+        ``(scores, indices)``: ``(Q, k)`` float32 and ``(Q, k)`` int64, score desc, ties by lower index.
+    Raises:
+        DataError: empty pool or mismatched dimensions. ConfigError: bad ``k`` or backend.
+    """
+    _check_k(k)
+    return make_searcher(candidates, backend=backend, device=device, devices=devices, **kwargs).search(queries, k)
+
+
+def ann_recall(approx_indices: np.ndarray, exact_indices: np.ndarray, k: int | None = None) -> float:
+    """Mean recall@k of an approximate result against the exact one.
+
+    Args:
+        approx_indices, exact_indices: ``(Q, >=k)`` int64 (padding ``-1`` ignored).
+    Returns:
+        mean over queries of ``|approx[:k] & exact[:k]| / |exact[:k]|``.
+    """
+    k = k or exact_indices.shape[1]
+    hits, total = 0, 0
+    for a, e in zip(approx_indices[:, :k], exact_indices[:, :k]):
+        e = e[e >= 0]
+        hits += len(np.intersect1d(a[a >= 0], e))
+        total += len(e)
+    return hits / total if total else 1.0
+
+
+def evaluate_ann(queries: Any, candidates: Any, k: int,
+                 backends: Sequence[str] = ("faiss-ivf", "faiss-hnsw"), **kwargs: Any) -> dict[str, dict[str, float]]:
+    """Recall@k and timings of approximate faiss backends against the exact torch search.
+
+    ``kwargs`` are passed to every :class:`FaissSearcher`. Do not judge IVF recall on random Gaussian
+    vectors (no cluster structure; recall is meaningless there).
+
+    Returns:
+        ``{backend: {"recall": r, "build_s": s, "search_s": s}}`` plus ``"exact": {"search_s": s}``.
+    """
+    t0 = time.perf_counter()
+    _, exact = search(queries, candidates, k, backend="torch", device="cpu")
+    report: dict[str, dict[str, float]] = {"exact": {"search_s": time.perf_counter() - t0}}
+    for b in backends:
+        t0 = time.perf_counter()
+        s = make_searcher(candidates, backend=b, **kwargs)
+        t1 = time.perf_counter()
+        _, approx = s.search(queries, k)
+        report[b] = {"recall": ann_recall(approx, exact, k), "build_s": t1 - t0,
+                     "search_s": time.perf_counter() - t1}
+        logger.info("%s recall@%d = %.4f", b, k, report[b]["recall"])
+    return report
