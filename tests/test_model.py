@@ -170,3 +170,32 @@ def test_bf16_path_close_to_fp32(tiny_checkpoint, sample_images):
     bf16 = m16.encode_candidates(items)
     assert bf16.dtype == np.float32
     assert (np.sum(fp32 * bf16, axis=1) > 0.99).all()
+
+
+def test_video_of_two_identical_frames_equals_the_image(tiny_model, sample_images):
+    """Videos go through the vision tower as ``pixel_values_videos``; a still 2-frame clip == the image."""
+    from umarvel.data.collate import VideoInput
+    from umarvel.data.images import load_image
+    from umarvel.data.video import video_patches
+
+    im = load_image(sample_images["blue"], tiny_model.budget)
+    pv, grid = video_patches([im, im])
+    video = EmbedInput("", video=VideoInput(pv, tuple(int(x) for x in grid[0])))
+    image = EmbedInput("", (im,))
+    out = tiny_model.encode_prepared([lambda: video, lambda: image, lambda: EmbedInput("A blue ellipse.")])
+    np.testing.assert_allclose(out[0], out[1], atol=1e-5)
+    assert np.abs(out[0] - out[2]).max() > 1e-3
+
+
+def test_interleaved_segments_render_in_order(tiny_model, sample_images):
+    from umarvel.data.formatting import SUFFIX_IMAGE_TEXT
+    from umarvel.data.images import load_image
+
+    im = load_image(sample_images["red"], tiny_model.budget)
+    inp = EmbedInput.interleaved(["First caption.", im, "Second caption.", im, "Last one."])
+    rendered = tiny_model._tok.render(inp)
+    user = rendered.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    pad = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert user == f"First caption.{pad}Second caption.{pad}Last one." + SUFFIX_IMAGE_TEXT
+    emb = tiny_model.encode_prepared([lambda: inp])
+    assert emb.shape == (1, tiny_model.embed_dim) and np.isfinite(emb).all()

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -264,45 +264,56 @@ class UMarvel:
         prepared = [self.prepare_candidate(it, i) for i, it in enumerate(items)]
         return self._encode(prepared, "candidate", batch_size, max_tokens, show_progress)
 
-    def _load_inputs(self, prepared: Sequence[tuple[str, Any]], offset: int, role: str,
-                     pool: ThreadPoolExecutor) -> list[EmbedInput]:
-        def one(k: int) -> EmbedInput:
-            text, image = prepared[k]
-            if image is None:
-                return EmbedInput(text)
-            return EmbedInput(text, (load_image(image, self.budget, what=f"{role} item {offset + k}"),))
-        return list(pool.map(one, range(len(prepared))))
+    def encode_prepared(self, loaders: Sequence[Callable[[], EmbedInput]], role: str = "item",
+                        batch_size: int = 32, max_tokens: int | None = None, show_progress: bool | None = None,
+                        style: PromptStyle | None = None) -> np.ndarray:
+        """Embed inputs given as zero-argument loaders returning :class:`EmbedInput` (run in a thread pool).
 
-    def _batches(self, prepared: Sequence[tuple[str, Any]], role: str, batch_size: int,
+        The general entry point behind ``encode_queries`` / ``encode_candidates``: callers with their
+        own text rules, videos or interleaved content (zero-shot sets) build the ``EmbedInput`` themselves.
+        ``style`` overrides the prompt style (suffix / generation prompt) for this call only.
+
+        Returns:
+            float32 (N, D), L2-normalised, in input order.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        out = np.zeros((len(loaders), self.embed_dim), dtype=np.float32)
+        if not loaders:
+            return out
+        max_tokens = max_tokens or batch_size * 1024
+        tok = self._tok if style is None or style == self.settings.style else EmbeddingTokenizer(self.tokenizer, style)
+        show = (len(loaders) >= 256 and not progress_disabled()) if show_progress is None else show_progress
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loaders), desc=f"encode {role}s", unit="item", disable=not show)
+        for idx, batch in _prefetch(self._batches(loaders, tok, batch_size, max_tokens)):
+            out[idx] = self.embed_batch(batch).cpu().numpy()
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def _loader(self, text: str, image: Any, what: str) -> Callable[[], EmbedInput]:
+        if image is None:
+            return lambda: EmbedInput(text)
+        return lambda: EmbedInput(text, (load_image(image, self.budget, what=what),))
+
+    def _batches(self, loaders: Sequence[Callable[[], EmbedInput]], tok: EmbeddingTokenizer, batch_size: int,
                  max_tokens: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
         """Yield ``(indices, collated batch)`` in length-sorted order, chunk by chunk."""
         chunk = max(batch_size * 16, 512)
         with ThreadPoolExecutor(max_workers=self.load_workers) as pool:
-            for start in range(0, len(prepared), chunk):
-                part = prepared[start:start + chunk]
-                inputs = self._load_inputs(part, start, role, pool)
-                tokenized: list[TokenizedInput] = self._tok.tokenize(inputs)
+            for start in range(0, len(loaders), chunk):
+                inputs = list(pool.map(lambda f: f(), loaders[start:start + chunk]))
+                tokenized: list[TokenizedInput] = tok.tokenize(inputs)
                 lengths = [len(t) for t in tokenized]
                 for idx in plan_batches(lengths, batch_size, max_tokens):
                     yield [start + i for i in idx], self._collator([tokenized[i] for i in idx])
 
     def _encode(self, prepared: Sequence[tuple[str, Any]], role: str, batch_size: int, max_tokens: int | None,
                 show_progress: bool | None) -> np.ndarray:
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        out = np.zeros((len(prepared), self.embed_dim), dtype=np.float32)
-        if not prepared:
-            return out
-        max_tokens = max_tokens or batch_size * 1024
-        show = (len(prepared) >= 256 and not progress_disabled()) if show_progress is None else show_progress
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prepared), desc=f"encode {role}s", unit="item", disable=not show)
-        for idx, batch in _prefetch(self._batches(prepared, role, batch_size, max_tokens)):
-            out[idx] = self.embed_batch(batch).cpu().numpy()
-            bar.update(len(idx))
-        bar.close()
-        return out
+        loaders = [self._loader(text, image, f"{role} item {i}") for i, (text, image) in enumerate(prepared)]
+        return self.encode_prepared(loaders, role, batch_size, max_tokens, show_progress)
 
     @torch.no_grad()
     def embed_batch(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from umarvel.data.formatting import INSTRUCTION_END, INSTRUCTION_START, PromptStyle, build_messages
+from umarvel.data.formatting import (ASSISTANT_TEXT, INSTRUCTION_END, INSTRUCTION_START, PromptStyle, build_messages,
+                                     pick_suffix)
 from umarvel.errors import DataError
 
 _TEXT_SLOT = "\u0000UMARVEL_TEXT\u0000"
@@ -47,6 +48,17 @@ class EmbedInput:
     text: str
     images: tuple[Image.Image, ...] = ()
     video: VideoInput | None = None
+    segments: tuple[str | None, ...] | None = None
+
+    @classmethod
+    def interleaved(cls, parts: Sequence[str | Image.Image]) -> "EmbedInput":
+        """Text and images in a given order (e.g. a VIST story): ``parts`` are strings or resized images.
+
+        The suffix, if the style has one, is appended after the last part.
+        """
+        images = tuple(p for p in parts if isinstance(p, Image.Image))
+        segments = tuple(None if isinstance(p, Image.Image) else str(p) for p in parts)
+        return cls(text="", images=images, segments=segments)
 
 
 @dataclass
@@ -99,8 +111,25 @@ class EmbeddingTokenizer:
 
     def render(self, inp: EmbedInput) -> str:
         """The exact chat string (before visual placeholder expansion)."""
+        if inp.segments is not None:
+            return self._render_segments(inp.segments)
         before, after = self._template(len(inp.images), inp.video is not None, inp.text == "")
         return before + inp.text + after
+
+    def _render_segments(self, segments: Sequence[str | None]) -> str:
+        """Render interleaved content: ``None`` marks an image, strings are text items."""
+        content = [{"type": "image"} if seg is None else {"type": "text", "text": seg} for seg in segments]
+        last_text = content[-1]["text"] if content and content[-1]["type"] == "text" else ""
+        suffix = pick_suffix(any(seg is None for seg in segments), last_text, self.style)
+        if suffix:
+            if content and content[-1]["type"] == "text":
+                content[-1] = {"type": "text", "text": last_text + suffix}
+            else:
+                content.append({"type": "text", "text": suffix})
+        msgs = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": ASSISTANT_TEXT}]}]
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                  add_generation_prompt=self.style.add_generation_prompt)
 
     def visual_tokens(self, image: Image.Image) -> int:
         """LLM tokens of a resized image: (H/14)*(W/14)/merge**2."""
