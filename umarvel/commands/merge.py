@@ -1,0 +1,55 @@
+"""``umarvel merge-lora --base PATH --adapter PATH --output PATH``: merge a stage's LoRA (D13)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from umarvel.errors import UMarvelError
+
+logger = logging.getLogger(__name__)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="checkpoint the adapter was trained on (the stage's init_from)")
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder (output_dir/adapter)")
+    p.add_argument("--output", required=True, help="merged checkpoint folder to write")
+    p.add_argument("--dtype", default=None,
+                   help="merge dtype (default: the adapter's training dtype, bfloat16 for the published stages)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def add_subparser(sub) -> None:
+    """Register ``umarvel merge-lora``."""
+    p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base checkpoint",
+                       description="Merge in the training dtype, keeping the learned temperature and the added "
+                                   "tokens; the output loads with UMarvel.from_pretrained.")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from umarvel.train.merge import merge_adapter
+
+    out = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, device=args.device)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from umarvel.log import setup_logging
+
+    p = argparse.ArgumentParser(prog="umarvel merge-lora", description=__doc__)
+    p.add_argument("--log-level", default="INFO")
+    _add_arguments(p)
+    args = p.parse_args(argv)
+    setup_logging(args.log_level.upper())
+    try:
+        return run(args)
+    except UMarvelError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""``umarvel train CONFIG [key=value ...]``: train one stage (launch under torchrun for several GPUs/nodes).
+
+Also runnable as ``python -m umarvel.commands.train CONFIG [key=value ...]`` (what ``scripts/train_stage*.sh``
+call, so the scripts do not depend on the subcommand registry).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from umarvel.errors import UMarvelError
+
+logger = logging.getLogger(__name__)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="stage YAML (configs/stages/0N_*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.learning_rate=1e-4 data.path=/data/nli.csv")
+
+
+def add_subparser(sub) -> None:
+    """Register ``umarvel train``."""
+    p = sub.add_parser("train", help="train one stage from a YAML config",
+                       description="Train one U-MARVEL stage. Resumes from the run folder's last checkpoint "
+                                   "(train.resume=auto); writes adapter/ and merged/ at the end.")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config (unknown keys are errors) and train."""
+    from umarvel.train.config import load_stage_config
+    from umarvel.train.trainer import run_stage
+
+    cfg = load_stage_config(args.config, args.overrides)
+    state = run_stage(cfg)
+    logger.info("stage %s finished at step %d; outputs in %s", cfg.stage, state.global_step, cfg.train.output_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (used by the shell launchers)."""
+    from umarvel.log import setup_logging
+
+    p = argparse.ArgumentParser(prog="umarvel train", description=__doc__)
+    p.add_argument("--log-level", default="INFO")
+    _add_arguments(p)
+    args = p.parse_args(argv)
+    setup_logging(args.log_level.upper())
+    try:
+        return run(args)
+    except UMarvelError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
