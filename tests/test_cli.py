@@ -1,0 +1,46 @@
+"""The ``umarvel`` console script: encode and demo end to end, clear errors on bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from umarvel.cli import main
+
+
+def test_encode_command_writes_vectors_and_ids(tiny_checkpoint, sample_images, tmp_path):
+    from umarvel import UMarvel
+
+    items = tmp_path / "items.jsonl"
+    rel = tmp_path / "imgs"
+    rel.mkdir()
+    (rel / "red.png").write_bytes(sample_images["red"].read_bytes())
+    items.write_text("\n".join(json.dumps(x) for x in [
+        {"id": "q1", "text": "a red ball", "instruction": "Find an image."},
+        {"id": "q2", "image": "imgs/red.png", "instruction": "Find a caption."}]) + "\n")
+    out = tmp_path / "emb.npy"
+    assert main(["encode", "--model", str(tiny_checkpoint), "--input", str(items), "--output", str(out),
+                 "--queries", "--batch-size", "1"]) == 0
+    emb = np.load(out)
+    assert json.loads((tmp_path / "emb.npy.ids.json").read_text()) == ["q1", "q2"]
+    ref = UMarvel.from_pretrained(tiny_checkpoint).encode_queries([
+        {"text": "a red ball", "instruction": "Find an image."},
+        {"image": str(rel / "red.png"), "instruction": "Find a caption."}])
+    np.testing.assert_allclose(emb, ref, atol=1e-6)
+
+
+def test_encode_command_reports_bad_line(tiny_checkpoint, tmp_path, caplog):
+    items = tmp_path / "bad.jsonl"
+    items.write_text('{"text": "ok"}\n{"text": broken\n')
+    rc = main(["encode", "--model", str(tiny_checkpoint), "--input", str(items), "--output", str(tmp_path / "e.npy")])
+    assert rc == 2
+    assert f"{items}:2: malformed JSON line" in caplog.text
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_demo_prints_similarity_table(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "q: a red circle" in out and "img:red" in out
+    sims = np.load(tmp_path / "demo" / "similarities.npy")
+    assert sims.shape == (4, 6) and np.isfinite(sims).all() and (np.abs(sims) <= 1.0 + 1e-5).all()
