@@ -29,13 +29,19 @@ def test_encode_command_writes_vectors_and_ids(tiny_checkpoint, sample_images, t
     np.testing.assert_allclose(emb, ref, atol=1e-6)
 
 
-def test_encode_command_reports_bad_line(tiny_checkpoint, tmp_path, caplog):
+def test_encode_command_reports_bad_line(tiny_checkpoint, tmp_path):
+    import pytest
+
+    from umarvel.commands.encode import read_items
+    from umarvel.errors import DataError
+
     items = tmp_path / "bad.jsonl"
     items.write_text('{"text": "ok"}\n{"text": broken\n')
     rc = main(["encode", "--model", str(tiny_checkpoint), "--input", str(items), "--output", str(tmp_path / "e.npy")])
-    assert rc == 2
-    assert f"{items}:2: malformed JSON line" in caplog.text
+    assert rc == 2  # a user error: one log line, exit code 2, nothing written
     assert not (tmp_path / "e.npy").exists()
+    with pytest.raises(DataError, match=f"{items}:2: malformed JSON line"):
+        read_items(items, None, queries=False)
 
 
 def test_demo_prints_similarity_table(tmp_path, capsys):
