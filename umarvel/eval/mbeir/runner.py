@@ -1,0 +1,589 @@
+"""M-BEIR evaluation, local and global, on the shared embedding cache and exact search.
+
+Three layers, so that hard-negative mining (train pools) reuses the same cache + search path:
+
+1. :func:`encode_records` / :func:`search_embeddings` / :func:`retrieve`: encoder-agnostic building
+   blocks. An *encoder* is anything with ``fingerprint()``, ``encode_queries(items, batch_size=)`` and
+   ``encode_candidates(items, batch_size=)`` (:class:`umarvel.api.UMarvel`, or a wrapper of it).
+   Every query file / pool goes through :class:`~umarvel.eval.cache.EmbeddingCache`, so it is encoded
+   once per checkpoint + settings, resumably, sharded by rank under torchrun.
+2. :func:`evaluate_mbeir`: given an encoder and a :class:`MBeirEvalConfig`, load the tasks (instructions
+   per D7, seed recorded), encode, search the top ``max(cutoffs)`` candidates (local pool, or the global
+   pool = the 16 local pools' cached vectors concatenated in registry order, no modality filter, no
+   dedup: D8), score with the official hit-rate Recall@k and write the outputs (rank 0 only).
+3. :func:`run_mbeir_eval`: load the model from the config (one per rank under torchrun), run 2, tear
+   down the process group.
+
+Outputs in ``cfg.output``::
+
+    results.json   results.md   config.yaml (resolved settings)   run.json (provenance, encode counts)
+    runs/<task>_<split>.trec   (qid Q0 did rank score run_id)
+
+The cache defaults to ``<output>/../cache``, so ``.../local`` and ``.../global`` output folders share it
+(and their ``results.md`` show both protocols side by side).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from collections import ChainMap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from umarvel.errors import ConfigError, DataError, ImageLoadError
+from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
+from umarvel.eval.mbeir.readers import (
+    DEFAULT_INSTRUCTION_SEED, INSTRUCTION_MODES, TaskData, check_known_ids, load_mbeir_task, read_instructions,
+    read_pool, read_pool_modalities, read_qrels, read_queries,
+)
+from umarvel.eval.metrics import TaskResult, score_task
+from umarvel.eval.outputs import PROTOCOLS, RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
+from umarvel.eval.records import Candidate, Query
+from umarvel.eval.registry import (
+    GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_EVAL_SPLITS, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
+    Task, get_task, resolve_tasks,
+)
+from umarvel.eval.search import BACKENDS, make_searcher
+from umarvel.utils.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+RUN_INFO_FILE = "run.json"
+RUNS_DIR = "runs"
+#: How long non-zero ranks may wait at the final barrier while rank 0 searches (global search on 5.6M).
+DIST_TIMEOUT = datetime.timedelta(hours=12)
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class MBeirEvalConfig:
+    """Settings of one M-BEIR evaluation run (``configs/eval/mbeir_{local,global}.yaml``).
+
+    Attributes:
+        model: checkpoint folder.
+        mbeir_root: the M-BEIR root (``query/``, ``cand_pool/``, ``qrels/``, ``instructions/``, images).
+        output: output folder of this run (``.../local`` or ``.../global`` pairs the two in results.md).
+        protocol: ``"local"`` (each task's own pool) or ``"global"`` (the 16 local pools concatenated, D8).
+        split: ``"test"`` or ``"val"``.
+        tasks: registry task names; ``None`` = all 16 (tasks absent from the tree are then skipped with a
+            warning; named tasks that are absent are an error).
+        instruction: ``"random"`` (seeded per query, D7) or ``"first"`` (always prompt_1).
+        seed: instruction seed (written into results.json).
+        batch_size: encode batch size (does not change vectors, so not part of the cache key).
+        device / dtype: model placement; ``None`` = cuda if available else cpu / bf16 on CUDA, fp32 on CPU.
+        cache_dir: embedding cache root; ``None`` = ``<output>/../cache``.
+        backend: search backend (``torch`` exact, ``faiss`` exact, ``faiss-ivf`` / ``faiss-hnsw`` approximate).
+        search_device: torch-backend device; ``None`` = the model's device.
+        allow_missing: score queries whose positives are unknown to the pool(s) instead of failing.
+        shard_size: items per cache shard (resume granularity, rank sharding unit).
+    """
+
+    model: str
+    mbeir_root: str
+    output: str
+    protocol: Literal["local", "global"] = "local"
+    split: Literal["test", "val"] = "test"
+    tasks: list[str] | None = None
+    instruction: Literal["random", "first"] = "random"
+    seed: int = DEFAULT_INSTRUCTION_SEED
+    batch_size: int = 32
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: str | None = None
+    backend: Literal["torch", "faiss", "faiss-ivf", "faiss-hnsw"] = "torch"
+    search_device: str | None = None
+    allow_missing: bool = False
+    shard_size: int = DEFAULT_SHARD_SIZE
+
+    def __post_init__(self) -> None:
+        for key in ("model", "mbeir_root", "output"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError(f"MBeirEvalConfig.{key} is required (a non-empty path)")
+        checks = [("protocol", PROTOCOLS), ("split", MBEIR_EVAL_SPLITS), ("instruction", INSTRUCTION_MODES),
+                  ("backend", BACKENDS)]
+        for key, allowed in checks:
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"MBeirEvalConfig.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        for key in ("batch_size", "shard_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"MBeirEvalConfig.{key} must be a positive integer, got {value!r}")
+        if self.tasks is not None:
+            if isinstance(self.tasks, str) or not all(isinstance(t, str) and t for t in self.tasks):
+                raise ConfigError(f"MBeirEvalConfig.tasks must be a list of task names or null, got {self.tasks!r}")
+            object.__setattr__(self, "tasks", list(self.tasks))
+
+    def resolved_cache_dir(self) -> Path:
+        """``cache_dir``, or ``<output>/../cache`` (shared by sibling local/global output folders)."""
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output).resolve().parent / "cache"
+
+
+# ---------------------------------------------------------------------------- encoder-level helpers
+class Encoder(Protocol):
+    """What the evaluation needs from a model (``umarvel.api.UMarvel`` satisfies it)."""
+
+    def fingerprint(self) -> str: ...
+
+    def encode_queries(self, items: Sequence[Mapping], batch_size: int = 32) -> Any: ...
+
+    def encode_candidates(self, items: Sequence[Mapping], batch_size: int = 32) -> Any: ...
+
+
+def encoder_settings(encoder: Any) -> dict:
+    """The encoder's JSON-able preprocessing settings (``settings.as_dict()``), ``{}`` if it has none."""
+    settings = getattr(encoder, "settings", None)
+    return dict(settings.as_dict()) if hasattr(settings, "as_dict") else {}
+
+
+def _role(records: Sequence[Query | Candidate]) -> str:
+    """``"query"`` or ``"candidate"``; DataError for a mixed or empty list."""
+    kinds = {type(r) for r in records}
+    if kinds == {Query}:
+        return "query"
+    if kinds == {Candidate}:
+        return "candidate"
+    raise DataError(f"expected a non-empty list of only Query or only Candidate records, got {sorted(k.__name__ for k in kinds)}")
+
+
+def _record_id(record: Query | Candidate) -> str:
+    return record.qid if isinstance(record, Query) else record.did
+
+
+class _ShardEncoder:
+    """The cache's ``encode_fn``: checks image files first (naming file, record and path), then encodes
+    one shard with the encoder; items carry their record id under ``"id"`` (stripped before encoding)."""
+
+    def __init__(self, encoder: Any, role: str, batch_size: int, where: str):
+        self.encoder, self.role, self.batch_size, self.where = encoder, role, batch_size, where
+
+    def __call__(self, items: list[dict]) -> np.ndarray:
+        for it in items:
+            img = it.get("image")
+            if isinstance(img, (str, os.PathLike)) and not os.path.isfile(img):
+                raise ImageLoadError(f"{self.where}: {self.role} {it['id']}: image file not found: {img}")
+        plain = [{k: v for k, v in it.items() if k != "id"} for it in items]
+        fn = self.encoder.encode_queries if self.role == "query" else self.encoder.encode_candidates
+        try:
+            return fn(plain, batch_size=self.batch_size)
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"{self.where}: {self.role}s {items[0]['id']} .. {items[-1]['id']}: {exc}") from exc
+
+
+def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: EmbeddingCache, name: str, *,
+                   fingerprint: str | None = None, batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE,
+                   source: str | os.PathLike | None = None, where: str | None = None) -> CachedEmbeddings:
+    """Embeddings of queries or candidates through the cache (encoded only if not cached yet).
+
+    Args:
+        encoder: see :class:`Encoder`.
+        records: N ``Query`` (instructions already assigned) or N ``Candidate`` objects, unique ids.
+        cache: the embedding cache; the entry key covers ``name``, the encoder fingerprint and settings,
+            the role and ``source``.
+        name: cache entry name (e.g. ``"mbeir_webqa_task2_cand_pool"``); reuse requires the same name.
+        fingerprint: ``encoder.fingerprint()`` precomputed (optional).
+        source: the file the records came from (cheap identity: path, size, mtime); ``None`` hashes the
+            items instead (use it when the items are built in memory, e.g. queries with instructions).
+        where: context for error messages (default: ``source`` or ``name``).
+    Returns:
+        :class:`CachedEmbeddings`: ``ids`` (N,) and float16 ``vectors`` (N, D), record order.
+    Raises:
+        DataError: no records; ImageLoadError naming the file, record id and image path.
+    """
+    if not records:
+        raise DataError(f"{where or source or name}: nothing to encode (0 records)")
+    role = _role(records)
+    items = [dict(r.to_encode_item(), id=_record_id(r)) for r in records]
+    ids = [it["id"] for it in items]
+    settings = {"role": role, "encode": encoder_settings(encoder)}
+    fn = _ShardEncoder(encoder, role, batch_size, str(where or source or name))
+    return cache.get_or_encode(name, items, ids, fn, fingerprint=fingerprint or encoder.fingerprint(),
+                               settings=settings, shard_size=shard_size, source=source)
+
+
+@dataclass
+class Retrieval:
+    """Top-k of each query over one pool.
+
+    Attributes:
+        qids: (Q,) query ids.
+        pool_ids: (N,) candidate ids of the searched pool (indices point into it).
+        scores: (Q, k) float32, best first; ``-inf`` for padding.
+        indices: (Q, k) int64 rows of the pool; ``-1`` for padding (k > N).
+    """
+
+    qids: list[str]
+    pool_ids: Sequence[str]
+    scores: np.ndarray
+    indices: np.ndarray
+
+    @property
+    def dids(self) -> np.ndarray:
+        """(Q, k) object array of retrieved candidate ids, ``""`` for padding."""
+        ids = np.asarray(list(self.pool_ids) + [""], dtype=object)
+        return ids[np.where(self.indices >= 0, self.indices, len(self.pool_ids))]
+
+
+def search_embeddings(queries: CachedEmbeddings, pool: CachedEmbeddings, k: int, *, backend: str = "torch",
+                      device: Any = None, searcher: Any = None) -> Retrieval:
+    """Exact (or approximate, per ``backend``) inner-product top-``k`` of cached queries over a cached pool.
+
+    The pool's float16 blocks are streamed (never concatenated); pass a prebuilt ``searcher``
+    (:func:`umarvel.eval.search.make_searcher` over ``pool``) to search many query sets in one index.
+    """
+    searcher = searcher or make_searcher(pool, backend=backend, device=device)
+    scores, indices = searcher.search(queries.vectors, k)
+    return Retrieval(qids=list(queries.ids), pool_ids=pool.ids, scores=scores, indices=indices)
+
+
+def retrieve(encoder: Any, queries: Sequence[Query] | CachedEmbeddings,
+             pool: Sequence[Candidate] | CachedEmbeddings, k: int, cache: EmbeddingCache, name: str, *,
+             pool_name: str | None = None, pool_source: str | os.PathLike | None = None,
+             batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE, backend: str = "torch",
+             device: Any = None) -> Retrieval:
+    """Encode (through the cache) and search: the one path shared by evaluation and hard-negative mining.
+
+    Args:
+        encoder: see :class:`Encoder`.
+        queries: ``Query`` records with instructions assigned, or already cached query embeddings.
+        pool: ``Candidate`` records, or cached pool embeddings (e.g. a :func:`concat_cached` union).
+        k: candidates per query.
+        cache: the embedding cache.
+        name: cache entry name of the queries; the pool's is ``pool_name`` (default ``name + "_pool"``).
+        pool_source: the pool file (cheap cache identity); queries are identified by content.
+        backend / device: search backend and torch device (default: cuda if available).
+    Returns:
+        :class:`Retrieval` (``dids`` gives the (Q, k) candidate ids).
+    """
+    fp = encoder.fingerprint()
+    q = queries if isinstance(queries, CachedEmbeddings) else encode_records(
+        encoder, queries, cache, name, fingerprint=fp, batch_size=batch_size, shard_size=shard_size)
+    p = pool if isinstance(pool, CachedEmbeddings) else encode_records(
+        encoder, pool, cache, pool_name or f"{name}_pool", fingerprint=fp, batch_size=batch_size,
+        shard_size=shard_size, source=pool_source)
+    return search_embeddings(q, p, k, backend=backend, device=device)
+
+
+# ----------------------------------------------------------------------------------- task loading
+def _missing_files(root: Path, task: Task, split: str) -> list[str]:
+    files = task.files(split)
+    return [str(root / f) for f in (files.queries, files.pool, files.qrels) if not (root / f).is_file()]
+
+
+def select_tasks(root: str | os.PathLike, names: Sequence[str] | None, split: str) -> tuple[list[Task], list[str]]:
+    """The tasks to evaluate and the names of those skipped.
+
+    With ``names=None`` (all 16) a task whose query, pool or qrels file is absent is skipped with one
+    warning line; named tasks must all be present (DataError listing every missing file).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: M-BEIR root not found")
+    if names is not None and not names:
+        raise ConfigError("no task named (give task names, or null / 'all' for all 16)")
+    tasks = resolve_tasks(list(names) if names is not None else None, "mbeir")
+    missing = {t.name: _missing_files(root, t, split) for t in tasks}
+    if names is not None:
+        bad = {n: m for n, m in missing.items() if m}
+        if bad:
+            raise DataError(f"{root}: requested task file(s) missing for split {split!r}: "
+                            + "; ".join(f"{n}: {', '.join(m)}" for n, m in bad.items()))
+        return tasks, []
+    skipped = [t.name for t in tasks if missing[t.name]]
+    for n in skipped:
+        logger.warning("skipping %s (%s): missing %s", n, split, ", ".join(missing[n]))
+    kept = [t for t in tasks if not missing[t.name]]
+    if not kept:
+        raise DataError(f"{root}: no M-BEIR task of split {split!r} is present (expected e.g. "
+                        f"{get_task(MBEIR_TASK_ORDER[0]).files(split).queries})")
+    return kept, skipped
+
+
+def _check_pool_file(path: Path) -> None:
+    """DataError when a pool file has no candidate line (an empty pool cannot be searched)."""
+    with path.open("r", encoding="utf-8") as fh:
+        if any(line.strip() for line in fh):
+            return
+    raise DataError(f"{path}: candidate pool is empty (0 candidates); nothing can be retrieved from it")
+
+
+def _load_pool(root: Path, rel: str) -> list[Candidate]:
+    """A local pool file, checked to be non-empty."""
+    path = root / rel
+    _check_pool_file(path)
+    return read_pool(path, root)
+
+
+def _wanted_ids(root: Path, tasks: Sequence[Task], split: str) -> set[str]:
+    """Every positive named by the tasks' query files and qrels (ids whose modality may be needed)."""
+    out: set[str] = set()
+    for t in tasks:
+        files = t.files(split)
+        for q in read_queries(root / files.queries, root):
+            out.update(q.positives)
+        for dids in read_qrels(root / files.qrels).values():
+            out.update(dids)
+    return out
+
+
+def _union_modalities(root: Path, tasks: Sequence[Task], split: str) -> dict[str, str]:
+    """``{did: modality}`` of the tasks' positives from the union pool file (the official instruction
+    lookup); empty, with an info line, when the file is absent."""
+    path = root / MBEIR_UNION_POOLS[split]
+    if not path.is_file():
+        logger.info("%s not found: positive modalities come from the local pools only", path)
+        return {}
+    wanted = _wanted_ids(root, tasks, split)
+    t0 = time.perf_counter()
+    out = read_pool_modalities(path, wanted)
+    logger.info("modalities of %d / %d positives read from %s in %.1fs", len(out), len(wanted), path,
+                time.perf_counter() - t0)
+    return out
+
+
+# -------------------------------------------------------------------------------------- evaluation
+@dataclass
+class MBeirEvalResult:
+    """What one evaluation produced.
+
+    Attributes:
+        results: the ``results.json`` object (``None`` on ranks other than 0).
+        output: the output folder.
+        tasks: per-task scores (rank 0), paper order.
+        retrievals: ``{task name: Retrieval}`` (rank 0).
+        query_embeddings: ``{task name: CachedEmbeddings}``.
+        pools: ``{task name: CachedEmbeddings}`` of the local pools encoded / reused.
+        global_pool: the concatenated pool (global protocol), else ``None``.
+        skipped: tasks skipped because their files are absent.
+        encode_stats: the cache's ``{"encoded", "reused", "encode_calls"}`` counters for this run.
+    """
+
+    results: dict | None
+    output: Path
+    tasks: list[TaskResult] = field(default_factory=list)
+    retrievals: dict[str, Retrieval] = field(default_factory=dict)
+    query_embeddings: dict[str, CachedEmbeddings] = field(default_factory=dict)
+    pools: dict[str, CachedEmbeddings] = field(default_factory=dict)
+    global_pool: CachedEmbeddings | None = None
+    skipped: list[str] = field(default_factory=list)
+    encode_stats: dict = field(default_factory=dict)
+
+
+def _rank() -> int:
+    from umarvel.dist import get_rank
+    return get_rank()
+
+
+def _barrier() -> None:
+    from umarvel.dist import barrier
+    barrier()
+
+
+def _pool_name(rel: str) -> str:
+    """Cache entry name of a pool file (``mbeir_mscoco_task0_test_cand_pool``); shared by both protocols."""
+    return Path(rel).name.removesuffix(".jsonl")
+
+
+def _query_name(task: Task, split: str) -> str:
+    return f"mbeir_{task.name}_{split}_queries"
+
+
+def _default_search_device(encoder: Any) -> Any:
+    dev = getattr(encoder, "device", None)
+    return str(dev) if dev is not None else None
+
+
+def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache | None = None,
+                   model_name: str | None = None) -> MBeirEvalResult:
+    """Evaluate ``encoder`` on M-BEIR (``cfg.protocol``) and write the outputs into ``cfg.output``.
+
+    Every rank reads the data and encodes its share of each cache entry (torchrun); rank 0 then
+    searches, scores and writes; all ranks meet at a final barrier.
+
+    Args:
+        encoder: see :class:`Encoder` (its ``device`` attribute, if any, is the default search device).
+        cfg: the run settings.
+        cache: an existing cache object (default: ``EmbeddingCache(cfg.resolved_cache_dir())``).
+        model_name: the ``model`` written into results.json (default: ``cfg.model`` resolved).
+    Raises:
+        DataError: missing files of requested tasks, malformed records, unknown positive ids (unless
+            ``allow_missing``), an empty pool or query file, a missing image file.
+    """
+    t_start = time.perf_counter()
+    root = Path(cfg.mbeir_root)
+    out_dir = Path(cfg.output)
+    cache = cache or EmbeddingCache(cfg.resolved_cache_dir())
+    stats0 = dict(cache.stats)
+    tasks, skipped = select_tasks(root, cfg.tasks, cfg.split)
+    table = read_instructions(root / MBEIR_INSTRUCTIONS)
+    logger.info("M-BEIR %s (%s): %d task(s): %s", cfg.protocol, cfg.split, len(tasks), ", ".join(t.name for t in tasks))
+
+    # Pools: each task's own, plus (global) every other local pool of the split present in the tree.
+    pool_files = {t.name: t.files(cfg.split).pool for t in tasks}
+    if cfg.protocol == "global":
+        pool_files = {}
+        for name in MBEIR_TASK_ORDER:
+            rel = get_task(name).files(cfg.split).pool
+            if (root / rel).is_file():
+                pool_files[name] = rel
+            elif name not in skipped:  # skipped tasks were already reported once
+                logger.warning("global pool: %s missing; the union is incomplete (not the official "
+                               "16-pool M-BEIR global pool)", rel)
+        if len(pool_files) < len(MBEIR_TASK_ORDER):
+            logger.warning("global pool = %d of the 16 local pools", len(pool_files))
+    # Local protocol: the readers load each task's pool. Global: every pool is read here once as well,
+    # since any of them may hold a positive (OVEN <-> InfoSeek) or be searched.
+    pools = {n: _load_pool(root, rel) for n, rel in pool_files.items()} if cfg.protocol == "global" else {}
+    modalities: Mapping[str, str] = _union_modalities(root, tasks, cfg.split)
+    concat_ids: set[str] = set()
+    if cfg.protocol == "global":
+        concat_map = {c.did: c.modality for n in pool_files for c in pools[n]}
+        concat_ids = set(concat_map)
+        modalities = ChainMap(dict(modalities), concat_map)  # type: ignore[assignment]
+
+    data: dict[str, TaskData] = {}
+    for t in tasks:
+        _check_pool_file(root / t.files(cfg.split).pool)
+        d = load_mbeir_task(root, t, cfg.split, instructions=table, instruction_mode=cfg.instruction,
+                            seed=cfg.seed, global_modalities=modalities, allow_missing=cfg.allow_missing)
+        if not d.queries:
+            raise DataError(f"{root / t.files(cfg.split).queries}: no queries")
+        if cfg.protocol == "global":
+            check_known_ids(d.queries, d.qrels, concat_ids, allow_missing=cfg.allow_missing,
+                            where=f"{t.name} ({cfg.split}) against the global pool")
+        data[t.name] = d
+
+    # Encode (every rank takes its share of each entry; cache entries are shared across protocols).
+    fp = encoder.fingerprint()
+    enc = dict(fingerprint=fp, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+    q_emb = {t.name: encode_records(encoder, data[t.name].queries, cache, _query_name(t, cfg.split),
+                                    where=str(root / t.files(cfg.split).queries), **enc) for t in tasks}
+    p_emb = {}
+    for n, rel in pool_files.items():
+        recs = data[n].pool if n in data else pools[n]
+        p_emb[n] = encode_records(encoder, recs, cache, _pool_name(rel), source=root / rel, **enc)
+    glob = concat_cached([p_emb[n] for n in pool_files]) if cfg.protocol == "global" else None
+    stats = {k: cache.stats[k] - stats0.get(k, 0) for k in cache.stats}
+    result = MBeirEvalResult(results=None, output=out_dir, query_embeddings=q_emb, pools=p_emb, global_pool=glob,
+                             skipped=skipped, encode_stats=stats)
+    _barrier()
+    if _rank() != 0:
+        _barrier()
+        return result
+
+    # Search, score, write (rank 0).
+    device = cfg.search_device or _default_search_device(encoder)
+    searcher = make_searcher(glob, backend=cfg.backend, device=device) if glob is not None else None
+    run_dir = out_dir / RUNS_DIR
+    for t in tasks:
+        pool = glob if glob is not None else p_emb[t.name]
+        ret = search_embeddings(q_emb[t.name], pool, t.search_depth, backend=cfg.backend, device=device,
+                                searcher=searcher)
+        dids = ret.dids
+        res = score_task(t, dids, data[t.name].positives(), pool_size=len(pool))
+        write_trec_run(run_dir / f"{t.name}_{cfg.split}.trec", ret.qids, dids, ret.scores,
+                       run_id=f"umarvel_{cfg.protocol}_{t.name}_{cfg.split}_k{t.search_depth}")
+        result.retrievals[t.name] = ret
+        result.tasks.append(res)
+        logger.info("%s: %s = %.2f (%d queries, pool %d)", t.name, t.metric, res.value, res.num_queries, res.pool_size)
+    results = build_results(protocol=cfg.protocol, model=model_name or str(Path(cfg.model).resolve()),
+                            split=cfg.split, instruction_mode=cfg.instruction, instruction_seed=cfg.seed,
+                            tasks=result.tasks)
+    write_results(out_dir, results)
+    from umarvel.config import save_resolved
+    save_resolved(cfg, out_dir / CONFIG_FILE)
+    atomic_write_json(out_dir / RUN_INFO_FILE, {
+        "protocol": cfg.protocol, "description": GLOBAL_PROTOCOL if cfg.protocol == "global" else LOCAL_PROTOCOL,
+        "split": cfg.split, "model": results["model"], "fingerprint": fp, "encode_settings": encoder_settings(encoder),
+        "evaluated_tasks": [t.name for t in tasks], "skipped_tasks": skipped,
+        "average_over": f"{len(tasks)} task(s)" + ("" if len(tasks) == len(MBEIR_TASK_ORDER) else
+                                                   " (not the 16-task M-BEIR average)"),
+        "cache_dir": str(cache.root.resolve()), "encode_stats": stats,
+        "pools": [{"task": n, "file": pool_files[n], "size": len(p_emb[n]), "cache_entry": str(p_emb[n].path)}
+                  for n in pool_files],
+        "global_pool_size": len(glob) if glob is not None else None,
+        "world_size": _world_size(), "backend": cfg.backend, "search_device": str(device),
+        "seconds": round(time.perf_counter() - t_start, 3),
+    })
+    result.results = results
+    logger.info("M-BEIR %s average over %d task(s): %.2f -> %s", cfg.protocol, len(tasks), results["average"],
+                out_dir / RESULTS_JSON)
+    _barrier()
+    return result
+
+
+def _world_size() -> int:
+    from umarvel.dist import get_world_size
+    return get_world_size()
+
+
+# ---------------------------------------------------------------------------------- model + torchrun
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(device: str | None) -> str:
+    """``None`` -> ``cuda`` if available else ``cpu``; a bare ``cuda`` becomes ``cuda:<LOCAL_RANK>``
+    under torchrun so that each rank has its own GPU."""
+    import torch
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = f"cuda:{_local_rank()}"
+    return dev
+
+
+@contextlib.contextmanager
+def distributed_from_env(device: str) -> Iterator[bool]:
+    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE > 1``) and nothing else
+    did; destroy it on exit. Yields whether a process group is active."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield dist.is_available() and dist.is_initialized()
+        return
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
+    logger.info("process group: rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
+
+
+def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
+    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`resolve_device`) in ``cfg.dtype``."""
+    from umarvel.api import UMarvel
+
+    return UMarvel.from_pretrained(cfg.model, device=device or resolve_device(cfg.device), dtype=cfg.dtype)
+
+
+def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
+    """Load the model and evaluate (the commands' entry point); torchrun-aware.
+
+    The resolved config written next to the results records the device and dtype actually used.
+    """
+    device = resolve_device(cfg.device)
+    with distributed_from_env(device):
+        encoder = load_encoder(cfg, device)
+        resolved = dataclasses.replace(cfg, device=str(device), dtype=str(encoder.settings.dtype),
+                                       cache_dir=str(cfg.resolved_cache_dir().resolve()))
+        return evaluate_mbeir(encoder, resolved)
+
+
+__all__ = [
+    "MBeirEvalConfig", "Encoder", "encoder_settings", "encode_records", "Retrieval", "search_embeddings",
+    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir", "resolve_device", "distributed_from_env",
+    "load_encoder", "run_mbeir_eval", "CONFIG_FILE", "RUN_INFO_FILE", "RUNS_DIR", "RESULTS_JSON", "RESULTS_MD",
+]
