@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
+from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget
 from umarvel.data.processor import BUNDLED_PROCESSOR_DIR, has_processor_files, load_image_processor, load_tokenizer
 from umarvel.errors import CheckpointError
 from umarvel.model import loading
@@ -161,7 +161,7 @@ def attach_reranker_lora(reranker: Reranker, r: int, alpha: int, dropout: float 
 
 @dataclass
 class LoadedReranker:
-    """A reranker with its preprocessing: the module, stock tokenizer and PIL image processor."""
+    """A reranker with its preprocessing: the module, stock tokenizer, PIL image processor and pixel budget."""
 
     model: Reranker
     tokenizer: object
@@ -169,6 +169,7 @@ class LoadedReranker:
     device: torch.device
     dtype: torch.dtype
     source: str
+    budget: ImageBudget = ImageBudget()
 
 
 def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -179,8 +180,9 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
 
     A LoRA adapter folder given as ``path`` loads its base (``base_model_name_or_path``) first.
     """
-    from peft import PeftModel
     import json
+
+    from peft import PeftModel
 
     p = loading.check_checkpoint_dir(path)
     torch_dtype = loading.resolve_dtype(dtype, device)
@@ -204,4 +206,5 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
     reranker.to(device).eval()
     logger.info("loaded reranker %s (%s on %s, positions %s, Yes/No ids %d/%d)", p, torch_dtype, device,
                 positions, yes_id, no_id)
-    return LoadedReranker(reranker, tokenizer, image_processor, torch.device(device), torch_dtype, str(p))
+    return LoadedReranker(reranker, tokenizer, image_processor, torch.device(device), torch_dtype, str(p),
+                          ImageBudget(min_pixels, max_pixels))
