@@ -578,7 +578,8 @@ def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
     with distributed_from_env(device):
         encoder = load_encoder(cfg, device)
         resolved = dataclasses.replace(cfg, device=str(device), dtype=str(encoder.settings.dtype),
-                                       cache_dir=str(cfg.resolved_cache_dir().resolve()))
+                                       cache_dir=str(cfg.resolved_cache_dir().resolve()),
+                                       search_device=cfg.search_device or str(device))
         return evaluate_mbeir(encoder, resolved)
 
 
