@@ -14,8 +14,13 @@ logger = logging.getLogger(__name__)
 #: Modules exposing ``add_subparser(subparsers)``. Imported lazily so ``umarvel --help`` stays fast
 #: and a broken optional feature never breaks the others.
 SUBCOMMAND_MODULES = [
-    "umarvel.commands.encode",
     "umarvel.commands.demo",
+    "umarvel.commands.encode",
+    "umarvel.commands.train",
+    "umarvel.commands.merge",
+    "umarvel.commands.eval",
+    "umarvel.commands.mine",
+    "umarvel.commands.rerank",
 ]
 
 
