@@ -83,6 +83,9 @@ class DataSection:
         pool: M-BEIR candidate pool JSONL (``cand_pool/global/mbeir_union_train_cand_pool.jsonl``).
         instructions: M-BEIR ``query_instructions.tsv``.
         negatives / num_hard_negatives: stage 4 mined list and K (not used by stages 1-3).
+        hard_negative_skip_top: stage 4 option: ignore the first m ranks of the mined list (official 0).
+        hard_negative_margin: stage 4 option: drop mined candidates whose cosine is above the query's best
+            positive cosine minus this margin (likely false negatives); None (official) keeps them.
         scores / num_candidates: stage 5 fused teacher list and its K (not used by stages 1-3).
         max_text_tokens: training truncation of texts (480; NLI is never truncated, as official).
         suffix: compression suffix (D3: on in stages 1-3, off in 4-5).
@@ -101,6 +104,8 @@ class DataSection:
     instructions: str | None = None
     negatives: str | None = None
     num_hard_negatives: int = 0
+    hard_negative_skip_top: int = 0
+    hard_negative_margin: float | None = None
     scores: str | None = None
     num_candidates: int = 0
     max_text_tokens: int | None = 480

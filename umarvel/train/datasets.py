@@ -284,8 +284,19 @@ def _build_mbeir(data, tokenizer) -> MbeirTrainDataset:
         make_truncate(tokenizer, data.max_text_tokens), data.max_examples)
 
 
-#: ``data.kind`` -> builder ``(DataSection, tokenizer) -> dataset``. Stage 4/5 register theirs here.
-DATASETS: dict[str, Callable] = {"nli": _build_nli, "cc3m": _build_cc3m, "mbeir": _build_mbeir}
+def _lazy(module: str, attr: str) -> Callable:
+    """A builder imported on first use (stage 4/5 modules import this one)."""
+    def build(data, tokenizer):
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(data, tokenizer)
+    return build
+
+
+#: ``data.kind`` -> builder ``(DataSection, tokenizer) -> dataset``.
+DATASETS: dict[str, Callable] = {"nli": _build_nli, "cc3m": _build_cc3m, "mbeir": _build_mbeir,
+                                 "mbeir_hardneg": _lazy("umarvel.train.hardneg", "build_hardneg_dataset"),
+                                 "mbeir_distill": _lazy("umarvel.train.distill", "build_distill_dataset")}
 
 
 def make_truncate(tokenizer, max_tokens: int | None) -> Truncate:

@@ -75,8 +75,15 @@ def _same_space(batch) -> bool:
         any(x is not None for x in batch.query_ids)
 
 
-#: ``loss.kind`` -> objective class (constructed with the LossSection). Stage 5 registers ``distill_kl``.
-OBJECTIVES: dict[str, Callable] = {"info_nce": InfoNCEObjective}
+def _distill_objective(loss_cfg):
+    """Stage 5 (imported on first use)."""
+    from umarvel.train.distill import DistillObjective
+
+    return DistillObjective(loss_cfg)
+
+
+#: ``loss.kind`` -> objective class (constructed with the LossSection).
+OBJECTIVES: dict[str, Callable] = {"info_nce": InfoNCEObjective, "distill_kl": _distill_objective}
 
 
 def build_objective(loss_cfg):
