@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 TASK_KINDS: tuple[str, ...] = ("mbeir", "zeroshot")
 MBEIR_CUTOFFS: tuple[int, ...] = (1, 5, 10, 50)
 MBEIR_EVAL_SPLITS: tuple[str, ...] = ("val", "test")
+#: Headline metrics taking a cutoff (``Recall@5``, ``mAP@5``) and those without one (zero-shot pair accuracy).
+CUTOFF_METRICS: tuple[str, ...] = ("Recall", "mAP")
+PLAIN_METRICS: tuple[str, ...] = ("Accuracy",)
 
 #: Display names (paper spelling) of the M-BEIR datasets, keyed by the lowercase file-name spelling.
 MBEIR_DATASET_NAMES: Mapping[str, str] = MappingProxyType({
@@ -113,8 +116,9 @@ class Task:
         name: unique registry name, e.g. ``"mscoco_task0"``.
         kind: ``"mbeir"`` or ``"zeroshot"``.
         dataset: display name of the dataset (``"MSCOCO"``).
-        metric: headline metric, ``"Recall@<k>"``; ``k`` must be one of ``cutoffs``.
-        cutoffs: the recall cutoffs computed (and the search depth ``max(cutoffs)``).
+        metric: headline metric, ``"Recall@<k>"`` / ``"mAP@<k>"`` (``k`` must be one of ``cutoffs``) or
+            ``"Accuracy"`` (zero-shot pair sets; ``cutoffs`` may then be empty).
+        cutoffs: the cutoffs computed (and the search depth ``max(cutoffs)``).
         description: one line for listings.
         dataset_id / task_id: M-BEIR ids (``None`` for benchmarks without them).
         query_modality / cand_modality: modalities of queries and target candidates, if fixed.
@@ -140,10 +144,11 @@ class Task:
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ConfigError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
-        if not self.cutoffs or any(int(k) < 1 for k in self.cutoffs):
+        k = self.metric_k  # validates the metric name
+        if (k is not None and not self.cutoffs) or any(int(c) < 1 for c in self.cutoffs):
             raise ConfigError(f"task {self.name!r}: cutoffs must be positive integers, got {self.cutoffs!r}")
-        object.__setattr__(self, "cutoffs", tuple(sorted(int(k) for k in self.cutoffs)))
-        if self.metric_k not in self.cutoffs:
+        object.__setattr__(self, "cutoffs", tuple(sorted(int(c) for c in self.cutoffs)))
+        if k is not None and k not in self.cutoffs:
             raise ConfigError(f"task {self.name!r}: headline {self.metric} is not among cutoffs {self.cutoffs}")
         object.__setattr__(self, "splits", MappingProxyType(dict(self.splits)))
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -152,17 +157,20 @@ class Task:
         return hash((self.kind, self.name))
 
     @property
-    def metric_k(self) -> int:
-        """The ``k`` of the headline ``Recall@k`` metric."""
-        prefix = "Recall@"
-        if not self.metric.startswith(prefix) or not self.metric[len(prefix):].isdigit():
-            raise ConfigError(f"task {self.name!r}: metric must look like 'Recall@5', got {self.metric!r}")
-        return int(self.metric[len(prefix):])
+    def metric_k(self) -> int | None:
+        """The ``k`` of the headline ``<name>@k`` metric (``Recall@k``, ``mAP@k``); None for ``Accuracy``."""
+        name, at, k = self.metric.partition("@")
+        if not at and self.metric in PLAIN_METRICS:
+            return None
+        if name not in CUTOFF_METRICS or not k.isdigit():
+            raise ConfigError(f"task {self.name!r}: metric must look like 'Recall@5' / 'mAP@5' or be one of "
+                              f"{PLAIN_METRICS}, got {self.metric!r}")
+        return int(k)
 
     @property
     def search_depth(self) -> int:
-        """How many candidates to retrieve per query: the largest cutoff."""
-        return max(self.cutoffs)
+        """How many candidates to retrieve per query: the largest cutoff (0 for a task without cutoffs)."""
+        return max(self.cutoffs, default=0)
 
     def files(self, split: str) -> SplitFiles:
         """The files of ``split``; ConfigError naming the task and the known splits if absent."""

@@ -1,0 +1,88 @@
+"""``umarvel eval zeroshot``: the zero-shot benchmark suite (method spec 6.3) with one checkpoint.
+
+Registered under the ``umarvel eval`` group by :func:`add_zeroshot_parser`; also runnable on its own as
+``python -m umarvel.commands.eval_zeroshot --model M --data-root D --output-dir O [--tasks circo,msrvtt]``
+(what ``scripts/eval_zeroshot.sh`` runs).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the zero-shot command."""
+    p.add_argument("--model", required=True, help="checkpoint folder (or LoRA adapter folder)")
+    p.add_argument("--data-root", required=True, help="folder with the zero-shot sets (docs/zeroshot_data.md)")
+    p.add_argument("--output-dir", required=True, help="where metrics/, results.json, results.md go")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated task names or groups (genecis, sugarcrepe); default: all zero-shot tasks")
+    p.add_argument("--cache-dir", default=None, help="embedding cache root (default: <output-dir>/cache)")
+    p.add_argument("--batch-size", type=int, default=32, help="items per batch for text/image sides (default 32)")
+    p.add_argument("--video-batch-size", type=int, default=1, help="videos per batch (default 1, as published)")
+    p.add_argument("--max-tokens", type=int, default=None, help="token budget per batch (default batch*1024)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--video-min-pixels", type=int, default=None,
+                   help="override the per-frame minimum (default: the published 128*28*28); quick runs only")
+    p.add_argument("--video-max-pixels", type=int, default=None,
+                   help="override the per-frame maximum (default: the published 768*28*28); quick runs only")
+    p.add_argument("--video-total-pixels", type=int, default=None,
+                   help="override the per-clip total (default: the published 24576*28*28); quick runs only")
+
+
+def add_zeroshot_parser(eval_subparsers) -> argparse.ArgumentParser:
+    """Register ``zeroshot`` in the ``umarvel eval`` subcommand group and return its parser."""
+    p = eval_subparsers.add_parser(
+        "zeroshot", help="zero-shot benchmarks (CIRCO, GeneCIS, Flickr30K, ..., MSVD, MSR-VTT)",
+        description="Evaluate a checkpoint on the zero-shot sets present under --data-root (absent sets are "
+                    "skipped with a line saying so); writes per-task metrics, results.json and results.md.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model once, run the suite, print the results table; exit 1 if a task failed on broken data."""
+    from umarvel.api import UMarvel
+    from umarvel.eval.zeroshot.runner import RESULTS_MD, ZeroShotOptions, run_zeroshot
+    from umarvel.eval.zeroshot.tasks import resolve_zeroshot_names
+
+    resolve_zeroshot_names(args.tasks)  # reject unknown task names before loading the model
+    options = ZeroShotOptions(batch_size=args.batch_size, video_batch_size=args.video_batch_size,
+                              max_tokens=args.max_tokens, video_min_pixels=args.video_min_pixels,
+                              video_max_pixels=args.video_max_pixels, video_total_pixels=args.video_total_pixels)
+    model = UMarvel.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    results = run_zeroshot(model, args.data_root, args.output_dir, tasks=args.tasks, cache_dir=args.cache_dir,
+                           options=options, model_name=str(args.model))
+    sys.stdout.write((Path(args.output_dir) / RESULTS_MD).read_text(encoding="utf-8"))
+    failed = [e["name"] for e in results["tasks"] if e["status"] == "error"]
+    if failed:
+        logger.error("zero-shot tasks failed on broken data: %s (see results.json)", ", ".join(failed))
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m umarvel.commands.eval_zeroshot``); user errors exit 2."""
+    from umarvel.errors import UMarvelError
+    from umarvel.log import setup_logging
+
+    parser = argparse.ArgumentParser(prog="umarvel eval zeroshot", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level.upper())
+    try:
+        return run(args)
+    except UMarvelError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

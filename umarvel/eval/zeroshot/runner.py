@@ -1,0 +1,377 @@
+"""Zero-shot benchmark runner (method spec 6.3): one loaded model, every requested set end to end.
+
+For each task (``umarvel.eval.zeroshot.tasks``): read the set (absent data -> ``skipped: <set> (missing
+<path>)``, recorded, never a crash) -> build one loader per item (images resized with the model's budget,
+videos decoded with PyAV and turned into Qwen2-VL patches, VIST stories as interleaved content, texts from
+:meth:`ZSItem.final_text`) -> encode each side through the embedding cache with the set's prompt style (no
+suffix except Flickr30K) -> exact scores -> metrics. CIRCO test writes the top-50 submission JSON instead.
+
+Outputs under ``output_dir``::
+
+    metrics/<task>.json              metrics and sizes of one task
+    results.json                     every task (ok / submission / skipped / error) + the paper table
+    results.md                       the paper's zero-shot table, other sets, per-task details, skipped lines
+    circo_test_submission.json       {query id: [50 COCO image ids]} for the CIRCO evaluation server
+
+A task whose data is present but broken (a corrupt video, an unreadable image) is recorded as ``error``
+with the message (naming the video / image id and path) and the run goes on with the other tasks.
+
+    >>> from umarvel import UMarvel
+    >>> model = UMarvel.from_pretrained("checkpoints/umarvel")                     # doctest: +SKIP
+    >>> run_zeroshot(model, "data/zeroshot", "runs/zs", tasks="circo,msrvtt")      # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from umarvel.data.collate import EmbedInput, VideoInput
+from umarvel.data.formatting import INFERENCE_STYLE, PromptStyle
+from umarvel.data.images import load_image
+from umarvel.data.video import MSRVTT_VIDEO, MSVD_VIDEO, VideoSpec, load_video, video_patches
+from umarvel.errors import DataError
+from umarvel.eval.cache import EmbeddingCache
+from umarvel.eval.registry import Task
+from umarvel.eval.zeroshot.metrics import (CIRCO_KS, bidirectional_recall, circo_map_at_k, gallery_scores,
+                                           genecis_recall, pair_accuracy, ranked_topk, recall_at_k)
+from umarvel.eval.zeroshot.readers import read_set
+from umarvel.eval.zeroshot.tasks import EXTRA_COLUMNS, PAPER_COLUMNS, resolve_zeroshot_names
+from umarvel.eval.zeroshot.types import (BidirectionalSet, GallerySet, PairSet, RetrievalSet, Skipped, ZeroShotSet,
+                                         ZSItem)
+from umarvel.utils.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+METRICS_DIR = "metrics"
+SUBMISSION_FILE = "circo_test_submission.json"
+CACHE_VERSION = "zeroshot-1"
+
+#: Prompt styles (spec 6.3): prompt1 (suffix) for Flickr30K only, prompt2 (no suffix) elsewhere; always
+#: ``add_generation_prompt=True`` (the eval collator).
+SUFFIX_STYLE = INFERENCE_STYLE
+NO_SUFFIX_STYLE = PromptStyle(suffix=False, add_generation_prompt=True)
+#: ``ZeroShotSet.video_spec`` -> the published frame sampling and per-frame pixel budget.
+VIDEO_SPECS: Mapping[str, VideoSpec] = {"msvd": MSVD_VIDEO, "msrvtt": MSRVTT_VIDEO}
+
+
+@dataclass(frozen=True)
+class ZeroShotOptions:
+    """Encoding knobs of a run (defaults: the published protocol).
+
+    Attributes:
+        batch_size: items per forward pass for text / image sides.
+        video_batch_size: items per forward pass for video sides (the official code uses 1).
+        max_tokens: token budget of a batch (None: ``batch_size * 1024``, the API default).
+        video_min_pixels / video_max_pixels / video_total_pixels: override the per-frame pixel budget of
+            every video set (None keeps the published 128*28*28 / 768*28*28 / 24576*28*28); for quick
+            runs and tests only, results are then not comparable.
+        show_progress: tqdm bars (None: the API decides).
+    """
+
+    batch_size: int = 32
+    video_batch_size: int = 1
+    max_tokens: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    video_total_pixels: int | None = None
+    show_progress: bool | None = None
+
+    def video_spec(self, name: str) -> VideoSpec:
+        """The frame sampling of a set's ``video_spec`` name with the pixel overrides applied."""
+        try:
+            spec = VIDEO_SPECS[name]
+        except KeyError:
+            raise DataError(f"unknown video spec {name!r} (known: {', '.join(VIDEO_SPECS)})") from None
+        over = {k: v for k, v in (("min_pixels", self.video_min_pixels), ("max_pixels", self.video_max_pixels),
+                                  ("total_pixels", self.video_total_pixels)) if v is not None}
+        return replace(spec, **over) if over else spec
+
+
+def set_style(zs: ZeroShotSet) -> PromptStyle:
+    """The prompt style of a set: suffix on only where the set says so (Flickr30K)."""
+    return SUFFIX_STYLE if zs.suffix else NO_SUFFIX_STYLE
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def item_record(item: ZSItem) -> dict:
+    """JSON description of what the encoder sees for one item (cache content + loader input).
+
+    ``text`` is :meth:`ZSItem.final_text`; interleaved items (VIST) keep their segments in order, text
+    segments verbatim (the instruction is plain leading text) except the last, which is the formatted
+    :meth:`ZSItem.final_text`.
+    """
+    rec: dict[str, Any] = {"id": item.id, "text": item.final_text(), "image": item.image, "video": item.video}
+    if item.segments:
+        segs = [[kind, value] for kind, value in item.segments]
+        last_text = max((i for i, (kind, _) in enumerate(segs) if kind == "text"), default=None)
+        if last_text is not None:
+            segs[last_text][1] = item.final_text()
+        rec["segments"] = segs
+    return rec
+
+
+def make_loader(rec: Mapping[str, Any], budget, video_spec: VideoSpec | None, what: str) -> Callable[[], EmbedInput]:
+    """A zero-argument loader building the :class:`EmbedInput` of one :func:`item_record` (decoding inside).
+
+    Raises (when called):
+        DataError / ImageLoadError: naming ``what`` (set, side, item id) and the file.
+    """
+    segments = rec.get("segments")
+    if segments:
+        def load_interleaved() -> EmbedInput:
+            parts = [value if kind == "text" else load_image(value, budget, what=f"{what} image {value}")
+                     for kind, value in segments]
+            return EmbedInput.interleaved(parts)
+        return load_interleaved
+    text, image, video = rec["text"], rec.get("image"), rec.get("video")
+    if video is not None:
+        if video_spec is None:
+            raise DataError(f"{what}: a video item in a set without a video spec")
+
+        def load_video_item() -> EmbedInput:
+            frames = load_video(video, video_spec, video_id=str(rec["id"]))
+            pv, grid = video_patches(frames)
+            return EmbedInput(text, video=VideoInput(pv, tuple(int(g) for g in grid[0])))
+        return load_video_item
+    if image is not None:
+        return lambda: EmbedInput(text, (load_image(image, budget, what=what),))
+    return lambda: EmbedInput(text)
+
+
+class SetEncoder:
+    """Encodes the sides of zero-shot sets through the :class:`EmbeddingCache`.
+
+    The cache key covers the model fingerprint and settings, the set's prompt style, the image budget, the
+    video spec and the content of every item record (text rule included), so a change of any of them
+    re-encodes and nothing else does.
+    """
+
+    def __init__(self, model, cache: EmbeddingCache, options: ZeroShotOptions):
+        self.model = model
+        self.cache = cache
+        self.options = options
+        self.fingerprint = model.fingerprint()
+
+    def encode(self, cache_name: str, side: str, items: Sequence[ZSItem], style: PromptStyle,
+               video_spec: VideoSpec | None = None) -> np.ndarray:
+        """Embeddings of ``items`` (float32 (N, D), rows L2-normalised up to the cache's float16 rounding)."""
+        records = [item_record(it) for it in items]
+        ids = [f"{k}:{it.id}" for k, it in enumerate(items)]
+        has_video = any(r["video"] is not None for r in records)
+        settings = {"version": CACHE_VERSION, "model": self.model.settings.as_dict(), "style": asdict(style),
+                    "image_budget": asdict(self.model.budget), "role": side,
+                    "video": asdict(video_spec) if (has_video and video_spec is not None) else None}
+        batch = self.options.video_batch_size if has_video else self.options.batch_size
+        what = f"{cache_name} {side}"
+
+        def encode_fn(recs: list[dict]) -> np.ndarray:
+            loaders = [make_loader(r, self.model.budget, video_spec, f"{what} item {r['id']}") for r in recs]
+            return self.model.encode_prepared(loaders, role=side, batch_size=batch,
+                                              max_tokens=self.options.max_tokens,
+                                              show_progress=self.options.show_progress, style=style)
+
+        cached = self.cache.get_or_encode(f"zeroshot_{cache_name}_{side}", records, ids, encode_fn,
+                                          self.fingerprint, settings)
+        return np.asarray(cached.vectors, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+@dataclass
+class TaskOutcome:
+    """Metrics (percent) and sizes of one evaluated set; ``submission``: ranked ids for CIRCO test."""
+
+    metrics: dict[str, float]
+    num_queries: int
+    num_candidates: int
+    submission: dict[str, list] | None = None
+
+
+def _public_id(s: str) -> int | str:
+    """COCO ids as ints in submission files, anything else unchanged."""
+    return int(s) if s.isdigit() else s
+
+
+def evaluate_set(task: Task, zs: ZeroShotSet, encoder: SetEncoder) -> TaskOutcome:
+    """Encode and score one set (exact dense scores), returning its metrics.
+
+    Shapes: RetrievalSet -> (Q, C) scores, recall or CIRCO mAP (+ R@k vs the single target), or the top-k
+    submission for CIRCO test; BidirectionalSet -> (T, I) scores, both directions; GallerySet -> per-query
+    gallery scores; PairSet -> row-wise accuracy.
+    """
+    style = set_style(zs)
+    spec = encoder.options.video_spec(zs.video_spec) if zs.video_spec else None
+    cache_name = task.options.get("cache_name", zs.name)
+    if isinstance(zs, RetrievalSet):
+        gallery_name = "circo" if zs.name in ("circo", "circo_test") else cache_name  # val and test share it
+        q = encoder.encode(cache_name, "queries", zs.queries, style, spec)
+        c = encoder.encode(gallery_name, "candidates", zs.candidates, style, spec)
+        scores = q @ c.T
+        exclude = list(zs.exclude) if zs.exclude else None
+        if task.options.get("shape") == "submission":
+            k = int(task.options.get("topk", 50))
+            top = ranked_topk(scores, k, exclude=exclude)
+            sub = {it.id: [_public_id(zs.candidates[j].id) for j in row] for it, row in zip(zs.queries, top)}
+            return TaskOutcome({}, len(zs.queries), len(zs.candidates), submission=sub)
+        if zs.metric == "map":
+            m = circo_map_at_k(scores, zs.positives, task.cutoffs, exclude)
+            m.update(recall_at_k(scores, [[t] for t in zs.targets], task.cutoffs, exclude))
+        else:
+            m = recall_at_k(scores, zs.positives, task.cutoffs, exclude)
+        return TaskOutcome(m, len(zs.queries), len(zs.candidates))
+    if isinstance(zs, BidirectionalSet):
+        t = encoder.encode(cache_name, "texts", zs.texts, style)
+        i = encoder.encode(cache_name, "images", zs.images, style)
+        return TaskOutcome(bidirectional_recall(t @ i.T, zs.text_to_image, task.cutoffs), len(zs.texts),
+                           len(zs.images))
+    if isinstance(zs, GallerySet):
+        q = encoder.encode(cache_name, "queries", zs.queries, style)
+        c = encoder.encode(cache_name, "candidates", zs.candidates, style)
+        return TaskOutcome(genecis_recall(gallery_scores(q, c, zs.galleries), task.cutoffs), len(zs.queries),
+                           len(zs.candidates))
+    if isinstance(zs, PairSet):
+        im = encoder.encode(cache_name, "images", zs.images, style)
+        po = encoder.encode(cache_name, "positives", zs.positives, style)
+        ne = encoder.encode(cache_name, "negatives", zs.negatives, style)
+        return TaskOutcome({"accuracy": pair_accuracy(im, po, ne)}, len(zs.images), 2 * len(zs.images))
+    raise DataError(f"{task.name}: unsupported set type {type(zs).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _entry(task: Task, status: str, **fields) -> dict:
+    """One ``results.json`` task entry."""
+    return {"name": task.name, "dataset": task.dataset, "metric": task.metric, "status": status, "value": None,
+            "headline": {}, "metrics": {}, "num_queries": None, "num_candidates": None, **fields}
+
+
+def run_task(task: Task, data_root: Path, output_dir: Path, encoder: SetEncoder) -> dict:
+    """Read, encode and score one task; write its metrics file (and CIRCO test submission). Never raises for
+    absent data (``skipped``) or broken data (``error``, message naming the item); returns the entry."""
+    zs = read_set(task.options.get("reader", task.name), data_root)
+    if isinstance(zs, Skipped):
+        return _entry(task, "skipped", missing=str(zs.missing), message=zs.message)
+    before = dict(encoder.cache.stats)
+    try:
+        out = evaluate_set(task, zs, encoder)
+    except DataError as exc:
+        logger.error("%s failed: %s", task.name, exc)
+        return _entry(task, "error", error=str(exc), message=f"error: {task.name}: {exc}")
+    counts = {"encoded": encoder.cache.stats["encoded"] - before["encoded"],
+              "reused": encoder.cache.stats["reused"] - before["reused"]}
+    common = dict(num_queries=out.num_queries, num_candidates=out.num_candidates, **counts)
+    if out.submission is not None:
+        path = output_dir / SUBMISSION_FILE
+        atomic_write_json(path, out.submission)
+        logger.info("%s: wrote the submission for %d queries to %s (score it on the CIRCO server)", task.name,
+                    len(out.submission), path)
+        entry = _entry(task, "submission", submission=SUBMISSION_FILE, **common)
+    else:
+        headline = {k: out.metrics[k] for k in task.options.get("headline", ())}
+        value = next(iter(headline.values()), None)
+        entry = _entry(task, "ok", value=value, headline=headline, metrics=out.metrics, **common)
+        logger.info("%s: %s", task.name, ", ".join(f"{k} {v:.2f}" for k, v in out.metrics.items()))
+    metrics_file = f"{METRICS_DIR}/{task.name}.json"
+    entry["metrics_file"] = metrics_file
+    atomic_write_json(output_dir / metrics_file, {**entry, "description": task.description})
+    return entry
+
+
+def table_values(entries: Sequence[Mapping], columns=PAPER_COLUMNS) -> dict[str, float | None]:
+    """Column label -> value: the metric of the member task, or the unweighted mean over several members;
+    None unless every member was evaluated."""
+    by_name = {e["name"]: e for e in entries}
+    out: dict[str, float | None] = {}
+    for label, members, key in columns:
+        vals = [by_name[m]["metrics"].get(key) if m in by_name and by_name[m]["status"] == "ok" else None
+                for m in members]
+        out[label] = None if any(v is None for v in vals) else float(sum(vals) / len(vals))
+    return out
+
+
+def run_zeroshot(model, data_root: str | Path, output_dir: str | Path, tasks: str | Sequence[str] | None = None,
+                 cache_dir: str | Path | None = None, options: ZeroShotOptions = ZeroShotOptions(),
+                 model_name: str | None = None) -> dict:
+    """Evaluate ``tasks`` (comma list / names / groups; default all zero-shot tasks) with one loaded model.
+
+    Args:
+        model: a :class:`umarvel.api.UMarvel`.
+        data_root: folder holding the sets (docs/zeroshot_data.md).
+        output_dir: where metrics, results.json / results.md and the CIRCO submission go.
+        cache_dir: embedding cache root (default ``<output_dir>/cache``).
+        model_name: how the model is named in the outputs (default: its source path).
+
+    Returns:
+        the ``results.json`` content (also written, with ``results.md``).
+    """
+    data_root, output_dir = Path(data_root), Path(output_dir)
+    selected = resolve_zeroshot_names(tasks)
+    cache = EmbeddingCache(Path(cache_dir) if cache_dir else output_dir / "cache")
+    encoder = SetEncoder(model, cache, options)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for task in selected:
+        logger.info("zero-shot task %s (%s)", task.name, task.description)
+        entries.append(run_task(task, data_root, output_dir, encoder))
+    results = {
+        "suite": "zeroshot",
+        "model": model_name or str(getattr(model, "source", None) or "<model>"),
+        "fingerprint": encoder.fingerprint,
+        "data_root": str(data_root),
+        "settings": model.settings.as_dict(),
+        "options": asdict(options),
+        "video_specs": {k: asdict(options.video_spec(k)) for k in VIDEO_SPECS},
+        "tasks": entries,
+        "paper_table": table_values(entries, PAPER_COLUMNS),
+        "extra_table": table_values(entries, EXTRA_COLUMNS),
+        "cache": {"encoded": cache.stats["encoded"], "reused": cache.stats["reused"]},
+    }
+    atomic_write_json(output_dir / RESULTS_JSON, results)
+    atomic_write_text(output_dir / RESULTS_MD, render_zeroshot_md(results))
+    n = {s: sum(e["status"] == s for e in entries) for s in ("ok", "submission", "skipped", "error")}
+    logger.info("zero-shot: %d evaluated, %d submission, %d skipped, %d failed; wrote %s", n["ok"], n["submission"],
+                n["skipped"], n["error"], output_dir / RESULTS_JSON)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _fmt(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+
+def _table(model: str, values: Mapping[str, float | None]) -> list[str]:
+    labels = list(values)
+    return ["| Model | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|",
+            f"| {model} | " + " | ".join(_fmt(values[k]) for k in labels) + " |"]
+
+
+def render_zeroshot_md(results: Mapping[str, Any]) -> str:
+    """``results.md``: the paper's zero-shot table (multi-task columns are unweighted means: GeneCIS over its 4
+    subsets, Sugar-Crepe Replace/Swap/Add over theirs; "–" = not evaluated), the other sets, per-task metrics,
+    then the submission, skipped and error lines."""
+    model = Path(str(results["model"])).name or str(results["model"])
+    lines = ["# Zero-shot results", "", f"Model `{results['model']}` (fingerprint `{results['fingerprint']}`), "
+             f"data `{results['data_root']}`. Values in percent.", "", "## Paper table", ""]
+    lines += _table(model, results["paper_table"])
+    lines += ["", "## Other sets", ""] + _table(model, results["extra_table"])
+    lines += ["", "## Per task", "", "| Task | Dataset | Metric | Value | All metrics | Queries | Candidates |",
+              "|---|---|---|---|---|---|---|"]
+    notes = []
+    for e in results["tasks"]:
+        if e["status"] == "ok":
+            allm = ", ".join(f"{k} {v:.1f}" for k, v in e["metrics"].items())
+            lines.append(f"| {e['name']} | {e['dataset']} | {e['metric']} | {_fmt(e['value'])} | {allm} | "
+                         f"{e['num_queries']} | {e['num_candidates']} |")
+        elif e["status"] == "submission":
+            notes.append(f"submission: {e['name']} -> `{e['submission']}` ({e['num_queries']} queries; "
+                         f"scored by the CIRCO server)")
+        else:
+            notes.append(e["message"])
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
