@@ -1,0 +1,86 @@
+"""Two gloo processes running the real trainer step == one process on the doubled batch (loss and gradients).
+
+Stage 2 (bidirectional InfoNCE with D12 masks from gathered ids, plain backward) and stage 3 (learnable
+temperature, GradCache) on the tiny model; the sampler gives the two ranks exactly the two halves of the
+single-process batch. LoRA dropout is 0 (dropout streams differ per rank by design).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from train_helpers import make_data, tiny_config
+
+B, WORLD, TIMEOUT_S = 3, 2, 240
+CASES = {"cc3m": ["loss.mask_duplicates=true"], "mbeir": ["train.grad_cache=true", "train.chunk_size=2"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(kind, ckpt, root, out, batch):
+    return tiny_config(kind, ckpt, make_data(root), out, "lora.dropout=0", f"train.per_device_batch_size={batch}",
+                       "data.max_examples=12", *CASES[kind])
+
+
+def _one_step(kind, ckpt, root, out, batch):
+    """Build the trainer, run forward/backward (+ the gradient all-reduce) on the first batch."""
+    from umarvel.train.trainer import StageTrainer
+
+    trainer = StageTrainer(_cfg(kind, ckpt, root, out, batch))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in trainer.named_trainable:
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    batch = next(iter(trainer._loader(0, 0)))
+    loss, _ = trainer.forward_backward(batch)
+    trainer._allreduce_grads()
+    info = trainer._log(loss, {}, 0.0, batch, 1.0)
+    return info["loss"], {n: p.grad.detach().clone() for n, p in trainer.named_trainable}
+
+
+def _worker(rank, port, ckpt, root, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), UMARVEL_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        for kind in CASES:
+            loss, grads = _one_step(kind, ckpt, root, out / f"{kind}_dist", B)
+            if rank == 0:
+                torch.save({"loss": loss, "grads": grads}, out / f"{kind}_dist.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tiny_checkpoint, tmp_path):
+    root = tmp_path / "toy"
+    make_data(root)
+    ctx = mp.start_processes(_worker, args=(_free_port(), tiny_checkpoint, root, tmp_path), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"2-process trainer test did not finish within {TIMEOUT_S}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    for kind in CASES:
+        ref_loss, ref = _one_step(kind, tiny_checkpoint, root, tmp_path / f"{kind}_single", WORLD * B)
+        got = torch.load(tmp_path / f"{kind}_dist.pt")
+        assert abs(got["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (kind, got["loss"], ref_loss)
+        assert set(got["grads"]) == set(ref)
+        for n, g in ref.items():
+            torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-6, msg=f"{kind} {n}")
