@@ -66,7 +66,7 @@ class MineConfig:
     Attributes:
         model: embedding checkpoint (stage 3 merged for stage 4; stage 4 merged for the stage-5 teacher lists).
         mbeir_root: M-BEIR root. output: output folder.
-        queries / pool / instructions: relative to the root unless absolute (defaults: union train files).
+        queries / pool / instructions: absolute, existing, or relative to the root (defaults: union train files).
         top_k: retrieved candidates per query (100).
         scope: ``local``, ``global`` or ``both``.
         subset: also draw the distillation subset; ``subset_fraction`` / ``subset_seed``: 0.1 / 42.
@@ -107,8 +107,9 @@ class MineConfig:
         return SCOPES if self.scope == "both" else (self.scope,)
 
     def path(self, rel: str) -> Path:
+        """``rel`` if absolute or an existing path, else relative to the M-BEIR root."""
         p = Path(rel)
-        return p if p.is_absolute() else Path(self.mbeir_root) / p
+        return p if p.is_absolute() or p.exists() else Path(self.mbeir_root) / p
 
 
 # ------------------------------------------------------------------------------------------ partition

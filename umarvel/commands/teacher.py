@@ -1,0 +1,63 @@
+"""``umarvel teacher CONFIG [key=value ...]``: stage-5 teacher file (reranker P(yes) fused with the cosines).
+
+    umarvel teacher configs/teacher/teacher.yaml reranker=outputs/rerank/reranker/merged \
+        queries=$PWD/outputs/mined/stage3/mbeir_union_up_train_10percent.jsonl \
+        mined=$PWD/outputs/mined/stage4_10pct/rerank_data_all_eval_train_local.jsonl output=outputs/teacher
+
+Writes ``OUTPUT/fusion_results.jsonl`` (one line per query row: did / score / cosine / p_yes, best first), the
+``data.scores`` of ``configs/stages/05_mbeir_distill.yaml``. Resumable (P(yes) shards). Also runnable as
+``python -m umarvel.commands.teacher``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from umarvel.errors import UMarvelError
+
+logger = logging.getLogger(__name__)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="teacher YAML (configs/teacher/teacher.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. top_k=50")
+
+
+def add_subparser(sub) -> None:
+    """Register ``umarvel teacher``."""
+    p = sub.add_parser("teacher", help="stage-5 teacher lists: reranker P(yes) fused with retrieval cosines",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config (strict) and build the teacher file."""
+    from umarvel.config import load_config
+    from umarvel.train.teacher import TeacherConfig, build_teacher_file
+
+    cfg = load_config(args.config, TeacherConfig, args.overrides)
+    logger.info("teacher file: %s", build_teacher_file(cfg))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (used by scripts/train_umarvel.sh)."""
+    from umarvel.log import setup_logging
+
+    p = argparse.ArgumentParser(prog="umarvel teacher", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", default="INFO")
+    _add_arguments(p)
+    args = p.parse_args(argv)
+    setup_logging(args.log_level.upper())
+    try:
+        return run(args)
+    except UMarvelError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
