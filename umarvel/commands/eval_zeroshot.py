@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="items per batch for text/image sides (default 32)")
     p.add_argument("--video-batch-size", type=int, default=1, help="videos per batch (default 1, as published)")
     p.add_argument("--max-tokens", type=int, default=None, help="token budget per batch (default batch*1024)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--video-min-pixels", type=int, default=None,
                    help="override the per-frame minimum (default: the published 128*28*28); quick runs only")
@@ -56,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
     options = ZeroShotOptions(batch_size=args.batch_size, video_batch_size=args.video_batch_size,
                               max_tokens=args.max_tokens, video_min_pixels=args.video_min_pixels,
                               video_max_pixels=args.video_max_pixels, video_total_pixels=args.video_total_pixels)
-    model = UMarvel.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype)
     results = run_zeroshot(model, args.data_root, args.output_dir, tasks=args.tasks, cache_dir=args.cache_dir,
                            options=options, model_name=str(args.model))
     sys.stdout.write((Path(args.output_dir) / RESULTS_MD).read_text(encoding="utf-8"))
