@@ -2,8 +2,9 @@
 
 Adding a benchmark (e.g. ``umarvel eval zeroshot``) without touching this file's logic, either:
 
-- list a module in :data:`EVAL_SUBCOMMAND_MODULES`; it must expose ``add_eval_subparser(eval_subparsers)``
-  that adds its parser with ``set_defaults(func=...)`` (imported lazily, like ``umarvel/cli.py`` does), or
+- list ``"module:function"`` in :data:`EVAL_SUBCOMMANDS`; ``function(eval_subparsers)`` adds its parser
+  with ``set_defaults(func=...)`` (imported lazily and skipped while the module is absent, like
+  ``umarvel/cli.py`` does), or
 - call :func:`add_eval_command` ``(name, help, configure_fn)`` at import time of a module that is imported
   before the parser is built; ``configure_fn(parser)`` adds the arguments and ``set_defaults(func=...)``.
 
@@ -24,8 +25,10 @@ from umarvel.errors import ConfigError, UMarvelError
 
 logger = logging.getLogger(__name__)
 
-#: Modules exposing ``add_eval_subparser(eval_subparsers)`` (e.g. ``"umarvel.commands.eval_zeroshot"``).
-EVAL_SUBCOMMAND_MODULES: list[str] = []
+#: ``"module:function"`` entries; ``function(eval_subparsers)`` registers one benchmark under ``umarvel eval``.
+EVAL_SUBCOMMANDS: list[str] = [
+    "umarvel.commands.eval_zeroshot:add_zeroshot_parser",
+]
 
 _EVAL_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
@@ -160,14 +163,15 @@ def add_subparser(sub) -> None:
     esub = p.add_subparsers(dest="eval_command", metavar="BENCHMARK")
     _configure_mbeir(esub.add_parser("mbeir", help="M-BEIR local / global (hit-rate Recall@k)",
                                      description=_MBEIR_DESCRIPTION))
-    for name in EVAL_SUBCOMMAND_MODULES:
+    for entry in EVAL_SUBCOMMANDS:
+        name, _, func = entry.partition(":")
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
             if exc.name == name:  # benchmark not present in this build
                 continue
             raise
-        module.add_eval_subparser(esub)
+        getattr(module, func)(esub)
     for name, (help_, configure) in _EVAL_COMMANDS.items():
         configure(esub.add_parser(name, help=help_))
 
