@@ -255,3 +255,179 @@ def test_distill_dataset_errors(tmp_path, tiny_model):
     with pytest.raises(DataError, match=r"teacher\.jsonl:1: 'score' must be a list of 2"):
         build_dataset(DataSection(kind="mbeir_distill", root=str(root), scores=str(path), num_candidates=2,
                                   num_workers=0), tiny_model.tokenizer)
+
+
+# ---------------------------------------------------------------------------------- end to end (tiny)
+E2E_TASKS = ("mscoco_task0", "webqa_task1")
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, tiny_checkpoint):
+    """Synthetic tree, tiny model, mined lists of the 'stage-3' model and the 50% subset."""
+    from umarvel import UMarvel
+    from umarvel.data.synthetic import make_synthetic_mbeir
+    from umarvel.train.mining import MineConfig, mine
+
+    base = tmp_path_factory.mktemp("e2e")
+    root = make_synthetic_mbeir(base / "mbeir", seed=2, n_queries_per_task=2, n_candidates_per_task=5,
+                                image_size=32, n_train_queries_per_task=4, tasks=E2E_TASKS)
+    model = UMarvel.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+    files = mine(MineConfig(model=str(tiny_checkpoint), mbeir_root=str(root), output=str(base / "mined3"), top_k=6,
+                            subset_fraction=0.5, device="cpu"), encoder=model)
+    return base, root, files
+
+
+def _stage_cfg(name: str, overrides: list[str]):
+    from umarvel.train.config import load_stage_config
+
+    common = ["model.dtype=float32", "model.gradient_checkpointing=false", "train.deepspeed=null",
+              "train.max_steps=2", "train.save_steps=1", "lora.r=4", "lora.alpha=8", "data.num_workers=0",
+              "train.device=cpu", "train.report_to=[]", "data.path=null", "data.pool=null", "data.instructions=null"]
+    return load_stage_config(Path(__file__).resolve().parents[1] / "configs" / "stages" / name, common + overrides)
+
+
+def test_stage4_runs_end_to_end(e2e, tiny_checkpoint):
+    from umarvel.train.trainer import StageTrainer
+
+    base, root, files = e2e
+    cfg = _stage_cfg("04_mbeir_hardneg.yaml", [
+        f"init_from={tiny_checkpoint}", f"data.root={root}", f"data.negatives={files['global']}",
+        "data.num_hard_negatives=2", "train.per_device_batch_size=3", f"train.output_dir={base / 'run4'}"])
+    seen = []
+    trainer = StageTrainer(cfg, callbacks=[lambda tr, ev, info: seen.append((ev, info))])
+    state = trainer.train()
+    steps = [i for e, i in seen if e == "step_end"]
+    assert state.global_step == 2 and all(np.isfinite(i["loss"]) for i in steps)
+    # 3 queries x (positive + 2 negatives), negatives never a positive of their query
+    batch = trainer.collator([trainer.dataset.example(i, random.Random(0)) for i in range(3)])
+    assert batch.num_columns == 3 and sum(x["input_ids"].shape[0] for x in batch.chunks) == 12
+    assert (base / "run4" / "merged" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def teacher(e2e, tiny_checkpoint):
+    from umarvel import UMarvel
+    from umarvel.rerank.model import load_reranker
+    from umarvel.train.mining import MineConfig, mine
+    from umarvel.train.teacher import TeacherConfig, build_teacher_file
+
+    base, root, files = e2e
+    model = UMarvel.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")  # stands in for stage 4
+    sub = mine(MineConfig(model=str(tiny_checkpoint), mbeir_root=str(root), output=str(base / "mined4"),
+                          queries=str(files["subset"]), scope="local", subset=False, top_k=5, device="cpu"),
+               encoder=model)
+    reranker = load_reranker(tiny_checkpoint, dtype="float32")
+    cfg = TeacherConfig(reranker=str(tiny_checkpoint), mbeir_root=str(root), queries=str(files["subset"]),
+                        mined=str(sub["local"]), output=str(base / "teacher"), top_k=4, shard_queries=2, device="cpu")
+    return cfg, build_teacher_file(cfg, reranker=reranker), sub["local"], reranker
+
+
+def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
+    from umarvel.eval.mbeir.readers import read_pool
+    from umarvel.rerank.score import pair_from_records, score_pairs
+    from umarvel.train.hardneg import iter_mined
+    from umarvel.train.mining import partition_train_queries
+    from umarvel.utils.io import read_jsonl
+
+    base, root, files = e2e
+    cfg, path, mined_local, reranker = teacher
+    lines = read_jsonl(path)
+    subset = read_jsonl(files["subset"])
+    assert [x["qid"] for x in lines] == [r["qid"] for r in subset]
+    mined = {r.qid: r for _, r in iter_mined(mined_local)}
+    pool = {c.did: c for c in read_pool(root / cfg.pool, root)}
+    rows = partition_train_queries(files["subset"], root)
+    weights = {"mscoco_task0": 0.5, "webqa_task1": 1.0}
+    for x in lines:
+        m = mined[x["qid"]]
+        cos_of = dict(zip(m.top_docs[:4], m.scores[:4]))
+        assert sorted(x["did"]) == sorted(m.top_docs[:4])
+        assert x["score"] == sorted(x["score"], reverse=True)
+        for did, s, c, p in zip(x["did"], x["score"], x["cosine"], x["p_yes"]):
+            assert c == cos_of[did]  # its own cosine, not its rank neighbour's
+            assert s == pytest.approx(c + weights[x["task"]] * p, abs=1e-9)
+    # P(yes) of each pair scored alone (same seeded instruction) equals the stored one of that did
+    from umarvel.eval.mbeir.readers import assign_instructions, instruction_rng, read_instructions
+
+    table = read_instructions(root / cfg.instructions)
+    modality = {d: c.modality for d, c in pool.items()}
+    for name in E2E_TASKS:
+        qs = assign_instructions(rows.task_queries[name], table, modality, "random",
+                                 instruction_rng(cfg.seed, f"teacher:{name}"))
+        q = qs[0]
+        x = next(l for l in lines if l["qid"] == q.qid)
+        alone = score_pairs(reranker, [pair_from_records(reranker.tokenizer, q, pool[d]) for d in x["did"][::-1]],
+                            batch_size=1)[::-1]
+        np.testing.assert_allclose(alone, x["p_yes"], atol=1e-5)
+    # Resume: a rerun with every shard present scores nothing.
+    class _NoScore:
+        tokenizer = reranker.tokenizer
+
+    from umarvel.train.teacher import build_teacher_file
+
+    before = path.read_text()
+    assert build_teacher_file(cfg, reranker=_NoScore()).read_text() == before
+
+
+def test_stage5_runs_end_to_end(e2e, teacher, tiny_checkpoint):
+    from umarvel.train.trainer import StageTrainer
+
+    base, root, files = e2e
+    cfg_t, path, _, _ = teacher
+    cfg = _stage_cfg("05_mbeir_distill.yaml", [
+        f"init_from={tiny_checkpoint}", f"data.root={root}", f"data.path={files['subset']}", f"data.scores={path}",
+        "data.num_candidates=4", "train.per_device_batch_size=2", f"train.output_dir={base / 'run5'}"])
+    assert cfg.model.max_pixels == DISTILL_MAX_PIXELS and cfg.loss.kind == "distill_kl"
+    seen = []
+    state = StageTrainer(cfg, callbacks=[lambda tr, ev, info: seen.append(info)]).train()
+    assert state.global_step == 2
+    assert all(np.isfinite(i["loss"]) and i["loss"] >= 0 and "teacher_top1_agreement" in i
+               for i in seen if "loss" in i)
+    assert (base / "run5" / "merged" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- U-MARVEL+
+def test_plus_eval_fuses_own_cosines_and_tunes_on_val_only(e2e, teacher, tiny_checkpoint):
+    from umarvel import UMarvel
+    from umarvel.eval.mbeir.plus import PlusConfig, evaluate_plus
+    from umarvel.eval.mbeir.runner import MBeirEvalConfig, evaluate_mbeir
+    from umarvel.eval.outputs import read_results_json
+    from umarvel.rerank.score import read_trec_run
+
+    base, root, _ = e2e
+    _, _, _, reranker = teacher
+    model = UMarvel.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+    runs = {}
+    for split in ("val", "test"):
+        out = base / "eval" / split / "global"
+        evaluate_mbeir(model, MBeirEvalConfig(model=str(tiny_checkpoint), mbeir_root=str(root), output=str(out),
+                                              protocol="global", split=split, device="cpu"))
+        runs[split] = out
+    val_out = base / "eval" / "val" / "plus_global"
+    res = evaluate_plus(PlusConfig(run_dir=str(runs["val"]), reranker=str(tiny_checkpoint), output=str(val_out),
+                                   choose_weight=True, top_k=5), reranker=reranker)
+    assert res["reranked"] is True and read_results_json(val_out / "results.json")["reranked"] is True
+    chosen = json.loads((val_out / "fusion_weight.json").read_text())
+    assert chosen["chosen_on"] == "val" and "mean_recall" in chosen
+    with pytest.raises(ConfigError, match="validation split only"):
+        evaluate_plus(PlusConfig(run_dir=str(runs["test"]), reranker="x", output=str(base / "bad"),
+                                 choose_weight=True), reranker=reranker)
+    test_out = base / "eval" / "test" / "plus_global"
+    evaluate_plus(PlusConfig(run_dir=str(runs["test"]), reranker=str(tiny_checkpoint), output=str(test_out),
+                             weight_from=str(val_out / "fusion_weight.json"), top_k=5), reranker=reranker)
+    w = chosen["weight"]
+    for task in E2E_TASKS:
+        before = read_trec_run(runs["test"] / "runs" / f"{task}_test.trec")
+        after = read_trec_run(test_out / "runs" / f"{task}_test.trec")
+        p_yes = json.loads((test_out / "scores" / f"{task}_test.json").read_text())["p_yes"]
+        for qid, ranked in before.items():
+            cos = {d: s for d, s in ranked}
+            p = dict(zip([d for d, _ in ranked[:5]], p_yes[qid]))
+            head = after[qid][:5]
+            assert {d for d, _ in head} == set(p)
+            for did, fused in head:  # each candidate with ITS OWN cosine (D9), not a rank neighbour's
+                assert fused == pytest.approx(cos[did] + w * p[did], abs=2e-6)
+            assert [s for _, s in head] == sorted([s for _, s in head], reverse=True)
+            assert after[qid][5:] == [(d, pytest.approx(s, abs=1e-6)) for d, s in ranked[5:]]
+    md = (test_out / "results.md").read_text()
+    assert "(reranked)" in md

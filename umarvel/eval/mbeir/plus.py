@@ -1,0 +1,211 @@
+"""U-MARVEL+ evaluation: rerank the top 50 of an M-BEIR run (local or global) and fuse ``cos + w * P(yes)``.
+
+Input: the output folder of ``umarvel eval mbeir`` (``config.yaml``, ``results.json``, ``runs/<task>_<split>.trec``).
+For every task of that run the queries are reloaded with the SAME instructions (same seed, mode and modality
+lookup as the evaluation, D7), the top ``top_k`` (50) candidates of each query are scored by the point-wise
+reranker (:func:`umarvel.rerank.score.score_run`, one forward, D10), and each candidate's P(yes) is added to
+ITS OWN cosine (:class:`umarvel.rerank.fusion.ScoredCandidate`, D9), then the list is re-sorted.
+
+The fusion weight ``w``: a fixed value (published 0.1, the default), the weight chosen by a validation run
+(``weight_from``: its ``fusion_weight.json``), or chosen here with ``choose_weight`` on a run of split ``val``
+(refused on any other split): the best unweighted mean headline recall over the tasks on the grid.
+
+Outputs in ``output`` (as the M-BEIR evaluation writes them, marked ``"reranked": true``)::
+
+    results.json  results.md  runs/<task>_<split>.trec (fused)  scores/<task>_<split>.json (P(yes), resumable)
+    fusion_weight.json (the weight used; with choose_weight also the grid table)  plus.json (provenance)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import ChainMap
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from umarvel.errors import ConfigError, DataError
+from umarvel.eval.mbeir.readers import load_mbeir_task, read_instructions, read_pool
+from umarvel.eval.metrics import score_task
+from umarvel.eval.outputs import build_results, read_results_json, write_results, write_trec_run
+from umarvel.eval.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, get_task
+from umarvel.rerank.fusion import (DEFAULT_FUSION_WEIGHT, DEFAULT_GRID, RerankedQuery, RerankResults,
+                                   choose_weight, fuse_results)
+from umarvel.utils.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILE = "fusion_weight.json"
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class PlusConfig:
+    """Settings of one U-MARVEL+ evaluation.
+
+    Attributes:
+        run_dir: output folder of ``umarvel eval mbeir`` (local or global, val or test).
+        reranker: reranker checkpoint (merged folder or LoRA adapter folder; U-MARVEL+: the reranker trained on
+            negatives mined by the stage-5 model).
+        output: output folder.
+        weight: fixed fusion weight (default: ``weight_from`` if given, else 0.1).
+        weight_from: ``fusion_weight.json`` of a U-MARVEL+ run on the validation split.
+        choose_weight: choose ``w`` on this run's results (its split must be ``val``).
+        grid: candidate weights of ``choose_weight``.
+        top_k: reranked depth (50).
+        batch_size / positions / device / dtype / max_pixels: reranker scoring.
+    """
+
+    run_dir: str
+    reranker: str
+    output: str
+    weight: float | None = None
+    weight_from: str | None = None
+    choose_weight: bool = False
+    grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
+    top_k: int = 50
+    batch_size: int = 8
+    positions: str = "1d"
+    device: str | None = None
+    dtype: str | None = None
+    max_pixels: int = 300 * 28 * 28
+
+    def __post_init__(self) -> None:
+        if sum(x is not None and x is not False for x in (self.weight, self.weight_from, self.choose_weight)) > 1:
+            raise ConfigError("give at most one of weight, weight_from and choose_weight")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+
+
+def resolve_weight(cfg: PlusConfig) -> tuple[float, str]:
+    """``(w, provenance)`` unless it is chosen on this run (then ``choose_weight`` decides later)."""
+    if cfg.weight is not None:
+        return float(cfg.weight), "given"
+    if cfg.weight_from:
+        path = Path(cfg.weight_from)
+        if not path.is_file():
+            raise DataError(f"{path}: weight file not found (written by a U-MARVEL+ run with choose_weight)")
+        obj = json.loads(path.read_text())
+        if obj.get("split") != "val" or obj.get("chosen_on") != "val":
+            raise DataError(f"{path}: the weight was not chosen on the validation split (split {obj.get('split')!r})")
+        return float(obj["weight"]), f"chosen on val ({path})"
+    return DEFAULT_FUSION_WEIGHT, "default (published 0.1)"
+
+
+def _eval_config(run_dir: Path):
+    from umarvel.config import load_config
+    from umarvel.eval.mbeir.runner import CONFIG_FILE, MBeirEvalConfig
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run_dir must be an output folder of 'umarvel eval mbeir'")
+    return load_config(path, MBeirEvalConfig)
+
+
+def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
+    """Rerank, fuse, score and write (see the module doc); returns the ``results.json`` object.
+
+    Args:
+        reranker: a loaded :class:`~umarvel.rerank.model.LoadedReranker` (default: load ``cfg.reranker``).
+    Raises:
+        ConfigError: ``choose_weight`` on a split other than ``val``.
+        DataError: a missing run file, or run candidates / queries unknown to the M-BEIR files.
+    """
+    from umarvel.eval.mbeir.runner import RUNS_DIR, _union_modalities
+    from umarvel.rerank.score import read_trec_run, score_run
+
+    run_dir, out = Path(cfg.run_dir), Path(cfg.output)
+    ev = _eval_config(run_dir)
+    base = read_results_json(run_dir / "results.json")
+    if base.get("reranked"):
+        raise DataError(f"{run_dir}: already a reranked run")
+    if cfg.choose_weight and ev.split != "val":
+        raise ConfigError(f"choose_weight on split {ev.split!r} refused: the fusion weight is tuned on the "
+                          "validation split only (D9); pass weight_from=<val run>/fusion_weight.json")
+    root = Path(ev.mbeir_root)
+    tasks = [get_task(t["name"]) for t in base["tasks"]]
+    table = read_instructions(root / MBEIR_INSTRUCTIONS)
+    modalities = _union_modalities(root, tasks, ev.split)
+    pools: dict[str, object] = {}
+    if ev.protocol == "global":  # candidates may come from any local pool of the split
+        for name in MBEIR_TASK_ORDER:
+            rel = get_task(name).files(ev.split).pool
+            if (root / rel).is_file():
+                for c in read_pool(root / rel, root):
+                    pools.setdefault(c.did, c)
+        modalities = ChainMap(dict(modalities), {d: c.modality for d, c in pools.items()})
+    pool_size = {t["name"]: t["pool_size"] for t in base["tasks"]}
+    settings = {"reranker": str(Path(cfg.reranker).resolve()), "top_k": cfg.top_k, "positions": cfg.positions,
+                "max_pixels": cfg.max_pixels}
+
+    per_task: list[tuple] = []
+    for t in tasks:
+        data = load_mbeir_task(root, t, ev.split, instructions=table, instruction_mode=ev.instruction, seed=ev.seed,
+                               global_modalities=modalities, allow_missing=ev.allow_missing)
+        run = read_trec_run(run_dir / RUNS_DIR / f"{t.name}_{ev.split}.trec")
+        cands = pools if ev.protocol == "global" else {c.did: c for c in data.pool}
+        score_path = out / "scores" / f"{t.name}_{ev.split}.json"
+        p_yes = None
+        if score_path.is_file():
+            old = json.loads(score_path.read_text())
+            if old.get("settings") == settings and set(old["p_yes"]) == set(run):
+                p_yes = old["p_yes"]
+                logger.info("%s: reranker scores reused (%s)", t.name, score_path)
+        if p_yes is None:
+            if reranker is None:
+                from umarvel.eval.mbeir.runner import resolve_device
+                from umarvel.rerank.model import load_reranker
+
+                reranker = load_reranker(cfg.reranker, device=resolve_device(cfg.device), dtype=cfg.dtype,
+                                         positions=cfg.positions, max_pixels=cfg.max_pixels)
+            p_yes = score_run(reranker, run, {q.qid: q for q in data.queries}, cands, top_k=cfg.top_k,
+                              batch_size=cfg.batch_size)
+            atomic_write_json(score_path, {"settings": settings, "p_yes": p_yes}, indent=None)
+        qrels = data.qrels
+        queries = tuple(RerankedQuery.from_lists(qid, [d for d, _ in ranked], [s for _, s in ranked], p_yes[qid],
+                                                 qrels.get(qid, ())) for qid, ranked in run.items())
+        per_task.append((t, data, RerankResults(ev.split, t.name, queries, t.metric_k)))
+
+    if cfg.choose_weight:
+        w, grid_table = choose_weight([r for _, _, r in per_task], cfg.grid)
+        how = "chosen on val"
+        atomic_write_json(out / WEIGHT_FILE, {"weight": w, "split": ev.split, "chosen_on": "val",
+                                              "run_dir": str(run_dir.resolve()),
+                                              "mean_recall": {str(k): v for k, v in grid_table.items()}})
+    else:
+        w, how = resolve_weight(cfg)
+        atomic_write_json(out / WEIGHT_FILE, {"weight": w, "split": ev.split, "chosen_on": None, "how": how})
+
+    scored = []
+    for t, data, res in per_task:
+        fused = fuse_results(res, w)
+        qids = [q.qid for q in data.queries if q.qid in fused]
+        width = max(len(v) for v in fused.values())
+        ids = [[d for d, _ in fused[q]] + [""] * (width - len(fused[q])) for q in qids]
+        sc = [[s for _, s in fused[q]] + [0.0] * (width - len(fused[q])) for q in qids]
+        write_trec_run(out / RUNS_DIR / f"{t.name}_{ev.split}.trec", qids, ids, sc,
+                       run_id=f"umarvel_plus_{ev.protocol}_{t.name}_{ev.split}_w{w:g}")
+        missing = [q.qid for q in data.queries if q.qid not in fused]
+        if missing:
+            raise DataError(f"{run_dir / RUNS_DIR}/{t.name}_{ev.split}.trec: no ranking for query {missing[0]} "
+                            f"({len(missing)} missing)")
+        scored.append(score_task(t, [[d for d, _ in fused[q]] for q in qids], [qrels_of(data, q) for q in qids],
+                                 pool_size=pool_size[t.name]))
+        logger.info("%s (+rerank, w=%g): %s = %.2f", t.name, w, t.metric, scored[-1].value)
+    results = build_results(protocol=ev.protocol, model=base["model"], split=ev.split,
+                            instruction_mode=ev.instruction, instruction_seed=ev.seed, tasks=scored, reranked=True)
+    write_results(out, results)
+    atomic_write_json(out / "plus.json", {"config": asdict(cfg), "weight": w, "weight_how": how,
+                                          "run_dir": str(run_dir.resolve()), "base_average": base["average"],
+                                          "reranked_average": results["average"]})
+    logger.info("U-MARVEL+ %s (%s, w=%g): average %.2f (retrieval only %.2f) -> %s", ev.protocol, ev.split, w,
+                results["average"], base["average"], out)
+    return results
+
+
+def qrels_of(data, qid: str) -> tuple[str, ...]:
+    """Positive dids of one query (the official scorer's qrels)."""
+    return tuple(data.qrels.get(qid, ()))
+
+
+__all__ = ["PlusConfig", "WEIGHT_FILE", "resolve_weight", "evaluate_plus"]
