@@ -188,11 +188,13 @@ def test_metrics_equal_brute_force_from_api_embeddings(first_run, tiny_model, zs
 
 # ------------------------------------------------------------------------------------- skipped / broken data
 def test_missing_set_skipped_and_corrupt_video_named(tiny_checkpoint, tmp_path, capsys):
-    root = write_zeroshot_fixture(tmp_path / "data", groups=["videos", "visdial"])
+    root = write_zeroshot_fixture(tmp_path / "data", groups=["videos", "visdial", "sugarcrepe"])
     (root / "msrvtt" / "videos" / "video7002.mp4").write_bytes(b"\x00\x01 not a video at all" * 20)
+    broken = root / "sugar-crepe" / "data" / "add_att.json"
+    broken.write_text('{"1": {"filename": ', encoding="utf-8")
     out = tmp_path / "out"
     rc = zeroshot_main(["--log-level", "ERROR", "--model", str(tiny_checkpoint), "--data-root", str(root),
-                        "--output-dir", str(out), "--tasks", "circo,visdial,msrvtt,msvd",
+                        "--output-dir", str(out), "--tasks", "circo,visdial,msrvtt,msvd,sugarcrepe_add_att",
                         "--video-min-pixels", "3136", "--video-max-pixels", "3136"])
     assert rc == 1  # a task failed on broken data
     stdout = capsys.readouterr().out
@@ -200,7 +202,8 @@ def test_missing_set_skipped_and_corrupt_video_named(tiny_checkpoint, tmp_path, 
     assert f"skipped: circo (missing {missing})" in stdout
     res = json.loads((out / RESULTS_JSON).read_text())
     entries = {e["name"]: e for e in res["tasks"]}
-    assert [e["name"] for e in res["tasks"]] == ["circo", "visdial", "msvd", "msrvtt"]
+    assert [e["name"] for e in res["tasks"]] == ["circo", "visdial", "sugarcrepe_add_att", "msvd", "msrvtt"]
+    assert entries["sugarcrepe_add_att"]["status"] == "error" and str(broken) in entries["sugarcrepe_add_att"]["error"]
     assert entries["circo"]["status"] == "skipped" and entries["circo"]["missing"] == str(missing)
     assert entries["msrvtt"]["status"] == "error" and "video7002" in entries["msrvtt"]["error"]
     assert "error: msrvtt: video video7002" in stdout

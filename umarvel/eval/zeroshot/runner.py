@@ -253,13 +253,13 @@ def _entry(task: Task, status: str, **fields) -> dict:
 def run_task(task: Task, data_root: Path, output_dir: Path, encoder: SetEncoder) -> dict:
     """Read, encode and score one task; write its metrics file (and CIRCO test submission). Never raises for
     absent data (``skipped``) or broken data (``error``, message naming the item); returns the entry."""
-    zs = read_set(task.options.get("reader", task.name), data_root)
-    if isinstance(zs, Skipped):
-        return _entry(task, "skipped", missing=str(zs.missing), message=zs.message)
     before = dict(encoder.cache.stats)
     try:
+        zs = read_set(task.options.get("reader", task.name), data_root)
+        if isinstance(zs, Skipped):
+            return _entry(task, "skipped", missing=str(zs.missing), message=zs.message)
         out = evaluate_set(task, zs, encoder)
-    except DataError as exc:
+    except DataError as exc:  # malformed annotations, corrupt video / image: named in the message
         logger.error("%s failed: %s", task.name, exc)
         return _entry(task, "error", error=str(exc), message=f"error: {task.name}: {exc}")
     counts = {"encoded": encoder.cache.stats["encoded"] - before["encoded"],
