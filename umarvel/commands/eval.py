@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 #: ``"module:function"`` entries; ``function(eval_subparsers)`` registers one benchmark under ``umarvel eval``.
 EVAL_SUBCOMMANDS: list[str] = [
     "umarvel.commands.eval_zeroshot:add_zeroshot_parser",
+    "umarvel.commands.eval_plus:add_plus_parser",
 ]
 
 _EVAL_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
