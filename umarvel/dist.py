@@ -12,6 +12,12 @@ label offsets would depend on the other ranks' sizes, and HF's distributed sampl
 the same number of examples.
 
 Everything here is a no-op / identity when ``torch.distributed`` is not initialised.
+
+Gather paths: torch's ``all_gather_single_autograd`` (torch >= 2.13; its backward is a reduce-scatter) or
+the local ``_AllGatherWithGrad`` fallback (torch 2.11 on the GPU machine). Both are tested for parity.
+Shutdown: end every process with ``barrier(); dist.destroy_process_group()``; on torch 2.13 + gloo a process
+can still abort at interpreter exit afterwards (observed about 1 run in 5 in the 2-process test with the
+functional path), after all work is done.
 """
 from __future__ import annotations
 
