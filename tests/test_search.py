@@ -145,3 +145,35 @@ def test_ann_recall_reports():
     rep = evaluate_ann(q, c, 5, nlist=20, nprobe=20, train_size=2000)
     assert rep["faiss-ivf"]["recall"] == pytest.approx(1.0)  # all lists probed -> exact
     assert 0.5 < rep["faiss-hnsw"]["recall"] <= 1.0
+
+
+def _half_unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+@pytest.mark.parametrize("margin", [0, 4, 32])
+def test_certified_half_selection_equals_exact_fp32_search(margin):
+    """fp16 selection + fp32 rescoring + certificate (+ fallback rows) == exact search of the fp16 vectors."""
+    from umarvel.eval.search import TorchSearcher
+
+    rng = np.random.default_rng(3)
+    cands, queries = _half_unit(rng, 6000, 32), _half_unit(rng, 97, 32)
+    cands[4000:4010] = cands[17]  # exact ties straddling the top-k of some rows
+    queries[:3] = cands[17]
+    s = TorchSearcher(cands, device="cpu", dtype=torch.float16, select="certified", margin=margin,
+                      q_tile=40, c_tile=1024, resident=True)
+    got_v, got_i = s.search(queries, 10)
+    exact = queries.astype(np.float64) @ cands.astype(np.float64).T
+    order = np.lexsort((np.broadcast_to(np.arange(exact.shape[1]), exact.shape), -exact), axis=1)[:, :10]
+    np.testing.assert_array_equal(got_i, order)
+    np.testing.assert_allclose(got_v, np.take_along_axis(exact, order, 1), atol=1e-6)
+    assert 17 in got_i[0] and set(got_i[0, :10]) <= {17, *range(4000, 4010)}
+
+
+def test_certified_requires_half_candidates():
+    from umarvel.errors import ConfigError
+    from umarvel.eval.search import TorchSearcher
+
+    with pytest.raises(ConfigError, match="float16"):
+        TorchSearcher(np.ones((4, 3), np.float32), device="cpu", select="certified")

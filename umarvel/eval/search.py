@@ -213,8 +213,8 @@ _MM_OUT_DTYPE_OK: dict[str, bool] = {}
 def tile_scores(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Inner products ``(q, D) x (T, D) -> (q, T)`` float32.
 
-    Half-precision inputs on CUDA use ``torch.mm(..., out_dtype=float32)`` (fp32 accumulate and fp32
-    output) when the installed torch supports it, else the half-precision product cast to fp32.
+    Half-precision inputs use ``torch.mm(..., out_dtype=float32)`` (fp32 accumulate and fp32 output)
+    when the installed torch supports it, else an fp32 product of the upcast tiles (same values).
     """
     if q.dtype == torch.float32:
         return q @ c.T
@@ -225,7 +225,7 @@ def tile_scores(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE_OK[key] = False
             logger.info("torch.mm(out_dtype=float32) unavailable for %s; using %s scores", key, q.dtype)
-    return (q @ c.T).float()
+    return q.float() @ c.float().T  # exact fp32 scores of the half-precision vectors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ class TorchSearcher:
                  dtype: torch.dtype | str | None = None, q_tile: int | None = None,
                  c_tile: int | None = None, chunk_bytes: int | None = None,
                  tile_bytes: int | None = None, resident: bool | None = None,
-                 prune: bool | None = None):
+                 prune: bool | None = None, select: str | None = None, margin: int = 64):
         self.source = candidates if isinstance(candidates, RowBlocks) else RowBlocks(candidates)
         if len(self.source) == 0:
             raise DataError("candidate pool is empty: nothing to search")
@@ -273,6 +273,13 @@ class TorchSearcher:
         on_device = all(torch.is_tensor(b) and b.device == self.device and b.dtype == self.dtype
                         for b in self.source.blocks)
         self._resident: list[tuple[int, torch.Tensor]] | None = None
+        if select not in (None, "exact", "certified"):
+            raise ConfigError(f"select must be 'exact' or 'certified', got {select!r}")
+        if select is None:
+            select = "certified" if cuda and self.dtype == torch.float16 else "exact"
+        if select == "certified" and self.dtype != torch.float16:
+            raise ConfigError("select='certified' needs float16 candidates (dtype=torch.float16)")
+        self.select, self.margin = select, int(margin)
         if on_device:
             self._resident = [(off, b) for b, off in zip(self.source.blocks, self.source.offsets)]
         elif resident:
@@ -303,6 +310,13 @@ class TorchSearcher:
             raise DataError(f"query dim {queries.shape[1]} != candidate dim {self.source.dim}")
         nq = int(queries.shape[0])
         qd = _to_device(queries, self.device, self.dtype)
+        if self.select == "certified" and nq > 0:
+            return self._search_certified(qd, k)
+        return self._search_exact(qd, k)
+
+    def _search_exact(self, qd: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32-score tiled search with the running lexicographic merge. ``qd``: (Q, D) on device."""
+        nq = int(qd.shape[0])
         best_v = torch.full((nq, k), PAD_SCORE, dtype=torch.float32, device=self.device)
         best_i = (torch.iinfo(torch.int64).max - torch.arange(k, device=self.device)).expand(nq, k).clone()
         for off, chunk in self._chunks():
@@ -322,6 +336,71 @@ class TorchSearcher:
                 si.copy_(ni)
         m = min(k, len(self))
         return best_v[:, :m], best_i[:, :m]
+
+    def _search_certified(self, qd: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half-precision selection, fp32 rescoring, and a proof of exactness per query row.
+
+        1. Scores are computed as float16 tiles (fp32 accumulation inside the GEMM, one correctly rounded
+           fp16 output, half the memory traffic of fp32 scores) and the top ``k2 = k + margin`` of each
+           row are kept with unsorted ``topk`` and a running merge.
+        2. The ``k2`` survivors are rescored exactly in fp32 from the same fp16 vectors and ordered
+           lexicographically (score desc, index asc).
+        3. Certificate: every candidate not kept has an fp16 score <= ``t`` (the row's k2-th fp16 score),
+           hence an exact score <= ``t + eps`` with ``eps`` = twice the fp16 rounding bound. A row whose
+           exact k-th score exceeds ``t + eps`` is provably the exact top-k; the (rare) other rows are
+           recomputed with the fp32-score path. The result therefore equals :meth:`_search_exact`.
+        """
+        nq, n = int(qd.shape[0]), len(self)
+        k2 = min(k + self.margin, n)
+        sel_v = torch.full((nq, k2), float("-inf"), dtype=torch.float16, device=self.device)
+        sel_i = torch.full((nq, k2), -1, dtype=torch.int64, device=self.device)
+        chunks = list(self._chunks()) if self._resident is not None else None
+        reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # fp32 accumulation
+        try:
+            for off, chunk in (chunks if chunks is not None else self._chunks()):
+                for q0 in range(0, nq, self.q_tile):
+                    qt = qd[q0:q0 + self.q_tile]
+                    vals, idxs = [sel_v[q0:q0 + self.q_tile]], [sel_i[q0:q0 + self.q_tile]]
+                    for t0 in range(0, chunk.shape[0], self.c_tile):
+                        tile = qt @ chunk[t0:t0 + self.c_tile].T                   # (q, T) fp16
+                        v, i = torch.topk(tile, min(k2, tile.shape[1]), dim=1, sorted=False)
+                        vals.append(v)
+                        idxs.append(i + (off + t0))
+                    v, pos = torch.topk(torch.cat(vals, 1), k2, dim=1, sorted=False)
+                    sel_v[q0:q0 + self.q_tile] = v
+                    sel_i[q0:q0 + self.q_tile] = torch.cat(idxs, 1).gather(1, pos)
+        finally:
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+        exact = self._rescore(qd, sel_i, chunks)
+        best_v, best_i = merge_topk(exact, sel_i, k)
+        if k2 == n:
+            return best_v, best_i
+        thr = sel_v.float().amin(dim=1)
+        eps = 2.0 ** -10 * thr.abs().clamp(min=1.0) + 1e-6
+        failed = (best_v[:, min(k, n) - 1] <= thr + eps).nonzero().squeeze(1)
+        if failed.numel():
+            logger.info("certified search: %d of %d query rows recomputed with fp32 scores", failed.numel(), nq)
+            fv, fi = self._search_exact(qd.index_select(0, failed), k)
+            best_v[failed], best_i[failed] = fv, fi
+        return best_v, best_i
+
+    def _rescore(self, qd: torch.Tensor, sel_i: torch.Tensor, chunks) -> torch.Tensor:
+        """Exact fp32 inner products of each query with its selected candidates: (Q, k2) float32."""
+        out = torch.full(sel_i.shape, float("-inf"), dtype=torch.float32, device=self.device)
+        block = max(1, (256 << 20) // (4 * max(1, self.source.dim) * sel_i.shape[1]))
+        for off, chunk in (chunks if chunks is not None else self._chunks()):
+            inside = (sel_i >= off) & (sel_i < off + chunk.shape[0])
+            if not bool(inside.any()):
+                continue
+            for q0 in range(0, sel_i.shape[0], block):
+                m = inside[q0:q0 + block]
+                rows, cols = m.nonzero(as_tuple=True)
+                if rows.numel() == 0:
+                    continue
+                cand = chunk.index_select(0, sel_i[q0:q0 + block][rows, cols] - off).float()
+                out[q0 + rows, cols] = (qd[q0 + rows].float() * cand).sum(dim=1)
+        return out
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(Q, D)`` queries -> ``(Q, k)`` float32 scores and int64 indices (numpy, padded)."""
@@ -355,6 +434,71 @@ class ShardedTorchSearcher:
 
     def __len__(self) -> int:
         return self.n
+
+    def _search_certified(self, qd: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half-precision selection, fp32 rescoring, and a proof of exactness per query row.
+
+        1. Scores are computed as float16 tiles (fp32 accumulation inside the GEMM, one correctly rounded
+           fp16 output, half the memory traffic of fp32 scores) and the top ``k2 = k + margin`` of each
+           row are kept with unsorted ``topk`` and a running merge.
+        2. The ``k2`` survivors are rescored exactly in fp32 from the same fp16 vectors and ordered
+           lexicographically (score desc, index asc).
+        3. Certificate: every candidate not kept has an fp16 score <= ``t`` (the row's k2-th fp16 score),
+           hence an exact score <= ``t + eps`` with ``eps`` = twice the fp16 rounding bound. A row whose
+           exact k-th score exceeds ``t + eps`` is provably the exact top-k; the (rare) other rows are
+           recomputed with the fp32-score path. The result therefore equals :meth:`_search_exact`.
+        """
+        nq, n = int(qd.shape[0]), len(self)
+        k2 = min(k + self.margin, n)
+        sel_v = torch.full((nq, k2), float("-inf"), dtype=torch.float16, device=self.device)
+        sel_i = torch.full((nq, k2), -1, dtype=torch.int64, device=self.device)
+        chunks = list(self._chunks()) if self._resident is not None else None
+        reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # fp32 accumulation
+        try:
+            for off, chunk in (chunks if chunks is not None else self._chunks()):
+                for q0 in range(0, nq, self.q_tile):
+                    qt = qd[q0:q0 + self.q_tile]
+                    vals, idxs = [sel_v[q0:q0 + self.q_tile]], [sel_i[q0:q0 + self.q_tile]]
+                    for t0 in range(0, chunk.shape[0], self.c_tile):
+                        tile = qt @ chunk[t0:t0 + self.c_tile].T                   # (q, T) fp16
+                        v, i = torch.topk(tile, min(k2, tile.shape[1]), dim=1, sorted=False)
+                        vals.append(v)
+                        idxs.append(i + (off + t0))
+                    v, pos = torch.topk(torch.cat(vals, 1), k2, dim=1, sorted=False)
+                    sel_v[q0:q0 + self.q_tile] = v
+                    sel_i[q0:q0 + self.q_tile] = torch.cat(idxs, 1).gather(1, pos)
+        finally:
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+        exact = self._rescore(qd, sel_i, chunks)
+        best_v, best_i = merge_topk(exact, sel_i, k)
+        if k2 == n:
+            return best_v, best_i
+        thr = sel_v.float().amin(dim=1)
+        eps = 2.0 ** -10 * thr.abs().clamp(min=1.0) + 1e-6
+        failed = (best_v[:, min(k, n) - 1] <= thr + eps).nonzero().squeeze(1)
+        if failed.numel():
+            logger.info("certified search: %d of %d query rows recomputed with fp32 scores", failed.numel(), nq)
+            fv, fi = self._search_exact(qd.index_select(0, failed), k)
+            best_v[failed], best_i[failed] = fv, fi
+        return best_v, best_i
+
+    def _rescore(self, qd: torch.Tensor, sel_i: torch.Tensor, chunks) -> torch.Tensor:
+        """Exact fp32 inner products of each query with its selected candidates: (Q, k2) float32."""
+        out = torch.full(sel_i.shape, float("-inf"), dtype=torch.float32, device=self.device)
+        block = max(1, (256 << 20) // (4 * max(1, self.source.dim) * sel_i.shape[1]))
+        for off, chunk in (chunks if chunks is not None else self._chunks()):
+            inside = (sel_i >= off) & (sel_i < off + chunk.shape[0])
+            if not bool(inside.any()):
+                continue
+            for q0 in range(0, sel_i.shape[0], block):
+                m = inside[q0:q0 + block]
+                rows, cols = m.nonzero(as_tuple=True)
+                if rows.numel() == 0:
+                    continue
+                cand = chunk.index_select(0, sel_i[q0:q0 + block][rows, cols] - off).float()
+                out[q0 + rows, cols] = (qd[q0 + rows].float() * cand).sum(dim=1)
+        return out
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(Q, D)`` queries -> ``(Q, k)`` float32 scores and int64 indices (numpy, padded)."""
@@ -446,6 +590,71 @@ class FaissSearcher:
             if len(sel):
                 out.append(cls._f32(b[torch.as_tensor(sel)] if torch.is_tensor(b) else b[sel]))
         return np.concatenate(out)
+
+    def _search_certified(self, qd: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half-precision selection, fp32 rescoring, and a proof of exactness per query row.
+
+        1. Scores are computed as float16 tiles (fp32 accumulation inside the GEMM, one correctly rounded
+           fp16 output, half the memory traffic of fp32 scores) and the top ``k2 = k + margin`` of each
+           row are kept with unsorted ``topk`` and a running merge.
+        2. The ``k2`` survivors are rescored exactly in fp32 from the same fp16 vectors and ordered
+           lexicographically (score desc, index asc).
+        3. Certificate: every candidate not kept has an fp16 score <= ``t`` (the row's k2-th fp16 score),
+           hence an exact score <= ``t + eps`` with ``eps`` = twice the fp16 rounding bound. A row whose
+           exact k-th score exceeds ``t + eps`` is provably the exact top-k; the (rare) other rows are
+           recomputed with the fp32-score path. The result therefore equals :meth:`_search_exact`.
+        """
+        nq, n = int(qd.shape[0]), len(self)
+        k2 = min(k + self.margin, n)
+        sel_v = torch.full((nq, k2), float("-inf"), dtype=torch.float16, device=self.device)
+        sel_i = torch.full((nq, k2), -1, dtype=torch.int64, device=self.device)
+        chunks = list(self._chunks()) if self._resident is not None else None
+        reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # fp32 accumulation
+        try:
+            for off, chunk in (chunks if chunks is not None else self._chunks()):
+                for q0 in range(0, nq, self.q_tile):
+                    qt = qd[q0:q0 + self.q_tile]
+                    vals, idxs = [sel_v[q0:q0 + self.q_tile]], [sel_i[q0:q0 + self.q_tile]]
+                    for t0 in range(0, chunk.shape[0], self.c_tile):
+                        tile = qt @ chunk[t0:t0 + self.c_tile].T                   # (q, T) fp16
+                        v, i = torch.topk(tile, min(k2, tile.shape[1]), dim=1, sorted=False)
+                        vals.append(v)
+                        idxs.append(i + (off + t0))
+                    v, pos = torch.topk(torch.cat(vals, 1), k2, dim=1, sorted=False)
+                    sel_v[q0:q0 + self.q_tile] = v
+                    sel_i[q0:q0 + self.q_tile] = torch.cat(idxs, 1).gather(1, pos)
+        finally:
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+        exact = self._rescore(qd, sel_i, chunks)
+        best_v, best_i = merge_topk(exact, sel_i, k)
+        if k2 == n:
+            return best_v, best_i
+        thr = sel_v.float().amin(dim=1)
+        eps = 2.0 ** -10 * thr.abs().clamp(min=1.0) + 1e-6
+        failed = (best_v[:, min(k, n) - 1] <= thr + eps).nonzero().squeeze(1)
+        if failed.numel():
+            logger.info("certified search: %d of %d query rows recomputed with fp32 scores", failed.numel(), nq)
+            fv, fi = self._search_exact(qd.index_select(0, failed), k)
+            best_v[failed], best_i[failed] = fv, fi
+        return best_v, best_i
+
+    def _rescore(self, qd: torch.Tensor, sel_i: torch.Tensor, chunks) -> torch.Tensor:
+        """Exact fp32 inner products of each query with its selected candidates: (Q, k2) float32."""
+        out = torch.full(sel_i.shape, float("-inf"), dtype=torch.float32, device=self.device)
+        block = max(1, (256 << 20) // (4 * max(1, self.source.dim) * sel_i.shape[1]))
+        for off, chunk in (chunks if chunks is not None else self._chunks()):
+            inside = (sel_i >= off) & (sel_i < off + chunk.shape[0])
+            if not bool(inside.any()):
+                continue
+            for q0 in range(0, sel_i.shape[0], block):
+                m = inside[q0:q0 + block]
+                rows, cols = m.nonzero(as_tuple=True)
+                if rows.numel() == 0:
+                    continue
+                cand = chunk.index_select(0, sel_i[q0:q0 + block][rows, cols] - off).float()
+                out[q0 + rows, cols] = (qd[q0 + rows].float() * cand).sum(dim=1)
+        return out
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(Q, D)`` queries -> ``(Q, k)`` float32 scores and int64 indices (numpy, padded)."""
