@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "umarvel.commands.merge",
     "umarvel.commands.eval",
     "umarvel.commands.mine",
+    "umarvel.commands.teacher",
     "umarvel.commands.rerank",
 ]
 
