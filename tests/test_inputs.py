@@ -104,3 +104,17 @@ def test_unsupported_checkpoint_folders(tmp_path, tiny_checkpoint):
     (other / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(CheckpointError, match="unsupported backbone model_type 'bert'"):
         UMarvel.from_pretrained(other)
+
+
+def test_fast_patches_bit_identical_to_the_image_processor(tiny_model, sample_images):
+    from umarvel.data.patches import PatchSpec, image_patches
+
+    spec = PatchSpec.from_processor(tiny_model.image_processor)
+    for name in ("red", "blue", "green_tall", "big", "alpha"):
+        im = load_image(sample_images[name])
+        ours, grid = image_patches(im, spec)
+        ref = tiny_model.image_processor(images=[im], do_resize=False, return_tensors="np")
+        np.testing.assert_array_equal(grid, ref["image_grid_thw"])
+        np.testing.assert_array_equal(ours, ref["pixel_values"])
+    with pytest.raises(DataError, match="not a multiple of 28"):
+        image_patches(Image.new("RGB", (30, 28)), spec)

@@ -19,6 +19,7 @@ import torch
 from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches
 from umarvel.data.formatting import INFERENCE_STYLE, UMARVEL_TOKENS, PromptStyle, format_string, query_text_with_instruction
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget, load_image
+from umarvel.data.patches import image_patches
 from umarvel.data.processor import (BUNDLED_PROCESSOR_DIR, build_hf_processor, has_processor_files,
                                     load_image_processor, load_tokenizer)
 from umarvel.errors import CheckpointError, DataError
@@ -294,9 +295,14 @@ class UMarvel:
         return out
 
     def _loader(self, text: str, image: Any, what: str) -> Callable[[], EmbedInput]:
+        """A loader for one input: open + resize the image and compute its patches (in a worker thread)."""
         if image is None:
             return lambda: EmbedInput(text)
-        return lambda: EmbedInput(text, (load_image(image, self.budget, what=what),))
+
+        def load() -> EmbedInput:
+            im = load_image(image, self.budget, what=what)
+            return EmbedInput(text, (im,), patches=(image_patches(im, self._collator.patch_spec),))
+        return load
 
     def _batches(self, loaders: Sequence[Callable[[], EmbedInput]], tok: EmbeddingTokenizer, batch_size: int,
                  max_tokens: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:

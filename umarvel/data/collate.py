@@ -8,7 +8,7 @@ instruction and pool masks, and runs the image processor once for the whole batc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +17,7 @@ from PIL import Image
 
 from umarvel.data.formatting import (ASSISTANT_TEXT, INSTRUCTION_END, INSTRUCTION_START, PromptStyle, build_messages,
                                      pick_suffix)
+from umarvel.data.patches import PatchSpec, image_patches
 from umarvel.errors import DataError
 
 _TEXT_SLOT = "\u0000UMARVEL_TEXT\u0000"
@@ -43,12 +44,16 @@ class EmbedInput:
         text: the final user text (formatted; instruction markers included for queries), without suffix.
         images: resized RGB images (``umarvel.data.images.load_image``), shown before the text.
         video: optional video patches, shown before the text (instead of images).
+        segments: interleaved content (see :meth:`interleaved`).
+        patches: optional precomputed ``umarvel.data.patches.image_patches`` of ``images`` (computed
+            in loader threads so that collation only concatenates).
     """
 
     text: str
     images: tuple[Image.Image, ...] = ()
     video: VideoInput | None = None
     segments: tuple[str | None, ...] | None = None
+    patches: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
 
     @classmethod
     def interleaved(cls, parts: Sequence[str | Image.Image]) -> "EmbedInput":
@@ -68,7 +73,7 @@ class TokenizedInput:
     input_ids: list[int]
     images: tuple[Image.Image, ...] = ()
     video: VideoInput | None = None
-    extra: dict = field(default_factory=dict)
+    patches: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -160,7 +165,7 @@ class EmbeddingTokenizer:
                 out.extend([tok] * video_count)
             else:
                 out.append(tok)
-        return TokenizedInput(out, tuple(inp.images), inp.video)
+        return TokenizedInput(out, tuple(inp.images), inp.video, inp.patches)
 
 
 def instruction_mask(input_ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
@@ -189,6 +194,7 @@ class EmbeddingCollator:
 
     def __init__(self, tokenizer, image_processor, padding_side: str = "left", mask_instruction: bool = True):
         self.image_processor = image_processor
+        self.patch_spec = PatchSpec.from_processor(image_processor)
         self.pad_id = tokenizer.pad_token_id
         self.padding_side = padding_side
         self.mask_instruction = mask_instruction
@@ -214,11 +220,10 @@ class EmbeddingCollator:
         instr = instruction_mask(ids, self.start_id, self.end_id)
         pool = attn * (1 - instr) if self.mask_instruction else attn.clone()
         batch = {"input_ids": ids, "attention_mask": attn, "instruction_mask": instr, "pool_mask": pool}
-        images = [im for x in items for im in x.images]
-        if images:
-            out = self.image_processor(images=images, do_resize=False, return_tensors="pt")
-            batch["pixel_values"] = out["pixel_values"]
-            batch["image_grid_thw"] = out["image_grid_thw"]
+        parts = [p for x in items for p in (x.patches or [image_patches(im, self.patch_spec) for im in x.images])]
+        if parts:
+            batch["pixel_values"] = torch.from_numpy(np.concatenate([pv for pv, _ in parts]))
+            batch["image_grid_thw"] = torch.from_numpy(np.concatenate([g for _, g in parts]))
         videos = [x.video for x in items if x.video is not None]
         if videos:
             batch["pixel_values_videos"] = torch.from_numpy(np.concatenate([v.pixel_values for v in videos]))
