@@ -263,7 +263,7 @@ def train_reranker(cfg: RerankTrainConfig, dataset=None) -> Path:
     collate = RerankBatchCollator(loaded.tokenizer, loaded.image_processor, cfg.data.max_length, t.answer_only_loss)
 
     micro_per_epoch = len(epoch_batches(len(dataset), t.per_device_queries, t.seed, 0, rank, world))
-    steps_per_epoch = max(1, micro_per_epoch // t.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)  # a partial window steps too
     total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_train_epochs
     params = [p for p in reranker.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -292,7 +292,9 @@ def train_reranker(cfg: RerankTrainConfig, dataset=None) -> Path:
         accum = 0
         for micro, batch in enumerate(loader, start=skip + 1):
             batch = {k: v.to(device) for k, v in batch.items()}
-            last = (accum + 1) == t.gradient_accumulation_steps
+            # an optimizer step after every full accumulation window and at the epoch end (the partial last
+            # window keeps the 1/accum loss scale, as the HF Trainer did)
+            last = (accum + 1) == t.gradient_accumulation_steps or micro == len(batches)
             sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
             with sync, amp:
                 loss = model(**batch)
@@ -320,7 +322,6 @@ def train_reranker(cfg: RerankTrainConfig, dataset=None) -> Path:
                 dist.barrier()
             if step >= total:
                 break
-        optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at the epoch end
         epoch, skip = epoch + 1, 0
     if rank == 0:
         _save_final(out_dir, cfg, loaded, reranker, history)
