@@ -5,6 +5,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Callable
 
 from umarvel.errors import UMarvelError
 from umarvel.log import setup_logging
@@ -41,19 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Set up logging and run ``func``; a ``UMarvelError`` becomes one clear log line and exit code 2."""
+    setup_logging(args.log_level.upper())
+    try:
+        return int(func(args) or 0)
+    except UMarvelError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+def run_standalone(prog: str, description: str | None, configure: Callable[[argparse.ArgumentParser], None],
+                   func: Callable[[argparse.Namespace], int | None], argv: list[str] | None = None) -> int:
+    """Entry point of one subcommand run as ``python -m umarvel.commands.X`` (used by the shell launchers)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    configure(parser)
+    return _dispatch(func, parser.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, set up logging, run one subcommand; user errors exit 2 with one clear line."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level.upper())
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except UMarvelError as exc:
-        logger.error("%s", exc)
-        return 2
+    return _dispatch(args.func, args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 
-from umarvel.errors import ConfigError, UMarvelError
+from umarvel.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +71,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point."""
-    from umarvel.log import setup_logging
+    """Standalone entry point (``python -m umarvel.commands.eval_plus``, used by the shell launchers)."""
+    from umarvel.cli import run_standalone
 
-    p = argparse.ArgumentParser(prog="umarvel eval-plus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--log-level", default="INFO")
-    configure(p)
-    args = p.parse_args(argv)
-    setup_logging(args.log_level.upper())
-    try:
-        return run(args)
-    except UMarvelError as exc:
-        logger.error("%s", exc)
-        return 2
+    return run_standalone("umarvel eval plus", __doc__, configure, run, argv)
 
 
 if __name__ == "__main__":

@@ -73,20 +73,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m umarvel.commands.eval_zeroshot``); user errors exit 2."""
-    from umarvel.errors import UMarvelError
-    from umarvel.log import setup_logging
+    """Standalone entry point (``python -m umarvel.commands.eval_zeroshot``, used by the shell launchers)."""
+    from umarvel.cli import run_standalone
 
-    parser = argparse.ArgumentParser(prog="umarvel eval zeroshot", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level.upper())
-    try:
-        return run(args)
-    except UMarvelError as exc:
-        logger.error("%s", exc)
-        return 2
+    return run_standalone("umarvel eval zeroshot", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import argparse
 import logging
 import sys
 
-from umarvel.errors import UMarvelError
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from umarvel.log import setup_logging
+    """Standalone entry point (``python -m umarvel.commands.merge``, used by the shell launchers)."""
+    from umarvel.cli import run_standalone
 
-    p = argparse.ArgumentParser(prog="umarvel merge-lora", description=__doc__)
-    p.add_argument("--log-level", default="INFO")
-    _add_arguments(p)
-    args = p.parse_args(argv)
-    setup_logging(args.log_level.upper())
-    try:
-        return run(args)
-    except UMarvelError as exc:
-        logger.error("%s", exc)
-        return 2
+    return run_standalone("umarvel merge-lora", __doc__, _add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import argparse
 import logging
 import sys
 
-from umarvel.errors import UMarvelError
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (used by the shell launchers)."""
-    from umarvel.log import setup_logging
+    """Standalone entry point (``python -m umarvel.commands.train``, used by the shell launchers)."""
+    from umarvel.cli import run_standalone
 
-    p = argparse.ArgumentParser(prog="umarvel train", description=__doc__)
-    p.add_argument("--log-level", default="INFO")
-    _add_arguments(p)
-    args = p.parse_args(argv)
-    setup_logging(args.log_level.upper())
-    try:
-        return run(args)
-    except UMarvelError as exc:
-        logger.error("%s", exc)
-        return 2
+    return run_standalone("umarvel train", __doc__, _add_arguments, run, argv)
 
 
 if __name__ == "__main__":
