@@ -10,7 +10,6 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ from umarvel.log import progress_disabled
 from umarvel.rerank.collate import RerankScoreCollator, RerankTokenizer
 from umarvel.rerank.model import LoadedReranker, Positions
 from umarvel.rerank.prompts import RerankPair, RerankSide, make_side, rerank_candidate_text, rerank_query_text
+from umarvel.utils.io import iter_columns
 
 logger = logging.getLogger(__name__)
 
@@ -98,27 +98,19 @@ def read_trec_run(path: PathLike) -> dict[str, list[tuple[str, float]]]:
     Raises:
         DataError: naming ``file:line`` for a malformed line, a repeated (qid, rank) or a non-numeric field.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: run file not found")
     rows: dict[str, dict[int, tuple[str, float]]] = {}
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            where = f"{path}:{lineno}"
-            if len(parts) not in (6, 7):
-                raise DataError(f"{where}: expected 'qid Q0 did rank score run_id', got {len(parts)} columns")
-            qid, _, did, rank, score = parts[:5]
-            try:
-                r, s = int(rank), float(score)
-            except ValueError:
-                raise DataError(f"{where}: rank {rank!r} / score {score!r} are not numbers") from None
-            ranks = rows.setdefault(qid, {})
-            if r in ranks:
-                raise DataError(f"{where}: query {qid} has rank {r} twice")
-            ranks[r] = (did, s)
+    for where, parts in iter_columns(path, missing="run file not found"):
+        if len(parts) not in (6, 7):
+            raise DataError(f"{where}: expected 'qid Q0 did rank score run_id', got {len(parts)} columns")
+        qid, _, did, rank, score = parts[:5]
+        try:
+            r, s = int(rank), float(score)
+        except ValueError:
+            raise DataError(f"{where}: rank {rank!r} / score {score!r} are not numbers") from None
+        ranks = rows.setdefault(qid, {})
+        if r in ranks:
+            raise DataError(f"{where}: query {qid} has rank {r} twice")
+        ranks[r] = (did, s)
     return {qid: [ranks[r] for r in sorted(ranks)] for qid, ranks in rows.items()}
 
 

@@ -63,6 +63,22 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             yield lineno, rec
 
 
+def iter_columns(path: str | os.PathLike, missing: str = "file not found") -> Iterator[tuple[str, list[str]]]:
+    """Yield ``("file:line", whitespace-split columns)`` for each non-blank line of a text file.
+
+    Raises:
+        DataError: ``"<path>: <missing>"`` when the file does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {missing}")
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            parts = line.split()
+            if parts:
+                yield f"{path}:{lineno}", parts
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a whole JSONL file into a list of dicts (see :func:`iter_jsonl`)."""
     return [rec for _, rec in iter_jsonl(path)]

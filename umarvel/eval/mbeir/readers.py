@@ -25,7 +25,7 @@ import numpy as np
 
 from umarvel.errors import DataError
 from umarvel.eval.records import MODALITIES, Candidate, Query, check_modality
-from umarvel.utils.io import iter_jsonl
+from umarvel.utils.io import iter_columns, iter_jsonl
 
 if TYPE_CHECKING:
     from umarvel.eval.registry import Task
@@ -230,27 +230,19 @@ def read_qrels(path: PathLike) -> dict[str, tuple[str, ...]]:
         DataError: naming ``file:line`` for a line without exactly 5 whitespace-separated columns, a
             non-integer relevance, or a malformed id.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     out: dict[str, dict[str, None]] = {}
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            where = f"{path}:{lineno}"
-            if len(parts) != 5:
-                raise DataError(f"{where}: expected 5 columns 'qid 0 did relevance task_id', got {len(parts)}")
-            qid, _, did, relevance, _task = parts
-            split_id(qid, f"{where}: qid")
-            split_id(did, f"{where}: did")
-            try:
-                rel = int(relevance)
-            except ValueError:
-                raise DataError(f"{where}: relevance {relevance!r} is not an integer") from None
-            if rel > 0:
-                out.setdefault(qid, {})[did] = None
+    for where, parts in iter_columns(path):
+        if len(parts) != 5:
+            raise DataError(f"{where}: expected 5 columns 'qid 0 did relevance task_id', got {len(parts)}")
+        qid, _, did, relevance, _task = parts
+        split_id(qid, f"{where}: qid")
+        split_id(did, f"{where}: did")
+        try:
+            rel = int(relevance)
+        except ValueError:
+            raise DataError(f"{where}: relevance {relevance!r} is not an integer") from None
+        if rel > 0:
+            out.setdefault(qid, {})[did] = None
     return {qid: tuple(dids) for qid, dids in out.items()}
 
 
