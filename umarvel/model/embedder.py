@@ -74,7 +74,8 @@ class UMarvelEmbedder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
-        self.temperature = nn.Parameter(torch.tensor(float(temperature)), requires_grad=False)
+        # Shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
+        self.temperature = nn.Parameter(torch.tensor([float(temperature)]), requires_grad=False)
         self.attention = attention
         self.positions = positions
         self.set_attention(attention)

@@ -195,6 +195,13 @@ class StageTrainer:
                   gradient_clipping=t.max_grad_norm, steps_per_print=10 ** 9)
         ds["bf16"] = {"enabled": self.cfg.model.dtype == "bfloat16"}
         ds["fp16"] = {"enabled": self.cfg.model.dtype == "float16"}
+        if int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:
+            if self.cfg.temperature.learnable:
+                raise ConfigError(f"train.deepspeed={path}: ZeRO-3 partitions the temperature, which the loss reads "
+                                  "outside the model's forward; a learnable temperature needs ZeRO-1/2 (the "
+                                  "published recipe uses ZeRO-1) or temperature.learnable=false")
+            # A fixed tau is read once, before ZeRO-3 partitions the parameter.
+            self._fixed_tau = self.embedder.temperature.detach().clone()
         if not udist.is_dist():
             deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
             self.rank, self.world = udist.get_rank(), udist.get_world_size()
@@ -211,7 +218,9 @@ class StageTrainer:
     def temperature(self) -> torch.Tensor:
         """tau as a 0-d tensor, clamped into the configured range (identity inside it)."""
         c = self.cfg.temperature
-        return self.embedder.temperature.clamp(c.min, c.max)
+        tau = getattr(self, "_fixed_tau", None)
+        tau = self.embedder.temperature if tau is None else tau
+        return tau.clamp(c.min, c.max).reshape(())
 
     def _embed(self, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
         chunk = {k: v.to(self.device, non_blocking=True) for k, v in chunk.items()}
