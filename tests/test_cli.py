@@ -44,9 +44,13 @@ def test_encode_command_reports_bad_line(tiny_checkpoint, tmp_path):
         read_items(items, None, queries=False)
 
 
-def test_demo_prints_similarity_table(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "q: a red circle" in out and "img:red" in out
-    sims = np.load(tmp_path / "demo" / "similarities.npy")
-    assert sims.shape == (4, 6) and np.isfinite(sims).all() and (np.abs(sims) <= 1.0 + 1e-5).all()
+def test_demo_model_prints_recall_tables(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--model", str(tiny_checkpoint), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Recall@5 (local pools, test split" in printed and "Recall@5 (global pool, test split" in printed
+    assert "txt>img" in printed and "img+edit>img" in printed and "chance (random ranking)" in printed
+    results = json.loads((out / "results.json").read_text())
+    row = results["stages"][0]
+    assert row["local"]["protocol"] == "local" and row["global"]["protocol"] == "global"
+    assert np.isfinite(row["local"]["average"]) and 0.0 <= row["global"]["average"] <= 100.0

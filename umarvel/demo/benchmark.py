@@ -1,0 +1,166 @@
+"""The demo benchmark: generated training data for stages 1-3 and a small M-BEIR tree in the real layout.
+
+Everything is drawn objects (shape, colour, size, position on a light background) and texts that truly
+describe them (:mod:`umarvel.data.synthetic`), so the tasks are learnable, but only by reading the image:
+
+- stage 1: ``nli.csv``, caption -> paraphrase pairs (:func:`umarvel.train.toy_data.make_toy_nli`);
+- stage 2: ``cc3m/train_anno.json`` + drawings, caption <-> image (:func:`umarvel.train.toy_data.make_toy_cc3m`);
+- stages 3-5 and evaluation: ``mbeir/``, seven M-BEIR tasks (text -> image, text -> text, text -> image+text,
+  image -> text, image -> image, image+question -> text, composed image+"the same object, but red" -> image)
+  with train / val / test queries, local pools, the global (union) pools, qrels and instructions
+  (:func:`umarvel.data.synthetic.make_synthetic_mbeir`).
+
+:func:`make_demo_benchmark` writes it (or reuses an identical earlier one: the tree is a pure function of
+its :class:`BenchmarkSpec`), :func:`chance_recall` gives the Recall@k a random ranking would reach.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from umarvel.data.synthetic import SYNTHETIC_TASKS, UNIVERSE
+from umarvel.errors import ConfigError
+from umarvel.utils.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+SPEC_FILE = "benchmark.json"
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Sizes of the generated benchmark.
+
+    Attributes:
+        seed: every object, caption and image is a deterministic function of the spec.
+        image_size: side of the drawings in pixels (a multiple of 28 is used as is by the image budget).
+        eval_queries_per_task: val and test queries per task.
+        pool_size_per_task: candidates per local pool (the global pool is the union of the seven pools).
+        train_queries_per_task: M-BEIR train queries per task (stage 3-5 data).
+        nli_pairs / cc3m_pairs: stage-1 paraphrase pairs and stage-2 image-caption pairs (at most 350 each:
+            one per distinct object).
+        tasks: the M-BEIR registry tasks generated.
+    """
+
+    seed: int = 0
+    image_size: int = 84
+    eval_queries_per_task: int = 40
+    pool_size_per_task: int = 50
+    train_queries_per_task: int = 200
+    nli_pairs: int = 300
+    cc3m_pairs: int = 300
+    tasks: tuple[str, ...] = SYNTHETIC_TASKS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        for key in ("nli_pairs", "cc3m_pairs", "pool_size_per_task"):
+            value = getattr(self, key)
+            if not 1 <= value <= len(UNIVERSE):
+                raise ConfigError(f"BenchmarkSpec.{key} must be in [1, {len(UNIVERSE)}] (distinct objects), "
+                                  f"got {value}")
+        unknown = [t for t in self.tasks if t not in SYNTHETIC_TASKS]
+        if unknown or not self.tasks:
+            raise ConfigError(f"BenchmarkSpec.tasks must be a non-empty subset of {list(SYNTHETIC_TASKS)}, "
+                              f"got {list(self.tasks)}")
+
+
+@dataclass(frozen=True)
+class DemoBenchmark:
+    """Where the generated files are.
+
+    Attributes:
+        root: the benchmark folder. nli: stage-1 CSV. cc3m_json / cc3m_root: stage-2 annotation file and the
+        folder its image paths are relative to. mbeir: the M-BEIR root. spec: what was generated.
+    """
+
+    root: Path
+    nli: Path
+    cc3m_json: Path
+    cc3m_root: Path
+    mbeir: Path
+    spec: BenchmarkSpec
+
+
+def _paths(root: Path, spec: BenchmarkSpec) -> DemoBenchmark:
+    return DemoBenchmark(root=root, nli=root / "nli.csv", cc3m_json=root / "cc3m" / "train_anno.json",
+                         cc3m_root=root / "cc3m", mbeir=root / "mbeir", spec=spec)
+
+
+def _spec_json(spec: BenchmarkSpec) -> dict:
+    d = asdict(spec)
+    d["tasks"] = list(spec.tasks)
+    return d
+
+
+def make_demo_benchmark(root: str | Path, spec: BenchmarkSpec) -> DemoBenchmark:
+    """Generate the benchmark under ``root`` (reused as is when ``root/benchmark.json`` records the same spec).
+
+    A folder holding anything else is replaced: the generator owns ``root``.
+    """
+    from umarvel.data.synthetic import make_synthetic_mbeir
+    from umarvel.train.toy_data import make_toy_cc3m, make_toy_nli
+
+    root = Path(root)
+    bench = _paths(root, spec)
+    marker = root / SPEC_FILE
+    if marker.is_file():
+        try:
+            same = json.loads(marker.read_text()) == _spec_json(spec)
+        except json.JSONDecodeError:
+            same = False
+        if same and bench.nli.is_file() and bench.cc3m_json.is_file() and bench.mbeir.is_dir():
+            logger.info("benchmark reused: %s", root)
+            return bench
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    make_toy_nli(bench.nli, spec.nli_pairs, seed=spec.seed)
+    make_toy_cc3m(bench.cc3m_root, spec.cc3m_pairs, seed=spec.seed, image_size=spec.image_size)
+    make_synthetic_mbeir(bench.mbeir, seed=spec.seed, n_queries_per_task=spec.eval_queries_per_task,
+                         n_candidates_per_task=spec.pool_size_per_task, image_size=spec.image_size,
+                         n_train_queries_per_task=spec.train_queries_per_task, tasks=spec.tasks)
+    atomic_write_json(marker, _spec_json(spec))  # written last: marks a complete tree
+    logger.info("benchmark generated: %s (%d tasks, %d eval queries and %d candidates per task, %dpx images)",
+                root, len(spec.tasks), spec.eval_queries_per_task, spec.pool_size_per_task, spec.image_size)
+    return bench
+
+
+def _hit_chance(pool_size: int, positives: int, k: int) -> float:
+    """P(at least one of ``positives`` among the first ``k`` of a uniformly random ranking of ``pool_size``)."""
+    positives = min(positives, pool_size)
+    if positives <= 0:
+        return 0.0
+    if k >= pool_size:
+        return 1.0
+    return 1.0 - math.comb(pool_size - positives, k) / math.comb(pool_size, k)
+
+
+def chance_recall(mbeir_root: str | Path, tasks: Sequence[str], pool_sizes: Mapping[str, int],
+                  split: str = "test") -> dict[str, float]:
+    """Expected headline Recall@k (percent) of a random ranking, per task, from the qrels and pool sizes.
+
+    Args:
+        tasks: registry task names. pool_sizes: the number of candidates searched per task (local pool, or
+            the global pool's size). split: which qrels.
+    Returns:
+        ``{task: percent}`` plus ``"average"`` (unweighted, as the M-BEIR average).
+    """
+    from umarvel.eval.mbeir.readers import read_qrels
+    from umarvel.eval.registry import get_task
+
+    out: dict[str, float] = {}
+    for name in tasks:
+        task = get_task(name)
+        qrels = read_qrels(Path(mbeir_root) / task.files(split).qrels)
+        values = [_hit_chance(pool_sizes[name], len(dids), task.metric_k) for dids in qrels.values()]
+        out[name] = 100.0 * sum(values) / max(len(values), 1)
+    out["average"] = sum(out[t] for t in tasks) / len(tasks)
+    return out
+
+
+__all__ = ["BenchmarkSpec", "DemoBenchmark", "make_demo_benchmark", "chance_recall", "SPEC_FILE"]
