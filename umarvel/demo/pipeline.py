@@ -378,7 +378,15 @@ class DemoRun:
         r = self.plan.rerank
         out = self.runs / "rerank"
         shutil.rmtree(out, ignore_errors=True)
-        overrides = [f"model.init_from={self.base}", "model.dtype=float32", "model.gradient_checkpointing=false",
+        from umarvel.model.tiny import save_tiny_checkpoint
+
+        # The published reranker starts from the pretrained Qwen2-VL-Instruct, whose language-model head
+        # separates answers; a random tiny model's tied head (init std 0.02, hidden 64) gives logits of
+        # about +-1 over 151,936 tokens, so "Yes"/"No" cannot be learned through it. The demo's reranker
+        # base is therefore a tiny model with a larger initialisation scale (0.3).
+        base = save_tiny_checkpoint(self.runs / "rerank_base", seed=self.plan.seed + 1,
+                                    **{**self.plan.model, "initializer_range": 0.3})
+        overrides = [f"model.init_from={base}", "model.dtype=float32", "model.gradient_checkpointing=false",
                      f"data.mbeir_root={self.bench.mbeir}", f"data.mined={mined_local}", "data.num_workers=0",
                      f"lora.r={r.lora_r}", f"lora.alpha={2 * r.lora_r}", f"train.output_dir={out}",
                      f"train.learning_rate={r.learning_rate}", f"train.per_device_queries={r.queries_per_step}",
