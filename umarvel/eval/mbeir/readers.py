@@ -167,24 +167,30 @@ def parse_candidate(rec: Mapping[str, Any], root: Path, where: str) -> Candidate
     return Candidate(did=did, text=text, image=image, modality=modality)
 
 
+def _read_unique(path: PathLike, root: PathLike, parse, id_name: str) -> list:
+    """Parse every line of an M-BEIR JSONL file with ``parse(rec, root, where)``; ids must not repeat."""
+    root = Path(root)
+    out: list = []
+    seen: dict[str, int] = {}
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        record = parse(rec, root, where)
+        key = getattr(record, id_name)
+        if key in seen:
+            raise DataError(f"{where}: {id_name} {key} repeats line {seen[key]}")
+        seen[key] = lineno
+        out.append(record)
+    logger.debug("read %d records from %s", len(out), path)
+    return out
+
+
 def read_queries(path: PathLike, root: PathLike) -> list[Query]:
     """All queries of an M-BEIR query file, in file order; images resolved against ``root``.
 
     Raises:
         DataError: naming ``file:line`` for a malformed line or field, or a repeated qid.
     """
-    root = Path(root)
-    out: list[Query] = []
-    seen: dict[str, int] = {}
-    for lineno, rec in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        query = parse_query(rec, root, where)
-        if query.qid in seen:
-            raise DataError(f"{where}: qid {query.qid} repeats line {seen[query.qid]}")
-        seen[query.qid] = lineno
-        out.append(query)
-    logger.debug("read %d queries from %s", len(out), path)
-    return out
+    return _read_unique(path, root, parse_query, "qid")
 
 
 def read_pool(path: PathLike, root: PathLike) -> list[Candidate]:
@@ -193,18 +199,7 @@ def read_pool(path: PathLike, root: PathLike) -> list[Candidate]:
     Raises:
         DataError: naming ``file:line`` for a malformed line or field, or a repeated did.
     """
-    root = Path(root)
-    out: list[Candidate] = []
-    seen: dict[str, int] = {}
-    for lineno, rec in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        cand = parse_candidate(rec, root, where)
-        if cand.did in seen:
-            raise DataError(f"{where}: did {cand.did} repeats line {seen[cand.did]}")
-        seen[cand.did] = lineno
-        out.append(cand)
-    logger.debug("read %d candidates from %s", len(out), path)
-    return out
+    return _read_unique(path, root, parse_candidate, "did")
 
 
 def read_pool_modalities(path: PathLike, wanted: Container[str] | None = None) -> dict[str, str]:
