@@ -129,6 +129,39 @@ def bench_gpu(args: argparse.Namespace) -> None:
         del s
         torch.cuda.empty_cache()
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
+    if args.profile:
+        profile_tiles(queries, cands, args.k, args.q_tile or 16384, args.c_tile or 65536)
+
+
+def profile_tiles(queries: torch.Tensor, cands: torch.Tensor, k: int, q_tile: int, c_tile: int) -> None:
+    """Where the time goes: the GEMMs alone, then GEMM + per-tile topk for several k and score dtypes."""
+    def run(label: str, score_dtype, kk: int | None, sort: bool = False) -> None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for q0 in range(0, queries.shape[0], q_tile):
+            qt = queries[q0:q0 + q_tile]
+            for c0 in range(0, cands.shape[0], c_tile):
+                if score_dtype is torch.float32:
+                    tile = torch.mm(qt, cands[c0:c0 + c_tile].T, out_dtype=torch.float32)
+                else:
+                    tile = qt @ cands[c0:c0 + c_tile].T
+                if kk:
+                    torch.topk(tile, kk, dim=1, sorted=sort)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        flop = 2.0 * queries.shape[0] * cands.shape[0] * queries.shape[1]
+        print(f"  {label:<44}{dt:>8.2f} s {flop / dt / 1e12:>8.1f} TFLOP/s", flush=True)
+
+    print(f"profile (q_tile {q_tile}, c_tile {c_tile}):")
+    for args in (("GEMM only, half scores", queries.dtype, None),
+                 ("GEMM only, fp32 scores (out_dtype)", torch.float32, None),
+                 (f"GEMM + topk({k}) half scores, unsorted", queries.dtype, k),
+                 (f"GEMM + topk({k + 64}) half scores, unsorted", queries.dtype, k + 64),
+                 (f"GEMM + topk({k + 1}) fp32 scores, sorted", torch.float32, k + 1, True)):
+        try:
+            run(*args)
+        except (RuntimeError, TypeError) as exc:
+            print(f"  {args[0]:<44} failed: {exc}")
 
 
 def main() -> None:
@@ -150,6 +183,7 @@ def main() -> None:
     p.add_argument("--q-tile", type=int, default=None)
     p.add_argument("--c-tile", type=int, default=None)
     p.add_argument("--tol", type=float, default=1e-5, help="cpu: score tolerance for id agreement")
+    p.add_argument("--profile", action="store_true", help="mbeir: time GEMMs and per-tile topk separately")
     p.add_argument("--check", action="store_true",
                    help="mbeir: compare 256 queries with a chunked fp32 top-k of the same vectors")
     args = p.parse_args()
