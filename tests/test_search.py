@@ -152,8 +152,8 @@ def _half_unit(rng, n, d):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
-@pytest.mark.parametrize("margin", [0, 4, 32])
-def test_certified_half_selection_equals_exact_fp32_search(margin):
+@pytest.mark.parametrize("margin,block", [(0, 64), (4, 8), (32, 1), (32, 8)])
+def test_certified_half_selection_equals_exact_fp32_search(margin, block):
     """fp16 selection + fp32 rescoring + certificate (+ fallback rows) == exact search of the fp16 vectors."""
     from umarvel.eval.search import TorchSearcher
 
@@ -162,7 +162,7 @@ def test_certified_half_selection_equals_exact_fp32_search(margin):
     cands[4000:4010] = cands[17]  # exact ties straddling the top-k of some rows
     queries[:3] = cands[17]
     s = TorchSearcher(cands, device="cpu", dtype=torch.float16, select="certified", margin=margin,
-                      q_tile=40, c_tile=1024, resident=True)
+                      q_tile=40, c_tile=1024, resident=True, block=block)
     got_v, got_i = s.search(queries, 10)
     exact = queries.astype(np.float64) @ cands.astype(np.float64).T
     order = np.lexsort((np.broadcast_to(np.arange(exact.shape[1]), exact.shape), -exact), axis=1)[:, :10]
@@ -177,3 +177,17 @@ def test_certified_requires_half_candidates():
 
     with pytest.raises(ConfigError, match="float16"):
         TorchSearcher(np.ones((4, 3), np.float32), device="cpu", select="certified")
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_block_topk_equals_topk(block):
+    from umarvel.eval.search import block_topk
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(33, 512, generator=g)
+    scores[5, 100:140] = 7.0  # many equal maxima in one row
+    v, i = block_topk(scores, 9, block)
+    ref = torch.topk(scores, 9, dim=1).values
+    torch.testing.assert_close(v.sort(dim=1, descending=True).values, ref)
+    torch.testing.assert_close(scores.gather(1, i), v)
+    assert all(len(set(row.tolist())) == 9 for row in i)

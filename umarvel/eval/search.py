@@ -155,6 +155,30 @@ def tile_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return vals, cols
 
 
+def block_topk(scores: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsorted top-k of each row via block maxima: one ``amax`` pass instead of a full-width ``topk``.
+
+    Exact: the k-th largest score is >= the k-th largest block maximum ``t`` (k blocks each hold an element
+    >= t), so every top-k element lies in a block whose maximum is >= t, i.e. among the k best blocks; the
+    final ``topk`` runs over those ``k * block`` gathered scores only. Falls back to ``torch.topk`` when the
+    row does not split into at least ``2k`` whole blocks.
+
+    Args:
+        scores: (q, T) tile; k: results per row; block: block width.
+    Returns:
+        (q, k) values and column indices (int64), unsorted.
+    """
+    q, t = scores.shape
+    nb = t // block if block > 1 else 0
+    if nb < 2 * k or t % block:
+        return torch.topk(scores, k, dim=1, sorted=False)
+    bmax = scores.view(q, nb, block).amax(dim=2)                              # (q, nb)
+    _, bidx = torch.topk(bmax, k, dim=1, sorted=False)                          # (q, k) best blocks
+    cols = (bidx.unsqueeze(2) * block + torch.arange(block, device=scores.device)).reshape(q, k * block)
+    v, pos = torch.topk(scores.gather(1, cols), k, dim=1, sorted=False)
+    return v, cols.gather(1, pos)
+
+
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact lexicographic (score desc, index asc) top-k of candidate lists.
 
@@ -253,7 +277,8 @@ class TorchSearcher:
                  dtype: torch.dtype | str | None = None, q_tile: int | None = None,
                  c_tile: int | None = None, chunk_bytes: int | None = None,
                  tile_bytes: int | None = None, resident: bool | None = None,
-                 prune: bool | None = None, select: str | None = None, margin: int = 64):
+                 prune: bool | None = None, select: str | None = None, margin: int = 64,
+                 block: int = 64):
         self.source = candidates if isinstance(candidates, RowBlocks) else RowBlocks(candidates)
         if len(self.source) == 0:
             raise DataError("candidate pool is empty: nothing to search")
@@ -279,7 +304,7 @@ class TorchSearcher:
             select = "certified" if cuda and self.dtype == torch.float16 else "exact"
         if select == "certified" and self.dtype != torch.float16:
             raise ConfigError("select='certified' needs float16 candidates (dtype=torch.float16)")
-        self.select, self.margin = select, int(margin)
+        self.select, self.margin, self.block = select, int(margin), int(block)
         if on_device:
             self._resident = [(off, b) for b, off in zip(self.source.blocks, self.source.offsets)]
         elif resident:
@@ -364,7 +389,7 @@ class TorchSearcher:
                     vals, idxs = [sel_v[q0:q0 + self.q_tile]], [sel_i[q0:q0 + self.q_tile]]
                     for t0 in range(0, chunk.shape[0], self.c_tile):
                         tile = qt @ chunk[t0:t0 + self.c_tile].T                   # (q, T) fp16
-                        v, i = torch.topk(tile, min(k2, tile.shape[1]), dim=1, sorted=False)
+                        v, i = block_topk(tile, min(k2, tile.shape[1]), self.block)
                         vals.append(v)
                         idxs.append(i + (off + t0))
                     v, pos = torch.topk(torch.cat(vals, 1), k2, dim=1, sorted=False)
