@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,26 @@ def sample_images(tmp_path_factory) -> dict[str, Path]:
     rgba.save(root / "alpha.png")
     out["alpha"] = root / "alpha.png"
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_and_wait(worker, args: tuple, nprocs: int, timeout_s: float, label: str) -> None:
+    """Start ``nprocs`` spawned processes running ``worker(rank, *args)``; fail the test past ``timeout_s``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{label} did not finish within {timeout_s}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

@@ -188,12 +188,10 @@ def _dist_worker(rank, world, root, port, out):
 
 
 def test_distributed_round_robin(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "c"), port, str(tmp_path)), nprocs=2)
+    from conftest import free_port, spawn_and_wait
+
+    spawn_and_wait(_dist_worker, (2, str(tmp_path / "c"), free_port(), str(tmp_path)), 2, 300,
+                   "2-process cache test")
     counts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [c["calls"] for c in counts] == [2, 1]  # shards 0, 2 on rank 0; shard 1 on rank 1
     assert [c["items"] for c in counts] == [6, 4]

@@ -8,28 +8,20 @@ the gather, and the unequal-size error.
 from __future__ import annotations
 
 import os
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import free_port, spawn_and_wait
 from umarvel import dist as udist
 from umarvel.train import losses as L
 from umarvel.train.grad_cache import grad_cache_step
 
 WORLD, B, K, D_IN, D = 2, 3, 2, 6, 5
 TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup():
@@ -166,16 +158,7 @@ def _worker(rank: int, port: int, impls: list[str]) -> None:
 
 
 def _spawn(impls: list[str]) -> None:
-    ctx = mp.start_processes(_worker, args=(_free_port(), impls), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-process gloo test did not finish within {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_and_wait(_worker, (free_port(), impls), WORLD, TIMEOUT_S, "2-process gloo test")
 
 
 def _impls() -> list[str]:

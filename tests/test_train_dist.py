@@ -7,22 +7,13 @@ single-process batch. LoRA dropout is 0 (dropout streams differ per rank by desi
 from __future__ import annotations
 
 import os
-import socket
-import time
 
-import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import free_port, spawn_and_wait
 from train_helpers import make_data, tiny_config
 
 B, WORLD, TIMEOUT_S = 3, 2, 240
 CASES = {"cc3m": ["loss.mask_duplicates=true"], "mbeir": ["train.grad_cache=true", "train.chunk_size=2"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(kind, ckpt, root, out, batch):
@@ -66,17 +57,8 @@ def _worker(rank, port, ckpt, root, out):
 def test_two_processes_equal_one(tiny_checkpoint, tmp_path):
     root = tmp_path / "toy"
     make_data(root)
-    ctx = mp.start_processes(_worker, args=(_free_port(), tiny_checkpoint, root, tmp_path), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-process trainer test did not finish within {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_and_wait(_worker, (free_port(), tiny_checkpoint, root, tmp_path), WORLD, TIMEOUT_S,
+                   "2-process trainer test")
     for kind in CASES:
         ref_loss, ref = _one_step(kind, tiny_checkpoint, root, tmp_path / f"{kind}_single", WORLD * B)
         got = torch.load(tmp_path / f"{kind}_dist.pt")

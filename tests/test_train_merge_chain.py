@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from train_helpers import REPO, data_overrides, make_data, tiny_config
 
 from umarvel.api import UMarvel
@@ -43,12 +43,6 @@ def test_merge_lora_equals_base_plus_adapter(tiny_checkpoint, tmp_path):
     assert json.loads((out / "umarvel.json").read_text())["train_dtype"] == "float32"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_three_stages_chain_through_the_scripts(tiny_checkpoint, tmp_path):
     data = make_data(tmp_path / "toy")
     env = {**os.environ, "GPUS_PER_NODE": "1", "UMARVEL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
@@ -59,7 +53,7 @@ def test_three_stages_chain_through_the_scripts(tiny_checkpoint, tmp_path):
     for i, (script, kind) in enumerate([("train_stage1_nli.sh", "nli"), ("train_stage2_cc3m.sh", "cc3m"),
                                         ("train_stage3_mbeir.sh", "mbeir")], start=1):
         out = tmp_path / f"stage{i}"
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
         args = [str(REPO / "scripts" / script), f"init_from={prev}", f"train.output_dir={out}",
                 *data_overrides(kind, data), *common]
         res = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -71,7 +65,7 @@ def test_three_stages_chain_through_the_scripts(tiny_checkpoint, tmp_path):
     assert final.temperature != pytest.approx(0.05, abs=1e-7)  # learnable in stage 3 only
     assert np.isfinite(final.encode_queries(ITEMS_Q)).all()
     # a bad override fails fast with one clear line and exit code 2
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     res = subprocess.run([str(REPO / "scripts" / "train_stage1_nli.sh"), "train.bogus=1"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "unknown key 'train.bogus'" in res.stderr

@@ -500,8 +500,10 @@ class DemoRun:
                 self._record("eval_stage0")
 
                 model = self.base
+                mined4: dict | None = None  # written after stage 4, read by the teacher before stage 5
                 for key, yaml_name, _ in STAGES:
                     if key == "stage5":
+                        assert mined4 is not None, "stage 4 mining must run before the teacher"
                         self._timed("teacher")
                         rr = load_reranker(self.runs / "rerank" / "merged", device="cpu", dtype="float32")
                         self.teacher(rr, mined4["local"])

@@ -14,7 +14,6 @@ both protocols are shown side by side. Everything is written atomically.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from umarvel.errors import DataError
 from umarvel.eval.mbeir.readers import INSTRUCTION_MODES, unhash_did
 from umarvel.eval.metrics import TaskResult, average
 from umarvel.eval.registry import MBEIR_TASK_ORDER, list_tasks
-from umarvel.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from umarvel.utils.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -166,14 +165,7 @@ def write_results_json(path: PathLike, results: Mapping[str, Any]) -> None:
 
 def read_results_json(path: PathLike) -> dict:
     """Read and validate a ``results.json``; DataError naming the file on any deviation."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    return validate_results(obj, str(path))
+    return validate_results(read_json(path), str(path))
 
 
 # --------------------------------------------------------------------------------------- results.md

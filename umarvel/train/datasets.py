@@ -21,7 +21,6 @@ Extending (stage 4/5): register a class in :data:`DATASETS` whose examples carry
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Callable, Protocol
 
 from umarvel.data.formatting import format_string, query_text_with_instruction, truncate_text
 from umarvel.errors import ConfigError, DataError
+from umarvel.utils.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +151,7 @@ class Cc3mDataset:
     def from_file(cls, path: str | Path, root: str | Path | None, truncate: Truncate = _no_truncate,
                   max_examples: int | None = None) -> "Cc3mDataset":
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        data = read_json(path)
         items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
         if items is None:
             raise DataError(f"{path}: expected a JSON object or list of records, got {type(data).__name__}")

@@ -79,6 +79,24 @@ def iter_columns(path: str | os.PathLike, missing: str = "file not found") -> It
                 yield f"{path}:{lineno}", parts
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a whole JSON file.
+
+    Raises:
+        DataError: ``"<path>: file not found"``, ``"<path>:<line>: malformed JSON (...)"`` or not UTF-8.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a whole JSONL file into a list of dicts (see :func:`iter_jsonl`)."""
     return [rec for _, rec in iter_jsonl(path)]

@@ -1,12 +1,12 @@
 """File helpers of the zero-shot readers: presence checks (-> :class:`MissingSetData`) and safe loaders."""
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Any
 
 from umarvel.errors import DataError
+from umarvel.utils.io import read_json
 from umarvel.eval.zeroshot.types import MissingSetData
 
 
@@ -26,13 +26,7 @@ def require_dir(set_name: str, path: Path) -> Path:
 
 def load_json(path: Path) -> Any:
     """Parse a JSON file; malformed content raises :class:`DataError` naming the file."""
-    try:
-        with path.open("r", encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    return read_json(path)
 
 
 def expect(cond: bool, path: Path, what: str) -> None:
