@@ -3,25 +3,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import shared_dir
 from umarvel.train import losses as L
 
 TAU = float(np.float32(0.05))  # sim.temp of the official model: 0.05000000074505806
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("UMARVEL_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-GOLDEN = _shared_dir() / "golden" / "umarvel_train_tiny" / "expected"
+GOLDEN = shared_dir() / "golden" / "umarvel_train_tiny" / "expected"
 needs_golden = pytest.mark.skipif(
     not GOLDEN.is_dir(), reason=f"golden fixture umarvel_train_tiny not found at {GOLDEN} (set UMARVEL_SHARED)"
 )
@@ -115,10 +109,6 @@ def test_golden_distill_c5():
     )
     student_only.backward()
     assert tau.grad.item() == pytest.approx(tau2.grad.item(), rel=1e-6)
-
-
-def test_golden_skip_path_is_repo_sibling():
-    assert _shared_dir().name == "shared" or "UMARVEL_SHARED" in os.environ
 
 
 # ---------------------------------------------------------------------------- hand-made, no fixture needed

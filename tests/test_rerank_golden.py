@@ -5,13 +5,12 @@ The official numbers come from the official reranker code on the tiny checkpoint
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import shared_dir
 from umarvel.data.images import ImageBudget, load_image
 from umarvel.rerank.collate import (RerankScoreCollator, RerankTokenizer, RerankTrainCollator, answer_token_ids,
                                     chat_layout)
@@ -19,16 +18,11 @@ from umarvel.rerank.prompts import (RERANK_INSTRUCTION, TRAIN_MAX_TEXT_TOKENS, R
                                     rerank_candidate_text, rerank_query_text)
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("UMARVEL_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-TRAIN_TINY = _shared_dir() / "golden" / "umarvel_train_tiny"
-CHECKPOINT = _shared_dir() / "golden" / "umarvel_tiny" / "checkpoint"
+TRAIN_TINY = shared_dir() / "golden" / "umarvel_train_tiny"
+CHECKPOINT = shared_dir() / "golden" / "umarvel_tiny" / "checkpoint"
 needs_golden = pytest.mark.skipif(
     not (TRAIN_TINY / "expected" / "c6_rerank").is_dir() or not CHECKPOINT.is_dir(),
-    reason=f"golden fixtures not found under {_shared_dir()} (set UMARVEL_SHARED)")
+    reason=f"golden fixtures not found under {shared_dir()} (set UMARVEL_SHARED)")
 
 
 @pytest.fixture(scope="module")
