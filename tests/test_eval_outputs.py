@@ -9,7 +9,7 @@ from umarvel.eval.metrics import score_task
 from umarvel.eval.outputs import (
     build_results, read_results_json, render_results_md, validate_results, write_results, write_trec_run,
 )
-from umarvel.eval.registry import get_task
+from umarvel.data.registry import get_task
 
 
 def _results(protocol, shift=0.0, reranked=None):

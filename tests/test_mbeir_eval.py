@@ -24,11 +24,11 @@ from umarvel.config import load_config
 from umarvel.data.synthetic import SYNTHETIC_TASKS, make_synthetic_mbeir
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import EmbeddingCache
-from umarvel.eval.mbeir.readers import load_mbeir_task, read_instructions, read_pool_modalities
+from umarvel.data.mbeir import load_mbeir_task, read_instructions, read_pool_modalities
 from umarvel.eval.mbeir.runner import MBeirEvalConfig, Retrieval, evaluate_mbeir, retrieve, select_tasks
 from umarvel.eval.metrics import score_task
 from umarvel.eval.outputs import read_results_json
-from umarvel.eval.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, get_task
+from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, get_task
 
 REPO = Path(__file__).resolve().parents[1]
 ORDERED = [n for n in MBEIR_TASK_ORDER if n in SYNTHETIC_TASKS]  # the 7 synthetic tasks, paper order

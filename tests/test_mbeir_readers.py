@@ -8,12 +8,12 @@ import pytest
 
 from umarvel.data.synthetic import make_synthetic_mbeir
 from umarvel.errors import ConfigError, DataError
-from umarvel.eval.mbeir.readers import (
+from umarvel.data.mbeir import (
     InstructionTable, assign_instructions, hash_did, hash_dids, hash_qid, instruction_rng, load_mbeir_task, read_instructions,
     read_pool, read_pool_modalities, read_qrels, read_queries, split_id, unhash_did, unhash_qid,
 )
-from umarvel.eval.records import Candidate, Query
-from umarvel.eval.registry import (
+from umarvel.data.records import Candidate, Query
+from umarvel.data.registry import (
     GLOBAL_PROTOCOL, MBEIR_TASK_ORDER, Task, get_task, list_tasks, mbeir_global_pool_files, register_task,
 )
 
@@ -179,10 +179,10 @@ def test_unknown_positive_is_an_error_unless_allowed(copy_tree, caplog):
     rpath.write_text(rpath.read_text() + f"{rec['qid']} 0 3:999999 1 2\n")
     with pytest.raises(DataError, match=rf"1 of 6 queries name 1 positive id\(s\) unknown.*{rec['qid']} -> 3:999999"):
         _load(copy_tree, "edis_task2")
-    reader_log = logging.getLogger("umarvel.eval.mbeir.readers")
+    reader_log = logging.getLogger("umarvel.data.mbeir")
     reader_log.addHandler(caplog.handler)  # robust to setup_logging() having turned propagation off
     try:
-        with caplog.at_level(logging.WARNING, logger="umarvel.eval.mbeir.readers"):
+        with caplog.at_level(logging.WARNING, logger="umarvel.data.mbeir"):
             data = _load(copy_tree, "edis_task2", allow_missing=True)
     finally:
         reader_log.removeHandler(caplog.handler)

@@ -6,7 +6,7 @@ from umarvel.errors import DataError
 from umarvel.eval.metrics import (
     TaskResult, average, first_hit_rank, hit_matrix, recall_at_k, score_task, top_k,
 )
-from umarvel.eval.registry import get_task
+from umarvel.data.registry import get_task
 
 
 def official_recall(relevant, retrieved, k):

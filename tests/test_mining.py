@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umarvel.eval.records import Candidate
-from umarvel.eval.registry import MBEIR_UNION_TRAIN_QUERIES, get_task
+from umarvel.data.records import Candidate
+from umarvel.data.registry import MBEIR_UNION_TRAIN_QUERIES, get_task
 from umarvel.train.hardneg import iter_mined, select_hard_negatives
-from umarvel.train.mining import (MineConfig, build_train_pools, draw_distill_subset, mine, mined_file_name,
+from umarvel.pipelines.mining import (MineConfig, build_train_pools, draw_distill_subset, mine, mined_file_name,
                                   partition_train_queries, pool_key)
 from umarvel.utils.io import read_jsonl
 
@@ -69,8 +69,8 @@ def _cached(cfg, tiny_model, name, records):
 
 
 def test_mined_lists_match_brute_force(tree, tiny_model, mined):
-    from umarvel.eval.mbeir.readers import assign_instructions, instruction_rng, read_instructions, read_pool
-    from umarvel.train.mining import pool_name
+    from umarvel.data.mbeir import assign_instructions, instruction_rng, read_instructions, read_pool
+    from umarvel.pipelines.mining import pool_name
 
     cfg, files = mined
     rows = partition_train_queries(tree / MBEIR_UNION_TRAIN_QUERIES, tree)

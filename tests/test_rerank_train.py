@@ -203,9 +203,9 @@ def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path, monkeypa
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it did learn something
 
     # score the top 3 of a val run with the merged model, then fuse and choose the weight
-    from umarvel.eval.mbeir.readers import read_pool, read_queries
+    from umarvel.data.mbeir import read_pool, read_queries
 
-    from umarvel.eval.registry import get_task
+    from umarvel.data.registry import get_task
 
     files = get_task("mscoco_task0").files("val")
     queries = read_queries(mbeir / files.queries, mbeir)

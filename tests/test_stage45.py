@@ -201,7 +201,7 @@ def _tiny_tree(tmp: Path):
 
 def _brute_mined(root: Path, out: Path, shuffle_qid: bool = False) -> Path:
     """A mined file by hand: every row lists the whole pool in file order (no model needed)."""
-    from umarvel.eval.registry import MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
+    from umarvel.data.registry import MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
     from umarvel.utils.io import read_jsonl
 
     rows = read_jsonl(root / MBEIR_UNION_TRAIN_QUERIES)
@@ -239,7 +239,7 @@ def test_hardneg_dataset_alignment_errors_and_negatives(tmp_path, tiny_model):
 
 def test_distill_dataset_errors(tmp_path, tiny_model):
     from umarvel.train.datasets import build_dataset
-    from umarvel.eval.registry import MBEIR_UNION_TRAIN_QUERIES
+    from umarvel.data.registry import MBEIR_UNION_TRAIN_QUERIES
     from umarvel.utils.io import read_jsonl
 
     root = _tiny_tree(tmp_path)
@@ -266,7 +266,7 @@ def e2e(tmp_path_factory, tiny_checkpoint):
     """Synthetic tree, tiny model, mined lists of the 'stage-3' model and the 50% subset."""
     from umarvel import UMarvel
     from umarvel.data.synthetic import make_synthetic_mbeir
-    from umarvel.train.mining import MineConfig, mine
+    from umarvel.pipelines.mining import MineConfig, mine
 
     base = tmp_path_factory.mktemp("e2e")
     root = make_synthetic_mbeir(base / "mbeir", seed=2, n_queries_per_task=2, n_candidates_per_task=5,
@@ -308,8 +308,8 @@ def test_stage4_runs_end_to_end(e2e, tiny_checkpoint):
 def teacher(e2e, tiny_checkpoint):
     from umarvel import UMarvel
     from umarvel.rerank.model import load_reranker
-    from umarvel.train.mining import MineConfig, mine
-    from umarvel.train.teacher import TeacherConfig, build_teacher_file
+    from umarvel.pipelines.mining import MineConfig, mine
+    from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
 
     base, root, files = e2e
     model = UMarvel.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")  # stands in for stage 4
@@ -323,10 +323,10 @@ def teacher(e2e, tiny_checkpoint):
 
 
 def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
-    from umarvel.eval.mbeir.readers import read_pool
+    from umarvel.data.mbeir import read_pool
     from umarvel.rerank.score import pair_from_records, score_pairs
     from umarvel.train.hardneg import iter_mined
-    from umarvel.train.mining import partition_train_queries
+    from umarvel.pipelines.mining import partition_train_queries
     from umarvel.utils.io import read_jsonl
 
     base, root, files = e2e
@@ -347,7 +347,7 @@ def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
             assert c == cos_of[did]  # its own cosine, not its rank neighbour's
             assert s == pytest.approx(c + weights[x["task"]] * p, abs=1e-9)
     # P(yes) of each pair scored alone (same seeded instruction) equals the stored one of that did
-    from umarvel.eval.mbeir.readers import assign_instructions, instruction_rng, read_instructions
+    from umarvel.data.mbeir import assign_instructions, instruction_rng, read_instructions
 
     table = read_instructions(root / cfg.instructions)
     modality = {d: c.modality for d, c in pool.items()}
@@ -363,7 +363,7 @@ def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
     class _NoScore:
         tokenizer = reranker.tokenizer
 
-    from umarvel.train.teacher import build_teacher_file
+    from umarvel.pipelines.teacher import build_teacher_file
 
     before = path.read_text()
     assert build_teacher_file(cfg, reranker=_NoScore()).read_text() == before
@@ -389,7 +389,7 @@ def test_stage5_runs_end_to_end(e2e, teacher, tiny_checkpoint):
 # ------------------------------------------------------------------------------------------- U-MARVEL+
 def test_plus_eval_fuses_own_cosines_and_tunes_on_val_only(e2e, teacher, tiny_checkpoint):
     from umarvel import UMarvel
-    from umarvel.eval.mbeir.plus import PlusConfig, evaluate_plus
+    from umarvel.pipelines.plus import PlusConfig, evaluate_plus
     from umarvel.eval.mbeir.runner import MBeirEvalConfig, evaluate_mbeir
     from umarvel.eval.outputs import read_results_json
     from umarvel.rerank.score import read_trec_run

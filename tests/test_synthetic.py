@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from umarvel.data.synthetic import COLOURS, SYNTHETIC_TASKS, make_synthetic_mbeir
-from umarvel.eval.mbeir.readers import (
+from umarvel.data.mbeir import (
     TASK_MODALITIES, dataset_id_of, load_mbeir_task, read_instructions, read_pool, read_pool_modalities,
     read_qrels, read_queries,
 )
-from umarvel.eval.registry import MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, get_task
+from umarvel.data.registry import MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, get_task
 from umarvel.utils.io import read_jsonl
 
 

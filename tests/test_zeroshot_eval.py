@@ -18,7 +18,7 @@ from umarvel.data.formatting import INFERENCE_STYLE, PromptStyle
 from umarvel.data.images import load_image
 from umarvel.data.video import MSVD_VIDEO, load_video, video_patches
 from umarvel.errors import ConfigError
-from umarvel.eval.registry import Task, get_task, list_tasks
+from umarvel.data.registry import Task, get_task, list_tasks
 from umarvel.eval.zeroshot.fixtures import FIXTURE_SIZES, write_zeroshot_fixture
 from umarvel.eval.zeroshot.readers import read_set
 from umarvel.eval.zeroshot.runner import (EXTRA_COLUMNS, PAPER_COLUMNS, RESULTS_JSON, RESULTS_MD, SUBMISSION_FILE,

@@ -56,7 +56,7 @@ def add_subparser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the :class:`PlusConfig` and evaluate."""
-    from umarvel.eval.mbeir.plus import PlusConfig, evaluate_plus
+    from umarvel.pipelines.plus import PlusConfig, evaluate_plus
     from umarvel.rerank.fusion import DEFAULT_GRID
 
     try:

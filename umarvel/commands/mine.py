@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from umarvel.train.mining import MineConfig
+    from umarvel.pipelines.mining import MineConfig
 
     d = MineConfig("", "", "")
     p.add_argument("--model", required=True, help="embedding checkpoint (stage-3 merged for stage 4)")
@@ -54,7 +54,7 @@ def add_subparser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the :class:`MineConfig` from the arguments and mine."""
-    from umarvel.train.mining import MineConfig, mine
+    from umarvel.pipelines.mining import MineConfig, mine
 
     cfg = MineConfig(model=args.model, mbeir_root=args.mbeir_root, output=args.output, queries=args.queries,
                      pool=args.pool, instructions=args.instructions, top_k=args.top_k, scope=args.scope,

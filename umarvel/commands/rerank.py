@@ -83,8 +83,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _records(args: argparse.Namespace):
     """Queries (with instructions), pool and qrels path for ``score``."""
-    from umarvel.eval.mbeir import readers as R
-    from umarvel.eval.registry import MBEIR_INSTRUCTIONS, get_task
+    from umarvel.data import mbeir as R
+    from umarvel.data.registry import MBEIR_INSTRUCTIONS, get_task
 
     root = Path(args.mbeir_root)
     seed = R.DEFAULT_INSTRUCTION_SEED if args.seed is None else args.seed
@@ -131,8 +131,8 @@ def run_score(args: argparse.Namespace) -> int:
 
 def load_rerank_results(scores_path: str | Path):
     """A :class:`~umarvel.rerank.fusion.RerankResults` from a score file, its meta, run and qrels."""
-    from umarvel.eval.mbeir.readers import read_qrels
-    from umarvel.eval.registry import get_task
+    from umarvel.data.mbeir import read_qrels
+    from umarvel.data.registry import get_task
     from umarvel.rerank.fusion import RerankedQuery, RerankResults
     from umarvel.rerank.score import read_trec_run
 

@@ -34,7 +34,7 @@ def add_subparser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the config (strict) and build the teacher file."""
     from umarvel.config import load_config
-    from umarvel.train.teacher import TeacherConfig, build_teacher_file
+    from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
 
     cfg = load_config(args.config, TeacherConfig, args.overrides)
     logger.info("teacher file: %s", build_teacher_file(cfg))

@@ -150,8 +150,8 @@ def chance_recall(mbeir_root: str | Path, tasks: Sequence[str], pool_sizes: Mapp
     Returns:
         ``{task: percent}`` plus ``"average"`` (unweighted, as the M-BEIR average).
     """
-    from umarvel.eval.mbeir.readers import read_qrels
-    from umarvel.eval.registry import get_task
+    from umarvel.data.mbeir import read_qrels
+    from umarvel.data.registry import get_task
 
     out: dict[str, float] = {}
     for name in tasks:

@@ -359,7 +359,7 @@ class DemoRun:
     def mine(self, key: str, model: Path, **kw) -> dict[str, Path]:
         """``umarvel mine`` on the train split (``MineConfig`` fields in ``kw``)."""
         from umarvel.api import UMarvel
-        from umarvel.train.mining import MineConfig, mine
+        from umarvel.pipelines.mining import MineConfig, mine
 
         out = self.runs / key
         shutil.rmtree(out, ignore_errors=True)
@@ -409,7 +409,7 @@ class DemoRun:
 
     def teacher(self, reranker, mined_local: Path) -> Path:
         """Stage-5 teacher lists (``umarvel teacher``): P(yes) of the top-k fused with the cosines."""
-        from umarvel.train.teacher import TeacherConfig, build_teacher_file
+        from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
 
         out = self.runs / "teacher"
         shutil.rmtree(out, ignore_errors=True)
@@ -440,7 +440,7 @@ class DemoRun:
 
     def plus(self, reranker, stage5: Path) -> dict:
         """U-MARVEL+: rerank the stage-5 top-k of val (choose the fusion weight) and test, per protocol."""
-        from umarvel.eval.mbeir.plus import WEIGHT_FILE, PlusConfig, evaluate_plus
+        from umarvel.pipelines.plus import WEIGHT_FILE, PlusConfig, evaluate_plus
 
         self.evaluate("stage5", stage5, split="val")
         out: dict[str, Any] = {}

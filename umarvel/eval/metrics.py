@@ -17,7 +17,7 @@ import numpy as np
 from umarvel.errors import DataError
 
 if TYPE_CHECKING:
-    from umarvel.eval.registry import Task
+    from umarvel.data.registry import Task
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _check_kinds(ret: np.ndarray, flat: list) -> None:
     pos_kinds = {isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in flat}
     if ret.size and flat and pos_kinds != {ret_is_int}:
         raise DataError("retrieved ids and positives mix integer (hashed) and string ids; "
-                        "hash both or neither (umarvel.eval.mbeir.readers.hash_did)")
+                        "hash both or neither (umarvel.data.mbeir.hash_did)")
 
 
 def hit_matrix(retrieved: np.ndarray | Sequence[Sequence], positives: Sequence[Collection]) -> np.ndarray:

@@ -23,9 +23,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from umarvel.errors import DataError
-from umarvel.eval.mbeir.readers import INSTRUCTION_MODES, unhash_did
+from umarvel.data.mbeir import INSTRUCTION_MODES, unhash_did
 from umarvel.eval.metrics import TaskResult, average
-from umarvel.eval.registry import MBEIR_TASK_ORDER, list_tasks
+from umarvel.data.registry import MBEIR_TASK_ORDER, list_tasks
 from umarvel.utils.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)

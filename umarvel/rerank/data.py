@@ -23,9 +23,9 @@ import torch
 
 from umarvel.data.images import ImageBudget
 from umarvel.errors import DataError
-from umarvel.eval.mbeir.readers import (InstructionTable, choose_instruction, parse_query, read_instructions,
+from umarvel.data.mbeir import (InstructionTable, choose_instruction, parse_query, read_instructions,
                                         read_pool, split_id)
-from umarvel.eval.records import Candidate, Query
+from umarvel.data.records import Candidate, Query
 from umarvel.rerank.collate import RerankTokenizer, RerankTrainCollator
 from umarvel.rerank.prompts import TRAIN_MAX_TEXT_TOKENS, RerankPair
 from umarvel.rerank.score import load_pair_images, pair_from_records

@@ -18,7 +18,7 @@ import torch
 from umarvel.data.collate import plan_batches
 from umarvel.data.images import ImageBudget, load_image
 from umarvel.errors import DataError
-from umarvel.eval.records import Candidate, Query
+from umarvel.data.records import Candidate, Query
 from umarvel.log import progress_disabled
 from umarvel.rerank.collate import RerankScoreCollator, RerankTokenizer
 from umarvel.rerank.model import LoadedReranker, Positions

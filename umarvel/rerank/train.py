@@ -35,7 +35,7 @@ from umarvel import dist
 from umarvel.config import save_resolved
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
 from umarvel.errors import CheckpointError, ConfigError
-from umarvel.eval.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
+from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 
 logger = logging.getLogger(__name__)
 

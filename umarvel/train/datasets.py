@@ -206,7 +206,7 @@ class MbeirTrainDataset:
     @classmethod
     def from_files(cls, path: str | Path, pool: str | Path, instructions: str | Path, root: str | Path,
                    truncate: Truncate = _no_truncate, max_examples: int | None = None) -> "MbeirTrainDataset":
-        from umarvel.eval.mbeir.readers import parse_query, read_instructions, read_pool
+        from umarvel.data.mbeir import parse_query, read_instructions, read_pool
         from umarvel.utils.io import iter_jsonl
 
         root = Path(root)
@@ -268,7 +268,7 @@ def _build_cc3m(data, tokenizer) -> Cc3mDataset:
 
 
 def _build_mbeir(data, tokenizer) -> MbeirTrainDataset:
-    from umarvel.eval.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
+    from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 
     if not data.root:
         raise ConfigError("data.root (the M-BEIR root folder) is required for data.kind=mbeir")

@@ -1,6 +1,6 @@
 """Stage 5: reranker distillation over the fused teacher lists (method spec 2.4, decision D11).
 
-Teacher file (written by :mod:`umarvel.train.teacher`, official local ``fusion_results.jsonl``): one JSON line
+Teacher file (written by :mod:`umarvel.pipelines.teacher`, official local ``fusion_results.jsonl``): one JSON line
 per row of the distillation query file (the 10% union subset), same order, ``{qid, did: [K], score: [K]}``
 (+ ``cosine``, ``p_yes``, ``task`` for provenance), the fused ``cos + w_task * P(yes)`` list best first.
 

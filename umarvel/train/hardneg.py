@@ -1,6 +1,6 @@
 """Stage 4: M-BEIR union train with K hard negatives per query from the GLOBAL mined list (method spec 2.2, 2.3).
 
-Mined file (written by :mod:`umarvel.train.mining`, official ``rerank_data_all_eval_train_global.jsonl``): one
+Mined file (written by :mod:`umarvel.pipelines.mining`, official ``rerank_data_all_eval_train_global.jsonl``): one
 JSON line per union-train row, in union-train order, ``{qid, gt_docs, top100_docs, score}`` (+ our
 ``gt_scores``: the cosine of each gt doc, ``null`` when it is not in the pool). Line i must carry row i's qid.
 

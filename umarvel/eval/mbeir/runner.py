@@ -39,14 +39,14 @@ import numpy as np
 
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
-from umarvel.eval.mbeir.readers import (
+from umarvel.data.mbeir import (
     DEFAULT_INSTRUCTION_SEED, INSTRUCTION_MODES, TaskData, check_known_ids, load_mbeir_task, read_instructions,
     read_pool, read_pool_modalities, read_qrels, read_queries,
 )
 from umarvel.eval.metrics import TaskResult, score_task
 from umarvel.eval.outputs import PROTOCOLS, RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
-from umarvel.eval.records import Candidate, Query
-from umarvel.eval.registry import (
+from umarvel.data.records import Candidate, Query
+from umarvel.data.registry import (
     GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_EVAL_SPLITS, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
     Task, get_task, resolve_tasks,
 )

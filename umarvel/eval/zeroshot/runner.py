@@ -36,7 +36,7 @@ from umarvel.data.images import load_image
 from umarvel.data.video import MSRVTT_VIDEO, MSVD_VIDEO, VideoSpec, load_video, video_patches
 from umarvel.errors import DataError
 from umarvel.eval.cache import EmbeddingCache
-from umarvel.eval.registry import Task
+from umarvel.data.registry import Task
 from umarvel.eval.zeroshot.metrics import (bidirectional_recall, circo_map_at_k, gallery_scores,
                                            genecis_recall, pair_accuracy, ranked_topk, recall_at_k)
 from umarvel.eval.zeroshot.readers import read_set

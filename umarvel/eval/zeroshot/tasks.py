@@ -1,4 +1,4 @@
-"""The zero-shot sets as ``kind="zeroshot"`` tasks of the one registry (``umarvel.eval.registry``).
+"""The zero-shot sets as ``kind="zeroshot"`` tasks of the one registry (``umarvel.data.registry``).
 
 Importing this module registers one task per set of :data:`umarvel.eval.zeroshot.readers.SET_NAMES` plus
 ``circo_test`` (which only produces the CIRCO server submission file), in the order results are reported.
@@ -7,7 +7,7 @@ Each task's ``options`` name its reader (``reader``), the set shape (``shape``),
 ``instruction_side``) and, for video sets, the frame sampling (``video``). The paper's table layout is
 :data:`PAPER_COLUMNS` (plus :data:`EXTRA_COLUMNS` for the sets the paper's zero-shot table does not show).
 
-    >>> from umarvel.eval.registry import get_task
+    >>> from umarvel.data.registry import get_task
     >>> import umarvel.eval.zeroshot.tasks  # noqa: F401 (registers)
     >>> get_task("circo").metric, get_task("ccneg").metric
     ('mAP@5', 'Accuracy')
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from umarvel.errors import ConfigError
-from umarvel.eval.registry import Task, get_task, list_tasks, register_task
+from umarvel.data.registry import Task, get_task, list_tasks, register_task
 from umarvel.eval.zeroshot import instructions as ins
 from umarvel.eval.zeroshot.metrics import CIRCO_KS, GENECIS_KS, RECALL_KS
 from umarvel.eval.zeroshot.readers import EXTRA_READERS, READERS

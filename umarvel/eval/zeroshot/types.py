@@ -1,6 +1,6 @@
 """Typed records of the zero-shot sets (method spec 6.3).
 
-These are local to ``umarvel.eval.zeroshot`` until ``umarvel.eval.records`` (M-BEIR ``Query`` / ``Candidate``)
+These are local to ``umarvel.eval.zeroshot`` until ``umarvel.data.records`` (M-BEIR ``Query`` / ``Candidate``)
 lands; :meth:`ZSItem.as_encode_dict` gives the dict the encode contract of ``umarvel.api`` takes.
 
 Four set shapes:

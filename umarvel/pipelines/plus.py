@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from umarvel.errors import ConfigError, DataError
-from umarvel.eval.mbeir.readers import load_mbeir_task, read_instructions, read_pool
+from umarvel.data.mbeir import load_mbeir_task, read_instructions, read_pool
 from umarvel.eval.metrics import score_task
 from umarvel.eval.outputs import build_results, read_results_json, write_results, write_trec_run
-from umarvel.eval.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, get_task
+from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, get_task
 from umarvel.rerank.fusion import (DEFAULT_FUSION_WEIGHT, DEFAULT_GRID, RerankedQuery, RerankResults,
                                    choose_weight, fuse_results)
 from umarvel.utils.io import atomic_write_json

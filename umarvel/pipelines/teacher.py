@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from umarvel.errors import ConfigError, DataError
-from umarvel.eval.mbeir.readers import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
+from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
                                         read_instructions, read_pool)
-from umarvel.eval.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, list_tasks
+from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, list_tasks
 from umarvel.train.hardneg import iter_mined
-from umarvel.train.mining import partition_train_queries
+from umarvel.pipelines.mining import partition_train_queries
 from umarvel.utils.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Container, Iterable, Mapping, Sequence
 import numpy as np
 
 from umarvel.errors import DataError
-from umarvel.eval.records import MODALITIES, Candidate, Query, check_modality
+from umarvel.data.records import MODALITIES, Candidate, Query, check_modality
 from umarvel.utils.io import iter_columns, iter_jsonl
 
 if TYPE_CHECKING:
-    from umarvel.eval.registry import Task
+    from umarvel.data.registry import Task
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ headline metric, cutoffs, per-split files (relative to the benchmark root) and, 
 training-side definition used by hard-negative mining (method spec 5.2). Tasks are kept in
 registration order; the 16 M-BEIR tasks are registered at import in the paper's column order.
 
-    >>> from umarvel.eval.registry import get_task, list_tasks
+    >>> from umarvel.data.registry import get_task, list_tasks
     >>> get_task("fashioniq_task7").metric
     'Recall@10'
     >>> [t.name for t in list_tasks(kind="mbeir")][:2]
@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from umarvel.errors import ConfigError
-from umarvel.eval.mbeir.readers import DATASET_IDS, TASK_MODALITIES
+from umarvel.data.mbeir import DATASET_IDS, TASK_MODALITIES
 
 logger = logging.getLogger(__name__)
 

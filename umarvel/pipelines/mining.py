@@ -38,10 +38,10 @@ from typing import Sequence
 import numpy as np
 
 from umarvel.errors import ConfigError, DataError
-from umarvel.eval.mbeir.readers import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
+from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
                                         parse_query, read_instructions, read_pool, read_qrels)
-from umarvel.eval.records import Candidate, Query
-from umarvel.eval.registry import (MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, Task,
+from umarvel.data.records import Candidate, Query
+from umarvel.data.registry import (MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, Task,
                                    list_tasks)
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl
 
@@ -186,7 +186,7 @@ def build_train_pools(pool: Sequence[Candidate], tasks: Sequence[Task]) -> dict[
     out: dict[tuple, list[Candidate]] = {}
     for t in tasks:
         out.setdefault(pool_key(t), [])
-    from umarvel.eval.mbeir.readers import dataset_id_of
+    from umarvel.data.mbeir import dataset_id_of
 
     for c in pool:
         d = dataset_id_of(c.did)
