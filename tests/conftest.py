@@ -2,28 +2,12 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("UMARVEL_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def shared_dir() -> Path:
-    """``shared/`` beside the repository (overridable with UMARVEL_SHARED)."""
-    env = os.environ.get("UMARVEL_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-GOLDEN_TINY = shared_dir() / "golden" / "umarvel_tiny"
-GOLDEN_TRAIN = shared_dir() / "golden" / "umarvel_train_tiny"
-
-requires_golden = pytest.mark.skipif(
-    not (GOLDEN_TINY / "checkpoint" / "config.json").is_file(),
-    reason=f"golden fixture not found at {GOLDEN_TINY} (a user's clone has no ../shared; set UMARVEL_SHARED)")
 
 
 @pytest.fixture(scope="session")
@@ -63,24 +47,13 @@ def sample_images(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` where no CUDA device is present (markers are declared in pytest.ini)."""
+    import torch
 
-
-def spawn_and_wait(worker, args: tuple, nprocs: int, timeout_s: float, label: str) -> None:
-    """Start ``nprocs`` spawned processes running ``worker(rank, *args)``; fail the test past ``timeout_s``."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{label} did not finish within {timeout_s}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

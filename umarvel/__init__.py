@@ -5,7 +5,8 @@ The public API is imported lazily so that ``import umarvel`` stays cheap::
     from umarvel import UMarvel
     model = UMarvel.from_pretrained("TencentBAC/U-MARVEL-Qwen2VL-7B-Instruct", device="cuda", dtype="bfloat16")
 """
-__version__ = "0.1.0"
+from umarvel.version import __version__
+
 __all__ = ["UMarvel", "__version__"]
 
 

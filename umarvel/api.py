@@ -26,6 +26,7 @@ from umarvel.errors import CheckpointError, DataError
 from umarvel.log import progress_disabled
 from umarvel.model import loading
 from umarvel.model.embedder import UMarvelEmbedder
+from umarvel.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +184,7 @@ class UMarvel:
 
     def checkpoint_meta(self, extra: dict | None = None) -> dict:
         """The ``umarvel.json`` content describing this model."""
-        import umarvel
-
-        meta = {"format_version": 1, "umarvel_version": umarvel.__version__,
+        meta = {"format_version": 1, "umarvel_version": __version__,
                 "model_type": self.embedder.spec.model_type,
                 "temperature": float(self.embedder.temperature.detach().float()),
                 "added_tokens": {t: self.tokenizer.convert_tokens_to_ids(t) for t in UMARVEL_TOKENS},

@@ -3,7 +3,7 @@
 Every cross-device negative in umarvel goes through :func:`all_gather_with_grad`: each rank scores its B
 local queries against the N = B * world candidates gathered here, with targets offset by
 :func:`local_slice_offset`; DDP's gradient averaging then gives exactly the gradient of the global mean loss
-(no ``loss * world_size``). ``tests/test_dist_gather.py`` proves equality with a single-process run.
+(no ``loss * world_size``). ``tests/utils/test_dist_gather.py`` proves equality with a single-process run.
 
 Equal sizes are required: every rank must pass the same shape. Unequal first dimensions raise a clear
 ``ValueError`` on every rank (the check is one tiny all_gather of the shape; pass ``check_shapes=False`` to

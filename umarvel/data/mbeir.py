@@ -19,30 +19,18 @@ import random
 from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Container, Iterable, Mapping, Sequence
+from typing import Any, Container, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from umarvel.errors import DataError
 from umarvel.data.records import MODALITIES, Candidate, Query, check_modality
+from umarvel.data.registry import DATASET_IDS, TASK_MODALITIES, Task
+from umarvel.errors import DataError
 from umarvel.utils.io import iter_columns, iter_jsonl
 
-if TYPE_CHECKING:
-    from umarvel.data.registry import Task
 
 logger = logging.getLogger(__name__)
 
-#: M-BEIR dataset ids, keyed by the lowercase spelling used in file names.
-DATASET_IDS: dict[str, int] = {
-    "visualnews": 0, "fashion200k": 1, "webqa": 2, "edis": 3, "nights": 4,
-    "oven": 5, "infoseek": 6, "fashioniq": 7, "cirr": 8, "mscoco": 9,
-}
-#: (query modality, candidate modality) of each valid M-BEIR task id (5 is not a valid task).
-TASK_MODALITIES: dict[int, tuple[str, str]] = {
-    0: ("text", "image"), 1: ("text", "text"), 2: ("text", "image,text"), 3: ("image", "text"),
-    4: ("image", "image"), 6: ("image,text", "text"), 7: ("image,text", "image"),
-    8: ("image,text", "image,text"),
-}
 QID_HASH_BASE = 500_000
 DID_HASH_BASE = 10_000_000
 INSTRUCTION_MODES: tuple[str, ...] = ("random", "first")
@@ -390,7 +378,7 @@ class TaskData:
         unknown: ``{qid: unknown ids}`` allowed through with ``allow_missing``.
     """
 
-    task: "Task"
+    task: Task
     split: str
     queries: tuple[Query, ...]
     pool: tuple[Candidate, ...]
@@ -402,7 +390,7 @@ class TaskData:
         return [self.qrels.get(q.qid, ()) for q in self.queries]
 
 
-def _check_task_membership(queries: Sequence[Query], task: "Task", path: Path) -> None:
+def _check_task_membership(queries: Sequence[Query], task: Task, path: Path) -> None:
     """Every query of a task file belongs to that task (dataset id of the qid and task id)."""
     for q in queries:
         if q.task_id != task.task_id or q.dataset_id != task.dataset_id:
@@ -410,7 +398,7 @@ def _check_task_membership(queries: Sequence[Query], task: "Task", path: Path) -
                             f"{task.name} (dataset {task.dataset_id}, task {task.task_id})")
 
 
-def load_mbeir_task(root: PathLike, task: "Task", split: str = "test", *,
+def load_mbeir_task(root: PathLike, task: Task, split: str = "test", *,
                     instructions: InstructionTable, instruction_mode: str = "random",
                     seed: int = DEFAULT_INSTRUCTION_SEED,
                     global_modalities: Mapping[str, str] | None = None,

@@ -19,10 +19,20 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from umarvel.errors import ConfigError
-from umarvel.data.mbeir import DATASET_IDS, TASK_MODALITIES
 
 logger = logging.getLogger(__name__)
 
+#: M-BEIR dataset ids, keyed by the lowercase spelling used in file names.
+DATASET_IDS: dict[str, int] = {
+    "visualnews": 0, "fashion200k": 1, "webqa": 2, "edis": 3, "nights": 4,
+    "oven": 5, "infoseek": 6, "fashioniq": 7, "cirr": 8, "mscoco": 9,
+}
+#: (query modality, candidate modality) of each valid M-BEIR task id (5 is not a valid task).
+TASK_MODALITIES: dict[int, tuple[str, str]] = {
+    0: ("text", "image"), 1: ("text", "text"), 2: ("text", "image,text"), 3: ("image", "text"),
+    4: ("image", "image"), 6: ("image,text", "text"), 7: ("image,text", "image"),
+    8: ("image,text", "image,text"),
+}
 TASK_KINDS: tuple[str, ...] = ("mbeir", "zeroshot")
 MBEIR_CUTOFFS: tuple[int, ...] = (1, 5, 10, 50)
 MBEIR_EVAL_SPLITS: tuple[str, ...] = ("val", "test")

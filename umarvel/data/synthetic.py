@@ -34,8 +34,7 @@ from typing import Callable, Sequence
 from PIL import Image, ImageDraw
 
 from umarvel.data.formatting import format_string
-from umarvel.data.mbeir import DATASET_IDS
-from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, get_task
+from umarvel.data.registry import DATASET_IDS, MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, get_task
 from umarvel.utils.io import atomic_write_text, write_jsonl
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from umarvel.demo.benchmark import DemoBenchmark, chance_recall, make_demo_benchmark
-from umarvel.demo.plan import DemoPlan, StagePlan
+from umarvel.demo.plan import DemoPlan, DemoResult, StagePlan, StageResult
 from umarvel.demo.progress import Job, Progress
 from umarvel.errors import ConfigError
 
@@ -85,48 +85,6 @@ def configs_dir() -> Path:
         raise ConfigError(f"{path}/stages not found: the demo runs the repository's stage configs; run it from a "
                           "clone of the repository (pip install -e .)")
     return path
-
-
-# ------------------------------------------------------------------------------------------ run state
-@dataclass
-class StageResult:
-    """One evaluated model: ``local`` / ``global`` are the evaluations' ``results.json`` objects."""
-
-    key: str
-    label: str
-    checkpoint: str
-    local: dict | None = None
-    global_: dict | None = None
-
-    def protocol(self, name: str) -> dict | None:
-        """The results of ``"local"`` or ``"global"``."""
-        return self.local if name == "local" else self.global_
-
-    def to_json(self) -> dict:
-        return {"key": self.key, "label": self.label, "checkpoint": self.checkpoint, "local": self.local,
-                "global": self.global_}
-
-
-@dataclass
-class DemoResult:
-    """What a demo run produced (the content of ``results.json``)."""
-
-    mode: str
-    plan: dict
-    output: Path
-    stages: list[StageResult] = field(default_factory=list)
-    chance: dict[str, dict[str, float]] = field(default_factory=dict)
-    plus: dict | None = None
-    training: dict[str, dict] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    environment: dict[str, Any] = field(default_factory=dict)
-    total_seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return {"mode": self.mode, "plan": self.plan, "output": str(self.output),
-                "chance": self.chance, "stages": [s.to_json() for s in self.stages], "plus": self.plus,
-                "training": self.training, "timings": {k: round(v, 2) for k, v in self.timings.items()},
-                "total_seconds": round(self.total_seconds, 2), "environment": self.environment}
 
 
 # ----------------------------------------------------------------------------------- environment

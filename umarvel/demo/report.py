@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from umarvel.demo.plan import DemoResult
 from umarvel.demo.progress import format_seconds
 from umarvel.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
-if TYPE_CHECKING:
-    from umarvel.demo.pipeline import DemoResult
 
 logger = logging.getLogger(__name__)
 

@@ -6,11 +6,14 @@ single-process batch. LoRA dropout is 0 (dropout streams differ per rank by desi
 """
 from __future__ import annotations
 
+import pytest
 import os
 
 import torch
-from conftest import free_port, spawn_and_wait
-from train_helpers import make_data, tiny_config
+from helpers import free_port, spawn_and_wait
+from helpers import make_data, tiny_config
+
+pytestmark = pytest.mark.slow
 
 B, WORLD, TIMEOUT_S = 3, 2, 240
 CASES = {"cc3m": ["loss.mask_duplicates=true"], "mbeir": ["train.grad_cache=true", "train.chunk_size=2"]}

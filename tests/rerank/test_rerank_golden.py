@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_dir
+from helpers import shared_dir
 from umarvel.data.images import ImageBudget, load_image
 from umarvel.rerank.collate import (RerankScoreCollator, RerankTokenizer, RerankTrainCollator, answer_token_ids,
                                     chat_layout)
 from umarvel.rerank.prompts import (RERANK_INSTRUCTION, TRAIN_MAX_TEXT_TOKENS, RerankPair, make_side,
                                     rerank_candidate_text, rerank_query_text)
+
+pytestmark = pytest.mark.golden
 
 
 TRAIN_TINY = shared_dir() / "golden" / "umarvel_train_tiny"

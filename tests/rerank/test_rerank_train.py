@@ -13,6 +13,8 @@ from PIL import Image
 from umarvel.errors import DataError
 from umarvel.rerank.prompts import RerankPair, RerankSide
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tiny_rerank_ckpt(tmp_path_factory) -> Path:
@@ -163,7 +165,7 @@ def test_dataset_pairs_positive_and_mined_negative(mbeir, tiny_rerank_ckpt):
 def _train_args(mbeir: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     # 4 query rows, 2 per micro-batch, accumulation 4: every epoch ends inside a partial window, which must
     # still take an optimizer step (an earlier version never stepped and looped forever)
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "rerank" / "reranker.yaml"
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "rerank" / "reranker.yaml"
     return ["rerank", "train", str(cfg), f"model.init_from={ckpt}", "model.dtype=float32",
             "model.gradient_checkpointing=false", f"data.mbeir_root={mbeir}", f"data.mined={mbeir / 'mined.jsonl'}",
             "data.num_workers=0", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", f"train.output_dir={out}",

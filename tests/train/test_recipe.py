@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.environ.get("UMARVEL_SKIP_SLOW") == "1", reason="slow recipe test (~2 min)")
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("UMARVEL_SKIP_SLOW") == "1", reason="slow recipe test (~2 min)")]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train_umarvel.sh"
 STEPS = ["stage1", "stage2", "stage3", "mine3", "rerank", "stage4", "mine4", "teacher", "stage5"]
 

@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
-from train_helpers import make_data, tiny_config
+from helpers import make_data, tiny_config
 
 from umarvel.train import checkpoint as ckpt
 from umarvel.train.trainer import StageTrainer, TrainingDiverged
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import pytest
 
 from umarvel.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 def _averages(results: dict, protocol: str) -> dict[str, float]:
     return {s["key"]: s[protocol]["average"] for s in results["stages"] if s.get(protocol)}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import GOLDEN_TINY, GOLDEN_TRAIN, requires_golden
+from helpers import GOLDEN_TINY, GOLDEN_TRAIN, requires_golden
 from umarvel.data.formatting import TRAIN_STYLE_NO_SUFFIX
 from umarvel.data.images import DISTILL_MAX_PIXELS, MAX_PIXELS, MIN_PIXELS, ImageBudget
 from umarvel.errors import ConfigError, DataError
@@ -85,6 +85,7 @@ def _embed_recorded(model, arrays) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- c4
+@pytest.mark.golden
 @requires_golden
 def test_golden_c4_selection_strings_ids_and_loss(golden_model, tmp_path):
     from umarvel.train.datasets import build_dataset
@@ -133,6 +134,7 @@ def test_golden_c4_selection_strings_ids_and_loss(golden_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- c5
+@pytest.mark.golden
 @requires_golden
 def test_golden_c5_rows_strings_ids_and_loss(golden_model, tmp_path):
     from umarvel.train.datasets import build_dataset
@@ -283,7 +285,7 @@ def _stage_cfg(name: str, overrides: list[str]):
     common = ["model.dtype=float32", "model.gradient_checkpointing=false", "train.deepspeed=null",
               "train.max_steps=2", "train.save_steps=1", "lora.r=4", "lora.alpha=8", "data.num_workers=0",
               "train.device=cpu", "train.report_to=[]", "data.path=null", "data.pool=null", "data.instructions=null"]
-    return load_stage_config(Path(__file__).resolve().parents[1] / "configs" / "stages" / name, common + overrides)
+    return load_stage_config(Path(__file__).resolve().parents[2] / "configs" / "stages" / name, common + overrides)
 
 
 def test_stage4_runs_end_to_end(e2e, tiny_checkpoint):

@@ -25,7 +25,9 @@ from umarvel.eval.zeroshot.runner import (EXTRA_COLUMNS, PAPER_COLUMNS, RESULTS_
                                           table_values)
 from umarvel.eval.zeroshot.tasks import resolve_zeroshot_names
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 ZS_TASKS = [t.name for t in resolve_zeroshot_names(None)]
 
 

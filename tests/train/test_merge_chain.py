@@ -9,10 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
-from train_helpers import REPO, data_overrides, make_data, tiny_config
+from helpers import free_port
+from helpers import REPO, data_overrides, make_data, tiny_config
 
 from umarvel.api import UMarvel
+
+pytestmark = pytest.mark.slow
 
 ITEMS_Q = [{"text": "a red circle on the left", "instruction": "find the picture"}, {"text": "blue square"}]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import REPO, make_data, tiny_config
+from helpers import REPO, make_data, tiny_config
 
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.train.config import load_stage_config

@@ -188,7 +188,7 @@ def _dist_worker(rank, world, root, port, out):
 
 
 def test_distributed_round_robin(tmp_path):
-    from conftest import free_port, spawn_and_wait
+    from helpers import free_port, spawn_and_wait
 
     spawn_and_wait(_dist_worker, (2, str(tmp_path / "c"), free_port(), str(tmp_path)), 2, 300,
                    "2-process cache test")

@@ -15,10 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from conftest import free_port, spawn_and_wait
+from helpers import free_port, spawn_and_wait
 from umarvel import dist as udist
 from umarvel.train import losses as L
 from umarvel.train.grad_cache import grad_cache_step
+
+pytestmark = pytest.mark.slow
 
 WORLD, B, K, D_IN, D = 2, 3, 2, 6, 5
 TIMEOUT_S = 120

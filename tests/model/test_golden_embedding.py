@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import GOLDEN_TINY, requires_golden
+from helpers import GOLDEN_TINY, requires_golden
 
-pytestmark = requires_golden
+pytestmark = [pytest.mark.golden, requires_golden]
 BATCHES = ["A_queries", "B_candidates", "C_single_query"]
 
 

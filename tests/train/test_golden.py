@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN_TINY, GOLDEN_TRAIN, requires_golden
+from helpers import GOLDEN_TINY, GOLDEN_TRAIN, requires_golden
 
 from umarvel.train.batching import PairCollator
 from umarvel.train.config import load_stage_config
 from umarvel.train.trainer import StageTrainer
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.golden
+
+REPO = Path(__file__).resolve().parents[2]
 CASES = {"c1_nli": "01_nli.yaml", "c2_cc3m": "02_cc3m.yaml", "c3_mbeir": "03_mbeir.yaml"}
 
 

@@ -30,7 +30,9 @@ from umarvel.eval.metrics import score_task
 from umarvel.eval.outputs import read_results_json
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, get_task
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 ORDERED = [n for n in MBEIR_TASK_ORDER if n in SYNTHETIC_TASKS]  # the 7 synthetic tasks, paper order
 N_ITEMS = 7 * (6 + 12)  # queries + local pool per task (synthetic defaults)
 

@@ -6,7 +6,7 @@ import dataclasses
 import random
 
 import torch
-from train_helpers import make_data, tiny_config
+from helpers import make_data, tiny_config
 
 from umarvel.train.trainer import StageTrainer
 

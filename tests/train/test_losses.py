@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import shared_dir
+from helpers import shared_dir
 from umarvel.train import losses as L
 
 TAU = float(np.float32(0.05))  # sim.temp of the official model: 0.05000000074505806
@@ -36,6 +36,7 @@ def emb_key(request):
     return request.param
 
 
+@pytest.mark.golden
 @needs_golden
 @pytest.mark.parametrize("case,expected", [("c1_nli", 1.527816891670227), ("c3_mbeir", 2.482076406478882)])
 def test_golden_infonce_q2c(case, expected, emb_key):
@@ -49,6 +50,7 @@ def test_golden_infonce_q2c(case, expected, emb_key):
     np.testing.assert_allclose(logits.numpy(), arrays["logits"], atol=2e-5)
 
 
+@pytest.mark.golden
 @needs_golden
 def test_golden_bidirectional_c2(emb_key):
     arrays, meta = _case("c2_cc3m")
@@ -62,6 +64,7 @@ def test_golden_bidirectional_c2(emb_key):
     assert _rel(both.item(), meta["loss"]) <= 1e-6
 
 
+@pytest.mark.golden
 @needs_golden
 def test_golden_hard_negatives_c4(emb_key):
     arrays, meta = _case("c4_hardneg")
@@ -87,6 +90,7 @@ def test_golden_hard_negatives_c4(emb_key):
     assert not mask.any()  # duplicates among negatives are not false negatives of any positive
 
 
+@pytest.mark.golden
 @needs_golden
 def test_golden_distill_c5():
     arrays, meta = _case("c5_distill")
