@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ import torch
 from umarvel.data.formatting import UMARVEL_TOKENS
 from umarvel.errors import CheckpointError
 from umarvel.model.backbones import BackboneSpec, get_backbone_spec
+from umarvel.utils.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -149,24 +148,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer, 
     ``umarvel.json`` (temperature, token ids, provenance).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         if image_processor is not None:
             image_processor.save_pretrained(str(tmp))
         (tmp / UMARVEL_META).write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    Readers see the old complete folder or the new complete one, never a partial one. With
+    ``replace=True`` an existing ``path`` is swapped out (renamed aside, then removed); with
+    ``replace=False`` an existing ``path`` is an error (``FileExistsError``). On failure the temporary
+    folder is removed and ``path`` is untouched. The folder is created with the umask's permissions.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not replace:
+        raise FileExistsError(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; follow the umask like a plain mkdir
+    try:
+        yield tmp
+        if path.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, backup / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
