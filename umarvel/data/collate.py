@@ -220,15 +220,22 @@ class EmbeddingCollator:
         instr = instruction_mask(ids, self.start_id, self.end_id)
         pool = attn * (1 - instr) if self.mask_instruction else attn.clone()
         batch = {"input_ids": ids, "attention_mask": attn, "instruction_mask": instr, "pool_mask": pool}
+        batch.update(self.visuals(items))
+        return batch
+
+    def visuals(self, items: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
+        """Patches of all images (videos) of ``items`` in order: ``pixel_values`` (patches, 1176) +
+        ``image_grid_thw`` (n_images, 3), ``pixel_values_videos`` + ``video_grid_thw``; absent when none."""
+        out = {}
         parts = [p for x in items for p in (x.patches or [image_patches(im, self.patch_spec) for im in x.images])]
         if parts:
-            batch["pixel_values"] = torch.from_numpy(np.concatenate([pv for pv, _ in parts]))
-            batch["image_grid_thw"] = torch.from_numpy(np.concatenate([g for _, g in parts]))
+            out["pixel_values"] = torch.from_numpy(np.concatenate([pv for pv, _ in parts]))
+            out["image_grid_thw"] = torch.from_numpy(np.concatenate([g for _, g in parts]))
         videos = [x.video for x in items if x.video is not None]
         if videos:
-            batch["pixel_values_videos"] = torch.from_numpy(np.concatenate([v.pixel_values for v in videos]))
-            batch["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.long)
-        return batch
+            out["pixel_values_videos"] = torch.from_numpy(np.concatenate([v.pixel_values for v in videos]))
+            out["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.long)
+        return out
 
 
 def plan_batches(lengths: Sequence[int], max_batch_size: int, max_tokens: int | None = None) -> list[list[int]]:

@@ -48,17 +48,28 @@ class BackboneSpec:
         for layer in self.language_model(model).layers:
             yield layer.self_attn
 
+    def vision_attention_modules(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The vision tower's self-attention modules."""
+        for block in self.visual(model).blocks:
+            yield block.attn
+
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Vision tower + merger output for all images of a batch: (sum t*h*w/4, hidden)."""
-        out = self.inner(model).get_image_features(pixel_values, grid_thw, return_dict=True)
-        feats = out.pooler_output
-        return torch.cat(list(feats), dim=0) if isinstance(feats, (tuple, list)) else feats
+        """Vision tower + merger output for all images of a batch, one tower call: (sum t*h*w/4, hidden).
+
+        The tower is called directly (``get_image_features`` would split the output per image with a host
+        sync, only for us to concatenate it again).
+        """
+        return _merged(self.visual(model)(pixel_values, grid_thw=grid_thw))
 
     def video_features(self, model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Vision tower + merger output for all videos of a batch: (sum t*h*w/4, hidden)."""
-        out = self.inner(model).get_video_features(pixel_values, grid_thw, return_dict=True)
-        feats = out.pooler_output
-        return torch.cat(list(feats), dim=0) if isinstance(feats, (tuple, list)) else feats
+        return _merged(self.visual(model)(pixel_values, grid_thw=grid_thw))
+
+
+def _merged(out) -> torch.Tensor:
+    """The merger output of a vision-tower call (a tensor, or ``pooler_output`` of a model output)."""
+    feats = getattr(out, "pooler_output", out)
+    return torch.cat(list(feats), dim=0) if isinstance(feats, (tuple, list)) else feats
 
 
 def _qwen2_vl_class():

@@ -9,9 +9,15 @@ Conventions (method spec section 1, decisions D5/D6; golden README "Parity condi
 - the embedding is the mean of the final-norm hidden states over ``pool_mask`` (non-pad tokens minus
   the instruction span, markers included), from the language model only: vocabulary logits are
   never computed.
+
+Two batch layouts, one module: padded ``(B, L)`` batches (``umarvel.data.collate.EmbeddingCollator``) and
+packed ``(1, T)`` rows without padding (``umarvel.data.packing.PackedCollator``: ``cu_seqlens`` marks the
+sequences; attention stays inside each, positions restart at 0, pooling is per sequence). Both give the same
+vectors (fp32: within 1e-5). A frozen vision tower always runs without autograd.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Literal
 
@@ -19,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from umarvel.model.attention import install_packed_attention, packed_kwargs, packing_supported, segment_ids
 from umarvel.model.backbones import BackboneSpec
 
 logger = logging.getLogger(__name__)
@@ -52,6 +59,31 @@ def pad_key_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tens
         blocked, torch.finfo(dtype).min)
 
 
+def segment_mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence masked mean over a packed row, computed in float32 (as :func:`mean_pool`).
+
+    Args:
+        hidden: (1, T, D) or (T, D) hidden states of a packed row.
+        pool_mask: (1, T) or (T,) 1 on pooled positions.
+        cu_seqlens: (N+1,) sequence boundaries on the same device.
+    Returns:
+        (N, D) float32 means (denominator clamped at 1e-7).
+    """
+    h = hidden.reshape(-1, hidden.shape[-1]).to(torch.float32)
+    m = pool_mask.reshape(-1).to(torch.float32)
+    seg = segment_ids(cu_seqlens, h.shape[0])
+    n = cu_seqlens.shape[0] - 1
+    sums = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device).index_add_(0, seg, h * m[:, None])
+    counts = torch.zeros(n, dtype=torch.float32, device=h.device).index_add_(0, seg, m)
+    return sums / counts.clamp(min=1e-7)[:, None]
+
+
+def packed_max_len(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None) -> int:
+    """Longest sequence of a packed batch, read from the host-side ``seq_lens`` when given (no device sync)."""
+    src = seq_lens if seq_lens is not None else cu_seqlens[1:] - cu_seqlens[:-1]
+    return int(src.max())
+
+
 def rowwise_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """1-D positions 0..n-1 over each row's real tokens (pads get 0). (B, L) int64."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -79,6 +111,7 @@ class UMarvelEmbedder(nn.Module):
         self.attention = attention
         self.positions = positions
         self.set_attention(attention)
+        self.enable_packing()
 
     # -- structure ----------------------------------------------------------------------------
     @property
@@ -101,6 +134,18 @@ class UMarvelEmbedder(nn.Module):
         for module in self.spec.attention_modules(self.hf_model):
             module.is_causal = attention == "causal"
 
+    def enable_packing(self) -> None:
+        """Route attention through the packed-attention function (padded batches are unaffected)."""
+        model = self.hf_model
+        visual = self.spec.visual(model)
+        install_packed_attention(self.spec.language_model(model).config, self.spec.attention_modules(model),
+                                 getattr(visual, "config", None), self.spec.vision_attention_modules(model))
+
+    @property
+    def supports_packing(self) -> bool:
+        """Whether packed batches can be embedded (1-D positions and a packing-aware attention)."""
+        return self.positions == "1d" and packing_supported(self.spec.language_model(self.hf_model).config)
+
     @property
     def embed_dim(self) -> int:
         """Output dimension D (the language model's hidden size)."""
@@ -120,35 +165,45 @@ class UMarvelEmbedder(nn.Module):
                                       video_grid_thw=video_grid_thw, attention_mask=attention_mask)
         return pos
 
+    def input_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                         image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                         video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the visual features scattered into the placeholders: same shape as ids + (D,).
+
+        All images (videos) of the batch go through the vision tower in one call, without autograd when
+        the tower is frozen (its activations would otherwise be kept for a backward pass that never
+        reaches a trainable weight).
+        """
+        return multimodal_embeddings(self.spec, self.hf_model, input_ids, pixel_values, image_grid_thw,
+                                     pixel_values_videos, video_grid_thw)
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                       pixel_values_videos: torch.Tensor | None = None,
-                      video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states of the language model, (B, L, D).
+                      video_grid_thw: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                      seq_lens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states of the language model: (B, L, D), or (1, T, D) for a packed row.
 
-        Vision features are computed once for all images (videos) of the batch and scattered into
-        the ``<|image_pad|>`` (``<|video_pad|>``) positions.
+        A packed row (``cu_seqlens`` given, see ``umarvel.data.packing``) attends within each sequence only;
+        ``position_ids`` default to 0.. per sequence.
         """
-        model, cfg = self.hf_model, self.config
-        inner = self.spec.inner(model)
-        embeds = inner.get_input_embeddings()(input_ids)
-        for pix, grid, token_id, fn in (
-                (pixel_values, image_grid_thw, cfg.image_token_id, self.spec.image_features),
-                (pixel_values_videos, video_grid_thw, cfg.video_token_id, self.spec.video_features)):
-            if pix is None:
-                continue
-            visual = self.spec.visual(model)
-            feats = fn(model, pix.to(next(visual.parameters()).dtype), grid).to(embeds.dtype)
-            slots = (input_ids == token_id).unsqueeze(-1)
-            if int(slots.sum()) != feats.shape[0]:
-                raise ValueError(f"{int(slots.sum())} visual placeholder tokens but {feats.shape[0]} visual features")
-            embeds = embeds.masked_scatter(slots.expand_as(embeds), feats)
-        lm = self.spec.language_model(model)
+        embeds = self.input_embeddings(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        lm = self.spec.language_model(self.hf_model)
+        layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+        if cu_seqlens is not None:
+            if not self.supports_packing:
+                raise ValueError(f"packed batches need positions='1d' and a packing-aware attention "
+                                 f"(positions={self.positions!r}, attention implementation "
+                                 f"{getattr(lm.config, '_attn_implementation', None)!r}); use padded batches")
+            if position_ids is None:
+                position_ids = packed_positions(cu_seqlens, input_ids.shape[1])
+            out = lm(inputs_embeds=embeds, attention_mask={t: None for t in layer_types}, position_ids=position_ids,
+                     use_cache=False, **packed_kwargs(cu_seqlens, packed_max_len(cu_seqlens, seq_lens)))
+            return out.last_hidden_state
         if self.attention == "bidirectional":
             mask = pad_key_mask(attention_mask, embeds.dtype)
         else:
             mask = _causal_mask(attention_mask, embeds.dtype)
-        layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
         out = lm(inputs_embeds=embeds, attention_mask={t: mask for t in layer_types},
                  position_ids=self._positions(input_ids, attention_mask, image_grid_thw, video_grid_thw),
                  use_cache=False)
@@ -157,16 +212,61 @@ class UMarvelEmbedder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                normalize: bool = True, **_: torch.Tensor) -> torch.Tensor:
-        """Embed a collated batch (see ``umarvel.data.collate.EmbeddingCollator``).
+                normalize: bool = True, cu_seqlens: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **_: torch.Tensor) -> torch.Tensor:
+        """Embed a collated batch, padded (``umarvel.data.collate.EmbeddingCollator``) or packed
+        (``umarvel.data.packing.PackedCollator``).
 
         Returns:
-            (B, D) float32 embeddings, L2-normalised when ``normalize`` (else the raw means).
+            (B, D) float32 embeddings (B sequences, in batch order), L2-normalised when ``normalize`` (else
+            the raw means).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                    pixel_values_videos, video_grid_thw)
-        emb = mean_pool(hidden, pool_mask)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                    video_grid_thw, cu_seqlens=cu_seqlens, seq_lens=seq_lens,
+                                    position_ids=position_ids)
+        if cu_seqlens is not None:
+            emb = segment_mean_pool(hidden, pool_mask, cu_seqlens)
+        else:
+            emb = mean_pool(hidden, pool_mask)
         return F.normalize(emb, dim=-1) if normalize else emb
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions 0..n_i-1 restarting at every sequence of a packed row: (1, T) int64."""
+    seg = segment_ids(cu_seqlens, total)
+    return (torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seg])[None]
+
+
+def vision_frozen(visual: nn.Module) -> bool:
+    """Whether no parameter of the vision tower is trainable."""
+    return not any(p.requires_grad for p in visual.parameters())
+
+
+def multimodal_embeddings(spec: BackboneSpec, model: nn.Module, input_ids: torch.Tensor,
+                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                          pixel_values_videos: torch.Tensor | None = None,
+                          video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings (``input_ids.shape + (D,)``) with vision features in the ``<|image_pad|>`` /
+    ``<|video_pad|>`` positions; one tower call per modality, under ``no_grad`` when the tower is frozen.
+
+    The placeholder count is checked against the features where that costs no device sync (CPU tensors).
+    """
+    cfg = model.config
+    embeds = spec.inner(model).get_input_embeddings()(input_ids)
+    visual = spec.visual(model)
+    for pix, grid, token_id, fn in (
+            (pixel_values, image_grid_thw, cfg.image_token_id, spec.image_features),
+            (pixel_values_videos, video_grid_thw, cfg.video_token_id, spec.video_features)):
+        if pix is None:
+            continue
+        ctx = torch.no_grad() if vision_frozen(visual) else contextlib.nullcontext()
+        with ctx:
+            feats = fn(model, pix.to(next(visual.parameters()).dtype), grid).to(embeds.dtype)
+        slots = (input_ids == token_id).unsqueeze(-1)
+        if input_ids.device.type == "cpu" and int(slots.sum()) != feats.shape[0]:
+            raise ValueError(f"{int(slots.sum())} visual placeholder tokens but {feats.shape[0]} visual features")
+        embeds = embeds.masked_scatter(slots.expand_as(embeds), feats)
+    return embeds
 
 
 def _causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
