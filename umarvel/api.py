@@ -1,14 +1,15 @@
 """Public embedding API: ``UMarvel.from_pretrained(...).encode_queries / encode_candidates``."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,6 +20,7 @@ import torch
 from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches
 from umarvel.data.formatting import INFERENCE_STYLE, UMARVEL_TOKENS, PromptStyle, format_string, query_text_with_instruction
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget, load_image
+from umarvel.data.packing import EncodeChunks, PackedCollator, plan_packs, to_device
 from umarvel.data.patches import image_patches
 from umarvel.data.processor import (BUNDLED_PROCESSOR_DIR, build_hf_processor, has_processor_files,
                                     load_image_processor, load_tokenizer)
@@ -84,10 +86,17 @@ class UMarvel:
         embedder: the ``UMarvelEmbedder`` nn.Module (for training code).
         tokenizer / image_processor: the checkpoint's tokenizer (with U-MARVEL tokens) and PIL image processor.
         settings: the :class:`EncodeSettings` in force.
+        packing: encode packed batches (no padding; ``umarvel.data.packing``) where the embedder supports
+            them (1-D positions); False uses length-sorted padded batches.
+        preprocess_workers: DataLoader worker processes for image decoding, patches and tokenization
+            (``None``: up to 8 on CUDA, 0 on CPU, where preprocessing runs in threads of this process).
+        last_encode_stats: counters of the last ``encode_*`` call (items, batches, real / padded tokens,
+            wall and model-busy seconds).
     """
 
     def __init__(self, embedder: UMarvelEmbedder, tokenizer, image_processor, settings: EncodeSettings,
-                 device: str | torch.device = "cpu", source: str | None = None, load_workers: int = 8):
+                 device: str | torch.device = "cpu", source: str | None = None, load_workers: int = 8,
+                 preprocess_workers: int | None = None):
         self.embedder = embedder
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -95,9 +104,14 @@ class UMarvel:
         self.device = torch.device(device)
         self.source = source
         self.load_workers = load_workers
+        self.preprocess_workers = preprocess_workers
+        self.packing = True
+        self.chunk_items: int | None = None  # inputs per preprocessing chunk (None: max(16 * batch_size, 512))
+        self.last_encode_stats: dict = {}
         self.budget = ImageBudget(settings.min_pixels, settings.max_pixels)
         self._tok = EmbeddingTokenizer(tokenizer, settings.style)
         self._collator = EmbeddingCollator(tokenizer, image_processor)
+        self._packed_collator = PackedCollator(tokenizer, image_processor)
         self._processor = None
 
     # ------------------------------------------------------------------ construction / saving
@@ -287,11 +301,41 @@ class UMarvel:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(loaders), desc=f"encode {role}s", unit="item", disable=not show)
-        for idx, batch in _prefetch(self._batches(loaders, tok, batch_size, max_tokens)):
-            out[idx] = self.embed_batch(batch).cpu().numpy()
-            bar.update(len(idx))
+        stats = {"items": len(loaders), "batches": 0, "real_tokens": 0, "padded_tokens": 0, "busy_s": 0.0}
+        timer = _BusyTimer(self.device)
+        t0 = time.perf_counter()
+        pending = None  # (indices, device embeddings): copied out after the next batch is queued
+        for idx, batch in self._batches(loaders, tok, batch_size, max_tokens):
+            stats["batches"] += 1
+            stats["real_tokens"] += int(batch["attention_mask"].sum())
+            stats["padded_tokens"] += batch["input_ids"].numel()
+            with timer:
+                emb = self.embed_batch(batch)
+            if pending is not None:
+                out[pending[0]] = pending[1].cpu().numpy()
+                bar.update(len(pending[0]))
+            pending = (idx, emb)
+        if pending is not None:
+            out[pending[0]] = pending[1].cpu().numpy()
+            bar.update(len(pending[0]))
         bar.close()
+        stats["busy_s"] = timer.total()
+        stats["wall_s"] = time.perf_counter() - t0
+        self.last_encode_stats = stats
         return out
+
+    @property
+    def packs(self) -> bool:
+        """Whether ``encode_*`` builds packed batches (``packing`` and supported by the embedder)."""
+        return self.packing and self.embedder.supports_packing
+
+    def _workers(self, n_chunks: int) -> int:
+        """Preprocessing worker processes for an encode call of ``n_chunks`` chunks."""
+        if n_chunks < 2 or "fork" not in torch.multiprocessing.get_all_start_methods():
+            return 0
+        if self.preprocess_workers is not None:
+            return max(0, self.preprocess_workers)
+        return min(8, max(1, (os.cpu_count() or 2) - 2)) if self.device.type == "cuda" else 0
 
     def _loader(self, text: str, image: Any, what: str) -> Callable[[], EmbedInput]:
         """A loader for one input: open + resize the image and compute its patches (in a worker thread)."""
@@ -305,15 +349,32 @@ class UMarvel:
 
     def _batches(self, loaders: Sequence[Callable[[], EmbedInput]], tok: EmbeddingTokenizer, batch_size: int,
                  max_tokens: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-        """Yield ``(indices, collated batch)`` in length-sorted order, chunk by chunk."""
-        chunk = max(batch_size * 16, 512)
-        with ThreadPoolExecutor(max_workers=self.load_workers) as pool:
-            for start in range(0, len(loaders), chunk):
-                inputs = list(pool.map(lambda f: f(), loaders[start:start + chunk]))
-                tokenized: list[TokenizedInput] = tok.tokenize(inputs)
-                lengths = [len(t) for t in tokenized]
-                for idx in plan_batches(lengths, batch_size, max_tokens):
-                    yield [start + i for i in idx], self._collator([tokenized[i] for i in idx])
+        """Yield ``(indices, collated batch)``: packed (first-fit decreasing under ``max_tokens``) or
+        length-sorted padded batches, chunk by chunk.
+
+        Loading, tokenization and collation run in DataLoader worker processes (pinned memory) when
+        :meth:`_workers` allows, else in a background thread with a thread pool for the images.
+        """
+        if self.packs:
+            collate, plan = self._packed_collator, functools.partial(plan_packs, max_tokens=max_tokens,
+                                                                      max_items=batch_size)
+        else:
+            collate, plan = self._collator, functools.partial(plan_batches, max_batch_size=batch_size,
+                                                               max_tokens=max_tokens)
+        chunk = self.chunk_items or max(batch_size * 16, 512)
+        n_chunks = (len(loaders) + chunk - 1) // chunk
+        workers = self._workers(n_chunks)
+        pin = self.device.type == "cuda"
+        if workers:
+            ds = EncodeChunks(loaders, tok, collate, plan, chunk)
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                                  collate_fn=_identity, pin_memory=pin, prefetch_factor=2,
+                                                  multiprocessing_context="fork"))
+        else:
+            ds = EncodeChunks(loaders, tok, collate, plan, chunk, threads=self.load_workers)
+            it = _prefetch(_pinned(ds[i], pin) for i in range(len(ds)))
+        for part in it:
+            yield from part
 
     def _encode(self, prepared: Sequence[tuple[str, Any]], role: str, batch_size: int, max_tokens: int | None,
                 show_progress: bool | None) -> np.ndarray:
@@ -322,11 +383,54 @@ class UMarvel:
 
     @torch.no_grad()
     def embed_batch(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Embed one collated batch on the model's device: (B, D) float32, L2-normalised."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """Embed one collated batch (padded or packed): (B, D) float32, L2-normalised, on the model's device
+        (not waited for: ``encode_*`` copies it out after queueing the next batch)."""
+        batch = to_device(batch, self.device)
         dtype = self.dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return self.embedder(**batch, normalize=True).float()
+
+
+def _identity(x):
+    return x
+
+
+def _pinned(part: list, pin: bool) -> list:
+    """``(indices, batch)`` pairs with the batch tensors in pinned memory (for async host-to-device copies)."""
+    if not pin:
+        return part
+    return [(idx, {k: v.pin_memory() for k, v in batch.items()}) for idx, batch in part]
+
+
+class _BusyTimer:
+    """Sums the time the model is busy: CUDA events around each batch (GPU stream time), wall time on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.cpu = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self.events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            self.events[-1][0].record()
+        else:
+            self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.cpu += time.perf_counter() - self._t
+        return False
+
+    def total(self) -> float:
+        """Busy seconds (synchronises the device once)."""
+        if not self.cuda:
+            return self.cpu
+        torch.cuda.synchronize()
+        return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
 
 
 def _prefetch(it: Iterator, depth: int = 3) -> Iterator:

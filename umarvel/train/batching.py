@@ -9,9 +9,11 @@ batches are shuffled again.
 
 Collator (:class:`PairCollator`): a device batch of B examples with G columns (1 positive [+ K negatives])
 becomes ``S = B * (1 + G)`` sequences in the official category-major *layout* ``[B queries | B column-1 | ...]``.
-Instead of padding all S to the single longest (official), sequences are sorted by length and cut into
-chunks of at most ``chunk_size`` sequences and ``chunk_tokens`` padded tokens; each chunk is collated on its
-own (vision tower once per chunk). ``StepBatch.inverse`` maps the concatenated chunk outputs back to the
+Instead of padding all S to the single longest (official), ``packing=True`` packs the sequences into chunks of
+at most ``chunk_tokens`` real tokens and ``chunk_size`` sequences by first-fit decreasing, each one packed row
+without padding (``umarvel.data.packing``); ``packing=False`` sorts them by length and cuts chunks of at most
+``chunk_size`` sequences and ``chunk_tokens`` padded tokens. Each chunk is collated on its own (vision tower
+once per chunk). ``StepBatch.inverse`` maps the concatenated chunk outputs back to the
 layout. ``reference=True`` reproduces the official batching (layout order, one padded length for all, chunks
 of ``chunk_size``) for parity tests and the benchmark.
 """
@@ -26,6 +28,7 @@ import torch
 from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import ImageBudget, load_image
+from umarvel.data.packing import PackedCollator, plan_packs
 from umarvel.train.datasets import TrainDataset, TrainExample
 
 
@@ -129,16 +132,19 @@ class PairCollator:
         tokenizer / image_processor: of the checkpoint. style: suffix / generation-prompt policy.
         budget: image resize budget. mask_instruction: pool without the instruction span.
         chunk_size / chunk_tokens: chunk limits. reference: official layout-order batching (see module doc).
+        packing: packed chunks without padding (ignored with ``reference``).
     """
 
     def __init__(self, tokenizer, image_processor, style: PromptStyle, budget: ImageBudget = ImageBudget(),
                  mask_instruction: bool = True, chunk_size: int = 32, chunk_tokens: int | None = None,
-                 reference: bool = False):
+                 reference: bool = False, packing: bool = False):
         self.tok = EmbeddingTokenizer(tokenizer, style)
         self.collator = EmbeddingCollator(tokenizer, image_processor, padding_side="left",
                                           mask_instruction=mask_instruction)
+        self.packed = PackedCollator(tokenizer, image_processor, mask_instruction=mask_instruction)
         self.budget = budget
         self.chunk_size, self.chunk_tokens, self.reference = chunk_size, chunk_tokens, reference
+        self.packing = packing and not reference
 
     def inputs(self, examples: Sequence[TrainExample]) -> list[EmbedInput]:
         """The S layout-ordered inputs with loaded images (each distinct path loaded once)."""
@@ -162,6 +168,9 @@ class PairCollator:
         n = len(tokenized)
         if self.reference:
             return [list(range(s, min(s + self.chunk_size, n))) for s in range(0, n, self.chunk_size)]
+        if self.packing:
+            return plan_packs([len(t) for t in tokenized], self.chunk_tokens or sum(len(t) for t in tokenized),
+                              self.chunk_size)
         return plan_batches([len(t) for t in tokenized], self.chunk_size, self.chunk_tokens)
 
     def __call__(self, examples: Sequence[TrainExample]) -> StepBatch:
@@ -180,6 +189,8 @@ class PairCollator:
                 real_mask = (ar[None, :] >= (longest - real)[:, None]).long()
                 batch["attention_mask"] = real_mask
                 batch["pool_mask"] = batch["pool_mask"] * real_mask
+            elif self.packing:
+                batch = self.packed(items)
             else:
                 batch = self.collator(items)
             chunks.append(batch)

@@ -144,8 +144,18 @@ class TrainSection:
     Attributes:
         output_dir: run folder: ``checkpoints/step-N`` (resumable), ``adapter`` and ``merged`` at the end, ``tb``.
         per_device_batch_size: contrastive pairs (queries) per device and step.
-        chunk_size / chunk_tokens: at most this many sequences / padded tokens per forward chunk; sequences
-            are length-sorted before chunking, so chunks are length-homogeneous.
+        chunk_size / chunk_tokens: at most this many sequences / tokens per forward chunk. With ``packing`` a
+            chunk is one packed row without padding (first-fit decreasing under ``chunk_tokens`` real tokens);
+            without, sequences are length-sorted and chunks padded to their longest (``chunk_tokens`` padded).
+        packing: padding-free packed chunks (needs ``model.positions: 1d``; the padded path otherwise).
+        activation_checkpointing: ``full`` (every decoder layer recomputed in the backward pass), ``selective``
+            (every ``checkpoint_every_k``-th layer: less recomputation, more memory) or ``none``;
+            ``model.gradient_checkpointing: false`` means ``none``.
+        checkpoint_every_k: k of ``selective``.
+        fused_optimizer: fused AdamW kernels on CUDA (one kernel for all parameters; same update rule).
+        lora_compute: ``float32`` (peft's default: the adapter matmuls upcast their input to the fp32 adapter
+            weights) or ``model`` (adapter matmuls in the model dtype under autocast, fp32 master weights; the
+            official bf16 DeepSpeed runs kept the adapters in bf16).
         grad_cache: two-pass GradCache step (memory of one chunk, same gradients).
         max_steps: stop after this many optimiser steps (overrides ``num_epochs`` for the schedule).
         resume: ``auto`` (the run folder's latest checkpoint if any), ``never``, or a checkpoint path.
@@ -172,6 +182,11 @@ class TrainSection:
     max_grad_norm: float = 1.0
     chunk_size: int = 32
     chunk_tokens: int | None = 32768
+    packing: bool = True
+    activation_checkpointing: Literal["full", "selective", "none"] = "full"
+    checkpoint_every_k: int = 2
+    fused_optimizer: bool = True
+    lora_compute: Literal["float32", "model"] = "float32"
     grad_cache: bool = False
     seed: int = 42
     save_steps: int = 500
@@ -190,6 +205,8 @@ class TrainSection:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.checkpoint_every_k < 1:
+            raise ValueError(f"checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
         if self.save_steps < 1 or self.logging_steps < 1:
             raise ValueError("save_steps and logging_steps must be >= 1")
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from umarvel import dist as udist
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import ImageBudget
+from umarvel.data.packing import to_device
 from umarvel.errors import ConfigError, UMarvelError
 from umarvel.log import progress_disabled
 from umarvel.train import checkpoint as ckpt
@@ -125,7 +126,8 @@ class StageTrainer:
 
     def _prepare_model(self) -> None:
         """D2 temperature, fresh LoRA (same init on every rank), gradient checkpointing, train mode."""
-        from umarvel.model.lora import attach_lora
+        from umarvel.model.checkpointing import set_activation_checkpointing
+        from umarvel.model.lora import attach_lora, set_lora_compute
         from umarvel.train.losses import initial_temperature
 
         cfg = self.cfg
@@ -134,13 +136,12 @@ class StageTrainer:
             self.embedder.temperature.fill_(tau)
         torch.manual_seed(cfg.train.seed)
         attach_lora(self.embedder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        set_lora_compute(self.embedder, cfg.train.lora_compute)
         self.embedder.temperature.requires_grad_(cfg.temperature.learnable)
-        if cfg.model.gradient_checkpointing:
-            hf = self.embedder.hf_model
-            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.gradient_checkpointing and cfg.train.activation_checkpointing != "none":
+            hf, spec = self.embedder.hf_model, self.embedder.spec
+            set_activation_checkpointing(hf, spec.language_model(hf), spec.visual(hf),
+                                         cfg.train.activation_checkpointing, cfg.train.checkpoint_every_k)
         self.embedder.to(self.device).train()
         self.named_trainable = [(n, p) for n, p in self.embedder.named_parameters() if p.requires_grad]
         if udist.is_dist():  # identical start on every rank
@@ -156,7 +157,8 @@ class StageTrainer:
         style = PromptStyle(suffix=d.suffix, image_only_suffix="image", add_generation_prompt=d.add_generation_prompt)
         return PairCollator(self.model.tokenizer, self.model.image_processor, style,
                             ImageBudget(m.min_pixels, m.max_pixels), mask_instruction=d.mask_instruction,
-                            chunk_size=t.chunk_size, chunk_tokens=t.chunk_tokens)
+                            chunk_size=t.chunk_size, chunk_tokens=t.chunk_tokens,
+                            packing=t.packing and self.embedder.supports_packing)
 
     def _build_optimizer(self) -> None:
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, \
@@ -168,8 +170,9 @@ class StageTrainer:
         groups = [{"params": lora, "weight_decay": t.weight_decay}]
         if tau.requires_grad:
             groups.append({"params": [tau], "weight_decay": 0.0})
+        fused = t.fused_optimizer and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                           eps=t.adam_epsilon)
+                                           eps=t.adam_epsilon, **({"fused": True} if fused else {}))
         warmup = math.ceil(t.warmup_ratio * self.total_steps)
         make = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
         if t.lr_scheduler == "constant":
@@ -223,8 +226,11 @@ class StageTrainer:
         return tau.clamp(c.min, c.max).reshape(())
 
     def _embed(self, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
-        chunk = {k: v.to(self.device, non_blocking=True) for k, v in chunk.items()}
-        return self.module(**chunk, normalize=False)  # (b, D) float32 raw means
+        chunk = to_device(chunk, self.device)
+        dtype = self.model.dtype
+        autocast = self.cfg.train.lora_compute == "model" and dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
+            return self.module(**chunk, normalize=False)  # (b, D) float32 raw means
 
     def compute_loss(self, embs_sorted: torch.Tensor, batch: StepBatch, metrics: dict) -> torch.Tensor:
         """Loss of a device batch from the concatenated chunk outputs (S, D)."""
