@@ -218,3 +218,20 @@ def test_p_yes_mrope_equals_generate_first_step(golden, reranker):
     assert torch.equal(out.sequences[:, -1], out.logits[0].argmax(-1))
     assert float((p_fwd - p_gen).abs().max()) <= 1e-6
     np.testing.assert_allclose(p_gen.numpy(), arrays["score_p_yes_generate"], atol=1e-5, rtol=0)
+
+
+@needs_golden
+def test_packed_loss_and_p_yes_equal_official(golden, reranker):
+    """Packed rows (no padding; causal attention inside each pair) give the official loss and P(yes)."""
+    from umarvel.data.packing import pack_padded
+
+    arrays, meta, _ = golden
+    recorded = {k: torch.from_numpy(arrays[k]) for k in
+                ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")}
+    packed = pack_padded(recorded)
+    assert packed["input_ids"].shape[1] == int(recorded["attention_mask"].sum())
+    with torch.no_grad():
+        loss = reranker.model.loss(**packed).item()
+        p = reranker.model.p_yes(pack_padded(_score_batch(arrays))).numpy()
+    assert abs(loss - meta["train"]["loss"]) / meta["train"]["loss"] <= 1e-5
+    np.testing.assert_allclose(p, arrays["score_p_yes_forward_1d_positions"], atol=1e-5, rtol=0)

@@ -97,6 +97,25 @@ def packed_instruction_mask(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, s
     return ((depth > 0) | (ids == end_id)).long()[None]
 
 
+def pack_padded(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A padded batch (left or right padding) as one packed row: every (B, L) tensor keeps its real tokens.
+
+    ``input_ids``, ``attention_mask`` and any other (B, L) tensor (``labels``, masks) become (1, T) in row
+    order; ``position_ids`` (0.. per sequence), ``cu_seqlens`` and ``seq_lens`` are added; other tensors
+    (pixel values, grids: already in row order) are kept as they are.
+    """
+    attn = batch["attention_mask"]
+    real = attn.bool()
+    shape = attn.shape
+    lens = real.sum(dim=1)
+    out = {k: (v[real][None] if v.shape[:2] == shape and v.dim() == 2 else v) for k, v in batch.items()}
+    cu = torch.zeros(shape[0] + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0)
+    out["cu_seqlens"], out["seq_lens"] = cu, lens.to(torch.int64)
+    out["position_ids"] = (torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1].long(), lens))[None]
+    return out
+
+
 class PackedCollator(EmbeddingCollator):
     """Tokenized inputs -> one packed batch (see the module docstring); same masks and visuals as the padded
     :class:`~umarvel.data.collate.EmbeddingCollator`, without padding."""

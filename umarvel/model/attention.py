@@ -234,7 +234,8 @@ def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         if base == "eager" or base not in ALL_ATTENTION_FUNCTIONS:
-            return _eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            mask = _additive_mask(attention_mask, module, query, key, kwargs.get("is_causal"))
+            return _eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
                                              scaling=scaling, **kwargs)
     if query.shape[0] != 1:
@@ -253,6 +254,21 @@ def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     return out[None], None
 
 
+def _additive_mask(mask, module, query, key, is_causal):
+    """The SDPA-style mask transformers built for us (boolean, or None for a plain causal / full pattern) as
+    the additive float mask eager attention expects."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    q_len, k_len = query.shape[2], key.shape[2]
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    if mask is None:
+        if not (causal and q_len > 1):
+            return None
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min)
+
+
 def _eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' eager attention of the module's model family."""
     mod = inspect.getmodule(type(module))
@@ -269,6 +285,12 @@ def register() -> None:
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
     AttentionInterface.register(VISION_ATTENTION, packed_attention_forward)
+    try:  # padded batches whose mask transformers builds (the reranker): SDPA's boolean mask format
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # transformers without mask interfaces builds masks independently of the name
+        return
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(VISION_ATTENTION, sdpa_mask)
 
 
 def _install(modules: Iterable[nn.Module], config, name: str) -> bool:

@@ -15,6 +15,8 @@
   up to 0.12 in P(yes) on rows with images.
 - Any ``repetition_penalty`` of a checkpoint's ``generation_config`` is NOT applied (one forward, no
   logits processors); the official generate-based scores include it (``Yes``/``No`` occur in the prompt).
+- Packed batches (``umarvel.data.packing.pack_padded``: one row, ``cu_seqlens``, causal attention inside
+  each pair, 1-D positions from 0) give the same scores and loss as padded ones, without computing padding.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget
 from umarvel.data.processor import BUNDLED_PROCESSOR_DIR, has_processor_files, load_image_processor, load_tokenizer
 from umarvel.errors import CheckpointError
 from umarvel.model import loading
+from umarvel.model.attention import install_packed_attention, packed_kwargs, packing_supported
 from umarvel.model.backbones import BackboneSpec
-from umarvel.model.embedder import rowwise_positions
+from umarvel.model.embedder import multimodal_embeddings, packed_max_len, rowwise_positions
 from umarvel.rerank.collate import IGNORE_INDEX, answer_token_ids
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,14 @@ class Reranker(nn.Module):
         self.spec = spec
         self.yes_id, self.no_id = int(yes_id), int(no_id)
         self.positions = positions
+        model = self.hf_model
+        install_packed_attention(spec.language_model(model).config, spec.attention_modules(model),
+                                 getattr(spec.visual(model), "config", None), spec.vision_attention_modules(model))
+
+    @property
+    def supports_packing(self) -> bool:
+        """Whether packed batches can be scored / trained (1-D positions, packing-aware attention)."""
+        return self.positions == "1d" and packing_supported(self.spec.language_model(self.hf_model).config)
 
     @property
     def hf_model(self) -> nn.Module:
@@ -85,8 +96,20 @@ class Reranker(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                      positions: Positions | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, L, D) of the causal language model (no vocabulary logits)."""
+                      positions: Positions | None = None, cu_seqlens: torch.Tensor | None = None,
+                      seq_lens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, L, D) of the causal language model (no vocabulary logits); (1, T, D)
+        for a packed row (``cu_seqlens`` given)."""
+        if cu_seqlens is not None:
+            if (positions or self.positions) != "1d" or not self.supports_packing:
+                raise ValueError("packed reranker batches need positions='1d' and a packing-aware attention")
+            model = self.hf_model
+            embeds = multimodal_embeddings(self.spec, model, input_ids, pixel_values, image_grid_thw)
+            lm = self.spec.language_model(model)
+            layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+            out = lm(inputs_embeds=embeds, attention_mask={t: None for t in layer_types}, position_ids=position_ids,
+                     use_cache=False, **packed_kwargs(cu_seqlens, packed_max_len(cu_seqlens, seq_lens)))
+            return out.last_hidden_state
         inner = self.spec.inner(self.hf_model)
         if pixel_values is not None:
             pixel_values = pixel_values.to(next(self.spec.visual(self.hf_model).parameters()).dtype)
@@ -101,36 +124,44 @@ class Reranker(nn.Module):
 
     def last_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                    positions: Positions | None = None) -> torch.Tensor:
-        """Vocabulary logits (B, V) float32 at the last position of a LEFT-padded batch."""
-        if not bool(attention_mask[:, -1].all()):
+                    positions: Positions | None = None, **packed: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (B, V) float32 at the last position of each row of a LEFT-padded batch, or at
+        the last token of each sequence of a packed row."""
+        cu = packed.get("cu_seqlens")
+        if cu is None and not bool(attention_mask[:, -1].all()):
             raise ValueError("scoring batches must be left-padded (every row's last token real)")
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions)
-        return self.lm_logits(hidden[:, -1])
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions, **packed)
+        return self.lm_logits(hidden[:, -1] if cu is None else hidden[0, cu[1:].long() - 1])
 
     def yes_no_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                      positions: Positions | None = None, **_: torch.Tensor) -> torch.Tensor:
+                      positions: Positions | None = None, **rest: torch.Tensor) -> torch.Tensor:
         """``[logit_Yes, logit_No]`` at the last position: (B, 2) float32."""
-        logits = self.last_logits(input_ids, attention_mask, pixel_values, image_grid_thw, positions)
+        logits = self.last_logits(input_ids, attention_mask, pixel_values, image_grid_thw, positions,
+                                  **_packed_keys(rest))
         return logits[:, [self.yes_id, self.no_id]]
 
     def p_yes(self, batch: Mapping[str, torch.Tensor], positions: Positions | None = None) -> torch.Tensor:
-        """``P(yes) = softmax([logit_Yes, logit_No])[0]`` of a left-padded scoring batch: (B,) float32."""
+        """``P(yes) = softmax([logit_Yes, logit_No])[0]`` of a left-padded or packed scoring batch: (B,) float32."""
         return torch.softmax(self.yes_no_logits(**batch, positions=positions), dim=-1)[:, 0]
 
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
              pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-             positions: Positions | None = None, **_: torch.Tensor) -> torch.Tensor:
+             positions: Positions | None = None, **rest: torch.Tensor) -> torch.Tensor:
         """HF causal-LM loss: the logits at t predict ``labels[t+1]``; mean CE over labels != -100.
 
         Args:
-            input_ids / attention_mask / labels: (B, L) training batch (``RerankTrainCollator``).
+            input_ids / attention_mask / labels: (B, L) training batch (``RerankTrainCollator``), or (1, T)
+                packed (``pack_padded`` of it: the last token of a pair never predicts the next pair's first).
         Returns:
             scalar float32 loss (vocabulary logits are computed for the supervised positions only).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions)
+        packed = _packed_keys(rest)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions, **packed)
         target = labels[:, 1:]  # (B, L-1)
+        if "cu_seqlens" in packed:
+            target = target.clone()
+            target[0, packed["cu_seqlens"][1:-1].long() - 1] = IGNORE_INDEX
         sel = target != IGNORE_INDEX
         if not bool(sel.any()):
             raise ValueError("the batch has no supervised token (all labels are -100)")
@@ -140,6 +171,11 @@ class Reranker(nn.Module):
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """Training forward: :meth:`loss` of a collated batch (so DDP wraps this module)."""
         return self.loss(**batch)
+
+
+def _packed_keys(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The packed-batch entries of ``batch`` (``cu_seqlens``, ``seq_lens``, ``position_ids``)."""
+    return {k: batch[k] for k in ("cu_seqlens", "seq_lens", "position_ids") if k in batch}
 
 
 def attach_reranker_lora(reranker: Reranker, r: int, alpha: int, dropout: float = 0.05) -> Reranker:

@@ -1,7 +1,8 @@
 """Batched reranker scoring: pairs -> P(yes), and the top-k of retrieval runs -> ``{qid: [p_yes, ...]}``.
 
-Scoring is length-aware like the encoder (``umarvel.data.collate.plan_batches``: sorted by length,
-cut by a token budget, order restored), one forward per batch (D10), tqdm on rank 0 only. Texts are
+Scoring is length-aware like the encoder: packed batches without padding (``umarvel.data.packing``,
+first-fit decreasing under a token budget) with 1-D positions, else length-sorted padded batches
+(``plan_batches``); order restored, one forward per batch (D10), tqdm on rank 0 only. Texts are
 not truncated (official scoring); queries get ``format_string(f"{instruction} {query_txt}")``.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from umarvel.data.collate import plan_batches
 from umarvel.data.images import ImageBudget, load_image
+from umarvel.data.packing import pack_padded, plan_packs, to_device
 from umarvel.errors import DataError
 from umarvel.data.records import Candidate, Query
 from umarvel.log import progress_disabled
@@ -78,12 +80,17 @@ def score_pairs(reranker: LoadedReranker, pairs: Sequence[RerankPair], batch_siz
     bar = tqdm(total=len(pairs), desc="rerank", unit="pair", disable=not show)
     chunk = max(batch_size * 16, 256)
     model = reranker.model
+    packed = model.supports_packing and (positions or model.positions) == "1d"
     with ThreadPoolExecutor(max_workers=load_workers) as pool, torch.no_grad():
         for start in range(0, len(pairs), chunk):
             loaded = list(pool.map(lambda p: load_pair_images(p, budget), pairs[start:start + chunk]))
             tokenized = rt.tokenize(loaded)
-            for idx in plan_batches([len(t) for t in tokenized], batch_size, max_tokens):
-                batch = {k: v.to(reranker.device) for k, v in collate([tokenized[i] for i in idx]).items()}
+            lengths = [len(t) for t in tokenized]
+            plan = plan_packs(lengths, max_tokens, batch_size) if packed else plan_batches(lengths, batch_size,
+                                                                                            max_tokens)
+            for idx in plan:
+                batch = collate([tokenized[i] for i in idx])
+                batch = to_device(pack_padded(batch) if packed else batch, reranker.device)
                 out[[start + i for i in idx]] = model.p_yes(batch, positions=positions).cpu().numpy()
                 bar.update(len(idx))
     bar.close()

@@ -34,6 +34,7 @@ import torch
 from umarvel import dist
 from umarvel.config import save_resolved
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
+from umarvel.data.packing import pack_padded, to_device
 from umarvel.errors import CheckpointError, ConfigError
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 
@@ -291,7 +292,7 @@ def train_reranker(cfg: RerankTrainConfig, dataset=None) -> Path:
                                              num_workers=cfg.data.num_workers)
         accum = 0
         for micro, batch in enumerate(loader, start=skip + 1):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(pack_padded(batch) if reranker.supports_packing else batch, device)
             # an optimizer step after every full accumulation window and at the epoch end (the partial last
             # window keeps the 1/accum loss scale, as the HF Trainer did)
             last = (accum + 1) == t.gradient_accumulation_steps or micro == len(batches)
