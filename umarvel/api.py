@@ -301,7 +301,8 @@ class UMarvel:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(loaders), desc=f"encode {role}s", unit="item", disable=not show)
-        stats = {"items": len(loaders), "batches": 0, "real_tokens": 0, "padded_tokens": 0, "busy_s": 0.0}
+        stats = {"items": len(loaders), "batches": 0, "real_tokens": 0, "padded_tokens": 0, "patches": 0,
+                 "busy_s": 0.0}
         timer = _BusyTimer(self.device)
         t0 = time.perf_counter()
         pending = None  # (indices, device embeddings): copied out after the next batch is queued
@@ -309,6 +310,7 @@ class UMarvel:
             stats["batches"] += 1
             stats["real_tokens"] += int(batch["attention_mask"].sum())
             stats["padded_tokens"] += batch["input_ids"].numel()
+            stats["patches"] += sum(batch[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in batch)
             with timer:
                 emb = self.embed_batch(batch)
             if pending is not None:

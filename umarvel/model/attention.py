@@ -114,8 +114,9 @@ class _PackCache:
 _CACHE = _PackCache()
 
 
-def _segment_index(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather index (N, Lmax) into the packed row (pads point at 0) and the validity mask (N, Lmax)."""
+def _segment_index(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather index (N, Lmax) into the packed row (pads point at 0), the validity mask (N, Lmax) and the
+    flat positions of the valid entries (T,) (computed once per forward: one data-dependent op)."""
     store = _CACHE.get(cu)
     if "index" not in store:
         starts, lens = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
@@ -123,7 +124,8 @@ def _segment_index(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.
         valid = ar[None, :] < lens[:, None]
         store["index"] = torch.where(valid, starts[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
         store["valid"] = valid
-    return store["index"], store["valid"]
+        store["flat"] = valid.reshape(-1).nonzero().squeeze(1)
+    return store["index"], store["valid"], store["flat"]
 
 
 def segment_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
@@ -135,7 +137,7 @@ def segment_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- kernels
 def _sdpa_packed(q, k, v, cu, max_len, causal, scale):
     """q: (T, H, D), k/v: (T, Hkv, D) -> (T, H, D) via per-sequence blocks and a key mask."""
-    index, valid = _segment_index(cu, max_len)
+    index, valid, flat = _segment_index(cu, max_len)
     qs, ks, vs = (x[index].transpose(1, 2) for x in (q, k, v))  # (N, H, Lmax, D)
     mask = valid[:, None, None, :]
     if causal:
@@ -144,7 +146,8 @@ def _sdpa_packed(q, k, v, cu, max_len, causal, scale):
         rep = qs.shape[1] // ks.shape[1]
         ks, vs = ks.repeat_interleave(rep, dim=1), vs.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)  # (N, H, Lmax, D)
-    return out.transpose(1, 2)[valid]  # (T, H, D): sequences are contiguous and in order
+    out = out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])  # (N * Lmax, H, D)
+    return out.index_select(0, flat)  # (T, H, D): sequences are contiguous and in order
 
 
 def _varlen_packed(q, k, v, cu, max_len, causal, scale):
