@@ -118,7 +118,7 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def profile_table(fn, device: str, rows: int = 25) -> str:
+def profile_table(fn, device: str, rows: int = 15) -> str:
     """Run ``fn`` once under ``torch.profiler``; return the top-kernel table plus a host-sync summary."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -12,8 +12,12 @@ from umarvel.data.processor import BUNDLED_PROCESSOR_DIR
 
 
 def tiny_qwen2vl_config(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                        vision_dim: int = 32, vision_depth: int = 2, initializer_range: float = 0.02):
-    """A transformers ``Qwen2VLConfig`` of a tiny model (mrope sections sum to head_dim/2)."""
+                        vision_dim: int = 32, vision_depth: int = 2, initializer_range: float = 0.02,
+                        intermediate: int | None = None, vision_heads: int = 2, vision_mlp_ratio: int = 2):
+    """A transformers ``Qwen2VLConfig`` of a tiny model (mrope sections sum to head_dim/2).
+
+    ``intermediate`` (default ``2 * hidden``), ``vision_heads`` and ``vision_mlp_ratio`` allow wider shapes
+    (e.g. the 7B widths with few layers, for GPU checks)."""
     from transformers import Qwen2VLConfig
 
     head_dim = hidden // heads
@@ -21,12 +25,13 @@ def tiny_qwen2vl_config(hidden: int = 64, layers: int = 2, heads: int = 4, kv_he
     t = half // 4
     mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
     return Qwen2VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden,
+        text_config=dict(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=32768, initializer_range=initializer_range,
                          rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 1e6},
                          bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
-        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
+                           mlp_ratio=vision_mlp_ratio,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                            initializer_range=initializer_range),
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
