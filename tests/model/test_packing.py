@@ -240,3 +240,23 @@ def test_activation_checkpointing_modes_same_gradients(tiny_checkpoint, sample_i
     assert visual_grad and not any(visual_grad)  # the frozen tower runs without autograd
     for n in g_full:
         assert torch.allclose(g_mode[n], g_full[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_eager_implementation_packed_and_padded_agree(tiny_checkpoint, tiny_model, sample_images):
+    """Models loaded with ``attn_implementation="eager"``: padded batches keep eager attention (masks built
+    by transformers too, causal included), packed batches give the same vectors."""
+    from umarvel import UMarvel
+
+    eager = UMarvel.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    padded, packed = _both(eager, _inputs(eager, sample_images)[:4])
+    ref_padded, _ = _both(tiny_model, _inputs(tiny_model, sample_images)[:4])
+    with torch.no_grad():
+        a, b = eager.embedder(**padded), eager.embedder(**packed)
+        c = tiny_model.embedder(**ref_padded)
+        hf = eager.embedder.hf_model  # a transformers-built causal mask (the reranker's padded path)
+        ids, attn = padded["input_ids"][:2], padded["attention_mask"][:2]
+        out_eager = hf.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        out_sdpa = tiny_model.embedder.hf_model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    assert (a - b).abs().max() <= TOL and (a - c).abs().max() <= TOL
+    real = attn.bool()
+    assert (out_eager[real] - out_sdpa[real]).abs().max() <= 1e-4
