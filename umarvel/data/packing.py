@@ -36,6 +36,11 @@ def is_packed(batch: Mapping[str, torch.Tensor]) -> bool:
     return "cu_seqlens" in batch
 
 
+def num_sequences(batch: Mapping[str, torch.Tensor]) -> int:
+    """Sequences in a collated batch, packed (``cu_seqlens``) or padded (rows)."""
+    return int(batch["cu_seqlens"].shape[0]) - 1 if is_packed(batch) else int(batch["input_ids"].shape[0])
+
+
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """Move a batch to ``device`` (non-blocking: async from pinned memory); host keys stay where they are."""
     return {k: (v if k in HOST_KEYS else v.to(device, non_blocking=True)) for k, v in batch.items()}
