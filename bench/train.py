@@ -112,10 +112,12 @@ def run_variant(name, embedder, model, batches_raw, args, flops_fn, peak):
             s, _ = timed(lambda: train_step(embedder, opt, b, args.device, autocast), args.device)
             secs += s
     except torch.OutOfMemoryError as exc:
-        res["error"] = f"out of memory ({str(exc).splitlines()[0][:80]})"
+        res["error"] = f"out of memory ({str(exc).splitlines()[0][:80]}; peak {peak_mem_gib(args.device):.1f} GiB)"
+        opt.zero_grad(set_to_none=True)
         return res
     except RuntimeError as exc:  # noqa: BLE001 - one variant failing must not stop the table
         res["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        opt.zero_grad(set_to_none=True)
         return res
     steps = len(collated) - 1
     real = sum(b.num_tokens for b in collated[1:]) / steps
