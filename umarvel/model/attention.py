@@ -83,7 +83,12 @@ def select_kernel(device: torch.device, dtype: torch.dtype, requested: str | Non
     ``auto`` picks ``varlen``, then ``flash_attn`` (CUDA, half precision), else ``sdpa`` (FlexAttention is
     used on request only: it compiles a kernel per shape). An explicit kernel that cannot run here raises.
     """
-    requested = requested or os.environ.get("UMARVEL_PACKED_KERNEL", "auto")
+    return _select(device.type, dtype, requested or os.environ.get("UMARVEL_PACKED_KERNEL", "auto"))
+
+
+@functools.lru_cache(maxsize=64)
+def _select(device_type: str, dtype: torch.dtype, requested: str) -> str:
+    device = torch.device(device_type)
     if requested not in KERNELS:
         raise ValueError(f"packed attention kernel must be one of {KERNELS}, got {requested!r}")
     usable = available_kernels(device, dtype)
