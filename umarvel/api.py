@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches
+from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, plan_batches
 from umarvel.data.formatting import INFERENCE_STYLE, UMARVEL_TOKENS, PromptStyle, format_string, query_text_with_instruction
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget, load_image
-from umarvel.data.packing import EncodeChunks, PackedCollator, plan_packs, to_device
+from umarvel.data.packing import EncodeChunks, PackedCollator, chunk_bounds, plan_packs, to_device
 from umarvel.data.patches import image_patches
 from umarvel.data.processor import (BUNDLED_PROCESSOR_DIR, build_hf_processor, has_processor_files,
                                     load_image_processor, load_tokenizer)
@@ -106,7 +106,7 @@ class UMarvel:
         self.load_workers = load_workers
         self.preprocess_workers = preprocess_workers
         self.packing = True
-        self.chunk_items: int | None = None  # inputs per preprocessing chunk (None: max(16 * batch_size, 512))
+        self.chunk_items: int | None = None  # inputs per preprocessing chunk (None: 512; the first one 64)
         self.last_encode_stats: dict = {}
         self.budget = ImageBudget(settings.min_pixels, settings.max_pixels)
         self._tok = EmbeddingTokenizer(tokenizer, settings.style)
@@ -363,17 +363,17 @@ class UMarvel:
         else:
             collate, plan = self._collator, functools.partial(plan_batches, max_batch_size=batch_size,
                                                                max_tokens=max_tokens)
-        chunk = self.chunk_items or max(batch_size * 16, 512)
-        n_chunks = (len(loaders) + chunk - 1) // chunk
-        workers = self._workers(n_chunks)
+        chunk = self.chunk_items or (512 if self.packs else max(batch_size * 16, 512))
+        bounds = chunk_bounds(len(loaders), chunk, first=min(64, chunk))
+        workers = self._workers(len(bounds) - 1)
         pin = self.device.type == "cuda"
         if workers:
-            ds = EncodeChunks(loaders, tok, collate, plan, chunk)
+            ds = EncodeChunks(loaders, tok, collate, plan, bounds)
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                                   collate_fn=_identity, pin_memory=pin, prefetch_factor=2,
                                                   multiprocessing_context="fork"))
         else:
-            ds = EncodeChunks(loaders, tok, collate, plan, chunk, threads=self.load_workers)
+            ds = EncodeChunks(loaders, tok, collate, plan, bounds, threads=self.load_workers)
             it = _prefetch(_pinned(ds[i], pin) for i in range(len(ds)))
         for part in it:
             yield from part

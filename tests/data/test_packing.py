@@ -77,3 +77,12 @@ def test_to_device_keeps_host_keys():
     out = to_device(batch, "meta")
     assert out["input_ids"].device.type == "meta" and out["seq_lens"].device.type == "cpu"
     assert "seq_lens" in HOST_KEYS
+
+
+def test_chunk_bounds_small_first_chunk():
+    from umarvel.data.packing import chunk_bounds
+
+    assert chunk_bounds(1000, 400, first=64) == [0, 64, 464, 864, 1000]
+    assert chunk_bounds(50, 400, first=64) == [0, 50]
+    assert chunk_bounds(0, 400, first=64) == [0]
+    assert chunk_bounds(800, 400) == [0, 400, 800]

@@ -136,6 +136,17 @@ class PackedCollator(EmbeddingCollator):
         return batch
 
 
+def chunk_bounds(n: int, chunk: int, first: int | None = None) -> list[int]:
+    """Boundaries ``[0, b1, ..., n]`` of preprocessing chunks: a smaller ``first`` chunk (the accelerator
+    starts early), then chunks of ``chunk`` inputs."""
+    bounds = [0]
+    if first and first < chunk and n > first:
+        bounds.append(first)
+    while bounds[-1] < n:
+        bounds.append(min(n, bounds[-1] + chunk))
+    return bounds
+
+
 class EncodeChunks(torch.utils.data.Dataset):
     """The encoder's input pipeline, one chunk of inputs per item (runs in DataLoader workers).
 
@@ -145,21 +156,22 @@ class EncodeChunks(torch.utils.data.Dataset):
     Args:
         loaders: zero-argument callables returning :class:`EmbedInput` (image decode / resize / patches).
         tok: the tokenizer front-end. collate: tokenized inputs -> batch. plan: lengths -> index lists.
-        chunk: inputs per item. threads: load with a thread pool (in-process use; 0/1 = serial).
+        bounds: chunk boundaries (:func:`chunk_bounds`). threads: load with a thread pool (in-process use;
+            0/1 = serial).
     """
 
     def __init__(self, loaders: Sequence[Callable[[], EmbedInput]], tok: EmbeddingTokenizer,
                  collate: Callable[[Sequence[TokenizedInput]], dict], plan: Callable[[list[int]], list[list[int]]],
-                 chunk: int, threads: int = 0):
+                 bounds: Sequence[int], threads: int = 0):
         self.loaders, self.tok, self.collate, self.plan = loaders, tok, collate, plan
-        self.chunk, self.threads = chunk, threads
+        self.bounds, self.threads = list(bounds), threads
 
     def __len__(self) -> int:
-        return (len(self.loaders) + self.chunk - 1) // self.chunk
+        return len(self.bounds) - 1
 
     def __getitem__(self, i: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-        start = i * self.chunk
-        part = self.loaders[start:start + self.chunk]
+        start, stop = self.bounds[i], self.bounds[i + 1]
+        part = self.loaders[start:stop]
         if self.threads > 1:
             with ThreadPoolExecutor(max_workers=self.threads) as pool:
                 inputs = list(pool.map(lambda f: f(), part))
