@@ -19,9 +19,9 @@ import torch
 from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches
 from umarvel.data.formatting import INFERENCE_STYLE, UMARVEL_TOKENS, PromptStyle, format_string, query_text_with_instruction
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget, load_image
-from umarvel.data.patches import image_patches
 from umarvel.data.processor import (BUNDLED_PROCESSOR_DIR, build_hf_processor, has_processor_files,
                                     load_image_processor, load_tokenizer)
+from umarvel.data.visual import image_patches
 from umarvel.errors import CheckpointError, DataError
 from umarvel.log import progress_disabled
 from umarvel.model import loading

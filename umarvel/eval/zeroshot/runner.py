@@ -30,10 +30,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from umarvel.data.collate import EmbedInput, VideoInput
+from umarvel.data.collate import EmbedInput
 from umarvel.data.formatting import INFERENCE_STYLE, PromptStyle
 from umarvel.data.images import load_image
-from umarvel.data.video import MSRVTT_VIDEO, MSVD_VIDEO, VideoSpec, load_video, video_patches
+from umarvel.data.video import MSRVTT_VIDEO, MSVD_VIDEO, VideoSpec, load_video
+from umarvel.data.visual import VideoInput
 from umarvel.errors import DataError
 from umarvel.eval.cache import EmbeddingCache
 from umarvel.data.registry import Task
@@ -137,8 +138,7 @@ def make_loader(rec: Mapping[str, Any], budget, video_spec: VideoSpec | None, wh
 
         def load_video_item() -> EmbedInput:
             frames = load_video(video, video_spec, video_id=str(rec["id"]))
-            pv, grid = video_patches(frames)
-            return EmbedInput(text, video=VideoInput(pv, tuple(int(g) for g in grid[0])))
+            return EmbedInput(text, video=VideoInput.from_frames(frames))
         return load_video_item
     if image is not None:
         return lambda: EmbedInput(text, (load_image(image, budget, what=what),))
