@@ -25,7 +25,9 @@ from umarvel.data.visual import image_patches
 from umarvel.errors import CheckpointError, DataError
 from umarvel.log import progress_disabled
 from umarvel.model import loading
-from umarvel.model.embedder import UMarvelEmbedder
+from umarvel.model.backbones import get_backbone_spec
+from umarvel.model.embedder import DEFAULT_TEMPERATURE, UMarvelEmbedder
+from umarvel.model.lora import is_lora, load_lora
 from umarvel.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -116,8 +118,6 @@ class UMarvel:
             min_pixels / max_pixels: image budget (official 4*28*28 .. 300*28*28).
             adapter: an extra LoRA adapter folder applied on top of ``path``.
         """
-        from umarvel.model.lora import load_lora
-
         path = loading.check_checkpoint_dir(path)
         torch_dtype = loading.resolve_dtype(dtype, device)
         base, adapters = path, []
@@ -141,7 +141,7 @@ class UMarvel:
         image_processor = load_image_processor(proc_dir, min_pixels, max_pixels)
         marker_rows = loading.ensure_token_rows(model, tokenizer)
         meta = loading.read_meta(adapters[-1] if adapters else base) or loading.read_meta(base)
-        temperature = meta.get("temperature", loading.official_temperature(base) or loading.DEFAULT_TEMPERATURE)
+        temperature = meta.get("temperature", loading.official_temperature(base) or DEFAULT_TEMPERATURE)
         embedder = UMarvelEmbedder(model, spec, temperature=temperature, attention=attention, positions=positions)
         for a in adapters:
             load_lora(embedder, a)
@@ -154,14 +154,12 @@ class UMarvel:
     @classmethod
     def from_backbone(cls, model: torch.nn.Module, processor_dir: str | os.PathLike = BUNDLED_PROCESSOR_DIR,
                       device: str | torch.device = "cpu", min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                      style: PromptStyle = INFERENCE_STYLE, temperature: float = loading.DEFAULT_TEMPERATURE,
+                      style: PromptStyle = INFERENCE_STYLE, temperature: float = DEFAULT_TEMPERATURE,
                       attention: str = "bidirectional", positions: str = "1d") -> "UMarvel":
         """Wrap an in-memory transformers model (e.g. a randomly initialised one for benchmarks).
 
         The tokenizer and image processor come from ``processor_dir`` (the bundled Qwen2-VL files by default).
         """
-        from umarvel.model.backbones import get_backbone_spec
-
         spec = get_backbone_spec(model.config.model_type)
         tokenizer = load_tokenizer(processor_dir)
         image_processor = load_image_processor(processor_dir, min_pixels, max_pixels)
@@ -174,8 +172,6 @@ class UMarvel:
 
     def save_pretrained(self, path: str | os.PathLike, extra_meta: dict | None = None) -> Path:
         """Write a self-contained checkpoint folder (merged weights, tokenizer with tokens, umarvel.json)."""
-        from umarvel.model.lora import is_lora
-
         if is_lora(self.embedder):
             raise CheckpointError("save_pretrained needs merged weights: call umarvel.model.lora.merge_lora first, "
                                   "or save the adapter with umarvel.model.lora.save_lora")

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from umarvel.data.images import smart_resize
+from umarvel.data.images import round_by, smart_resize
 from umarvel.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,6 @@ MSVD_VIDEO = VideoSpec(nframes=12)
 MSRVTT_VIDEO = VideoSpec()
 
 
-def _round_by(x: float, f: int) -> int:
-    return round(x / f) * f
-
-
 def _ceil_by(x: float, f: int) -> int:
     return math.ceil(x / f) * f
 
@@ -87,7 +83,7 @@ def smart_nframes(total_frames: int, video_fps: float | None, spec: VideoSpec = 
         ValueError: when the clip is too short for the request (the caller names the video).
     """
     if spec.nframes is not None:
-        n = _round_by(spec.nframes, FRAME_FACTOR)
+        n = round_by(spec.nframes, FRAME_FACTOR)
     else:
         if not video_fps or video_fps <= 0:
             raise ValueError("the video has no frame rate, cannot sample at a fixed fps")
@@ -95,7 +91,7 @@ def smart_nframes(total_frames: int, video_fps: float | None, spec: VideoSpec = 
         max_frames = _floor_by(min(spec.max_frames, total_frames), FRAME_FACTOR)
         n = total_frames / video_fps * spec.fps
         n = min(max(n, min_frames), max_frames)
-        n = _round_by(n, FRAME_FACTOR)
+        n = round_by(n, FRAME_FACTOR)
     if not FRAME_FACTOR <= n <= total_frames:
         raise ValueError(f"cannot sample {n} frames from a clip of {total_frames} frames "
                          f"(need {FRAME_FACTOR} <= n <= total)")

@@ -24,6 +24,9 @@ from umarvel.model.positions import position_ids
 
 logger = logging.getLogger(__name__)
 
+#: The official temperature at every stage start (``Similarity(temp=0.05)``), float32 like the parameter.
+DEFAULT_TEMPERATURE = 0.05
+
 
 def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over the sequence, computed in float32.
@@ -64,7 +67,7 @@ class UMarvelEmbedder(nn.Module):
         positions: ``"1d"`` (released checkpoint) or ``"mrope"`` (ablations / new backbones).
     """
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, temperature: float = 0.05,
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, temperature: float = DEFAULT_TEMPERATURE,
                  attention: Literal["bidirectional", "causal"] = "bidirectional",
                  positions: Literal["1d", "mrope"] = "1d"):
         super().__init__()

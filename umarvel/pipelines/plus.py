@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from umarvel.errors import ConfigError, DataError
+from umarvel.data.images import MAX_PIXELS
 from umarvel.data.mbeir import load_mbeir_task, read_instructions, read_pool
 from umarvel.eval.metrics import score_task
 from umarvel.eval.outputs import build_results, read_results_json, write_results, write_trec_run
@@ -68,7 +69,7 @@ class PlusConfig:
     positions: str = "1d"
     device: str | None = None
     dtype: str | None = None
-    max_pixels: int = 300 * 28 * 28
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         if sum(x is not None and x is not False for x in (self.weight, self.weight_from, self.choose_weight)) > 1:

@@ -27,6 +27,7 @@ import numpy as np
 from umarvel.errors import ConfigError, DataError
 from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
                                         read_instructions, read_pool)
+from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, list_tasks
 from umarvel.train.hardneg import iter_mined
 from umarvel.pipelines.mining import partition_train_queries
@@ -69,8 +70,8 @@ class TeacherConfig:
     positions: str = "1d"
     device: str | None = None
     dtype: str | None = None
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 300 * 28 * 28
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
     instruction: str = "random"
     seed: int = DEFAULT_INSTRUCTION_SEED
     shard_queries: int = 2048

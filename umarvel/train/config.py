@@ -22,7 +22,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from umarvel.config import load_config
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
+from umarvel.model.embedder import DEFAULT_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class TemperatureSection:
     """Temperature policy (D2): reset to ``init`` at the stage start (or ``carry`` the checkpoint's value);
     frozen in stages 1-2, learnable (LoRA LR, no weight decay) from stage 3; clamped to ``[min, max]``."""
 
-    init: float | Literal["carry"] = 0.05
+    init: float | Literal["carry"] = DEFAULT_TEMPERATURE
     learnable: bool = False
     min: float = 1e-3
     max: float = 1.0
@@ -219,6 +221,4 @@ def load_stage_config(path: str | os.PathLike, overrides: list[str] | tuple[str,
     Raises:
         ConfigError: unknown key, wrong type, missing required key (naming the file/override and the key).
     """
-    from umarvel.config import load_config
-
     return load_config(path, StageConfig, list(overrides))
