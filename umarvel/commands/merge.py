@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from umarvel.commands import run_standalone
+from umarvel.train.merge import merge_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,6 @@ def add_subparser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from umarvel.train.merge import merge_adapter
-
     out = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, device=args.device)
     print(out)
     return 0
@@ -37,8 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m umarvel.commands.merge``, used by the shell launchers)."""
-    from umarvel.cli import run_standalone
-
     return run_standalone("umarvel merge-lora", __doc__, _add_arguments, run, argv)
 
 

@@ -23,6 +23,7 @@ import os
 from collections import ChainMap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from umarvel.errors import ConfigError, DataError
 from umarvel.data.images import MAX_PIXELS
@@ -42,34 +43,30 @@ PathLike = str | os.PathLike
 
 @dataclass(frozen=True)
 class PlusConfig:
-    """Settings of one U-MARVEL+ evaluation.
+    """Settings of one U-MARVEL+ evaluation; each field's help (metadata) is also its flag's help
+    (``umarvel eval plus``). ``run_dir``, ``reranker`` and ``output`` are required; give at most one of
+    ``weight``, ``weight_from`` and ``choose_weight`` (none: the published w = 0.1)."""
 
-    Attributes:
-        run_dir: output folder of ``umarvel eval mbeir`` (local or global, val or test).
-        reranker: reranker checkpoint (merged folder or LoRA adapter folder; U-MARVEL+: the reranker trained on
-            negatives mined by the stage-5 model).
-        output: output folder.
-        weight: fixed fusion weight (default: ``weight_from`` if given, else 0.1).
-        weight_from: ``fusion_weight.json`` of a U-MARVEL+ run on the validation split.
-        choose_weight: choose ``w`` on this run's results (its split must be ``val``).
-        grid: candidate weights of ``choose_weight``.
-        top_k: reranked depth (50).
-        batch_size / positions / device / dtype / max_pixels: reranker scoring.
-    """
-
-    run_dir: str
-    reranker: str
-    output: str
-    weight: float | None = None
-    weight_from: str | None = None
-    choose_weight: bool = False
-    grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
-    top_k: int = 50
-    batch_size: int = 8
-    positions: str = "1d"
-    device: str | None = None
-    dtype: str | None = None
-    max_pixels: int = MAX_PIXELS
+    run_dir: str = field(metadata={"flag": "--run", "help": "output folder of 'umarvel eval mbeir' (local or "
+                                                            "global, val or test)"})
+    reranker: str = field(metadata={"help": "reranker checkpoint (merged folder or LoRA adapter folder; U-MARVEL+: "
+                                            "the reranker trained on negatives mined by the stage-5 model)"})
+    output: str = field(metadata={"help": "output folder"})
+    weight: float | None = field(default=None, metadata={"help": "fixed fusion weight w (default 0.1)"})
+    weight_from: str | None = field(default=None, metadata={
+        "help": "fusion_weight.json of a U-MARVEL+ run on the validation split"})
+    choose_weight: bool = field(default=False, metadata={
+        "help": "choose w on this run's results (its split must be val)"})
+    grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID), metadata={
+        "help": "comma-separated candidate weights of --choose-weight"})
+    top_k: int = field(default=50, metadata={"help": "reranked depth"})
+    batch_size: int = field(default=8, metadata={"help": "reranker scoring batch size"})
+    positions: Literal["1d", "mrope"] = field(default="1d", metadata={
+        "help": "reranker position ids: 1d (training convention, D10) or mrope (the official generate() scores)"})
+    device: str | None = field(default=None, metadata={"help": "reranker device (default: cuda if available)"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "reranker image budget"})
 
     def __post_init__(self) -> None:
         if sum(x is not None and x is not False for x in (self.weight, self.weight_from, self.choose_weight)) > 1:

@@ -33,24 +33,25 @@ import time
 from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
 from umarvel.data.mbeir import (
-    DEFAULT_INSTRUCTION_SEED, INSTRUCTION_MODES, TaskData, check_known_ids, load_mbeir_task, read_instructions,
-    read_pool, read_pool_modalities, read_qrels, read_queries,
+    TaskData, check_known_ids, load_mbeir_task, read_instructions, read_pool, read_pool_modalities, read_qrels,
+    read_queries,
 )
+from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.metrics import TaskResult, score_task
-from umarvel.eval.outputs import PROTOCOLS, RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
+from umarvel.eval.outputs import RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
 from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (
-    GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_EVAL_SPLITS, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
+    GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
     Task, get_task, resolve_tasks,
 )
-from umarvel.eval.search import BACKENDS, make_searcher
+from umarvel.eval.search import make_searcher
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -60,70 +61,6 @@ RUN_INFO_FILE = "run.json"
 RUNS_DIR = "runs"
 #: How long non-zero ranks may wait at the final barrier while rank 0 searches (global search on 5.6M).
 DIST_TIMEOUT = datetime.timedelta(hours=12)
-
-
-# ------------------------------------------------------------------------------------------ config
-@dataclass(frozen=True)
-class MBeirEvalConfig:
-    """Settings of one M-BEIR evaluation run (``configs/eval/mbeir_{local,global}.yaml``).
-
-    Attributes:
-        model: checkpoint folder.
-        mbeir_root: the M-BEIR root (``query/``, ``cand_pool/``, ``qrels/``, ``instructions/``, images).
-        output: output folder of this run (``.../local`` or ``.../global`` pairs the two in results.md).
-        protocol: ``"local"`` (each task's own pool) or ``"global"`` (the 16 local pools concatenated, D8).
-        split: ``"test"`` or ``"val"``.
-        tasks: registry task names; ``None`` = all 16 (tasks absent from the tree are then skipped with a
-            warning; named tasks that are absent are an error).
-        instruction: ``"random"`` (seeded per query, D7) or ``"first"`` (always prompt_1).
-        seed: instruction seed (written into results.json).
-        batch_size: encode batch size (does not change vectors, so not part of the cache key).
-        device / dtype: model placement; ``None`` = cuda if available else cpu / bf16 on CUDA, fp32 on CPU.
-        cache_dir: embedding cache root; ``None`` = ``<output>/../cache``.
-        backend: search backend (``torch`` exact, ``faiss`` exact, ``faiss-ivf`` / ``faiss-hnsw`` approximate).
-        search_device: torch-backend device; ``None`` = the model's device.
-        allow_missing: score queries whose positives are unknown to the pool(s) instead of failing.
-        shard_size: items per cache shard (resume granularity, rank sharding unit).
-    """
-
-    model: str
-    mbeir_root: str
-    output: str
-    protocol: Literal["local", "global"] = "local"
-    split: Literal["test", "val"] = "test"
-    tasks: list[str] | None = None
-    instruction: Literal["random", "first"] = "random"
-    seed: int = DEFAULT_INSTRUCTION_SEED
-    batch_size: int = 32
-    device: str | None = None
-    dtype: str | None = None
-    cache_dir: str | None = None
-    backend: Literal["torch", "faiss", "faiss-ivf", "faiss-hnsw"] = "torch"
-    search_device: str | None = None
-    allow_missing: bool = False
-    shard_size: int = DEFAULT_SHARD_SIZE
-
-    def __post_init__(self) -> None:
-        for key in ("model", "mbeir_root", "output"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ConfigError(f"MBeirEvalConfig.{key} is required (a non-empty path)")
-        checks = [("protocol", PROTOCOLS), ("split", MBEIR_EVAL_SPLITS), ("instruction", INSTRUCTION_MODES),
-                  ("backend", BACKENDS)]
-        for key, allowed in checks:
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"MBeirEvalConfig.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
-        for key in ("batch_size", "shard_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"MBeirEvalConfig.{key} must be a positive integer, got {value!r}")
-        if self.tasks is not None:
-            if isinstance(self.tasks, str) or not all(isinstance(t, str) and t for t in self.tasks):
-                raise ConfigError(f"MBeirEvalConfig.tasks must be a list of task names or null, got {self.tasks!r}")
-            object.__setattr__(self, "tasks", list(self.tasks))
-
-    def resolved_cache_dir(self) -> Path:
-        """``cache_dir``, or ``<output>/../cache`` (shared by sibling local/global output folders)."""
-        return Path(self.cache_dir) if self.cache_dir else Path(self.output).resolve().parent / "cache"
 
 
 # ---------------------------------------------------------------------------- encoder-level helpers

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,11 +33,12 @@ import numpy as np
 from umarvel.data.collate import EmbedInput
 from umarvel.data.formatting import INFERENCE_STYLE, PromptStyle
 from umarvel.data.images import load_image
-from umarvel.data.video import MSRVTT_VIDEO, MSVD_VIDEO, VideoSpec, load_video
+from umarvel.data.video import VideoSpec, load_video
 from umarvel.data.visual import VideoInput
 from umarvel.errors import DataError
 from umarvel.eval.cache import EmbeddingCache
 from umarvel.data.registry import Task
+from umarvel.eval.zeroshot.options import VIDEO_SPECS, ZeroShotOptions
 from umarvel.eval.zeroshot.metrics import (bidirectional_recall, circo_map_at_k, gallery_scores,
                                            genecis_recall, pair_accuracy, ranked_topk, recall_at_k)
 from umarvel.eval.zeroshot.readers import read_set
@@ -58,41 +59,6 @@ CACHE_VERSION = "zeroshot-1"
 #: ``add_generation_prompt=True`` (the eval collator).
 SUFFIX_STYLE = INFERENCE_STYLE
 NO_SUFFIX_STYLE = PromptStyle(suffix=False, add_generation_prompt=True)
-#: ``ZeroShotSet.video_spec`` -> the published frame sampling and per-frame pixel budget.
-VIDEO_SPECS: Mapping[str, VideoSpec] = {"msvd": MSVD_VIDEO, "msrvtt": MSRVTT_VIDEO}
-
-
-@dataclass(frozen=True)
-class ZeroShotOptions:
-    """Encoding knobs of a run (defaults: the published protocol).
-
-    Attributes:
-        batch_size: items per forward pass for text / image sides.
-        video_batch_size: items per forward pass for video sides (the official code uses 1).
-        max_tokens: token budget of a batch (None: ``batch_size * 1024``, the API default).
-        video_min_pixels / video_max_pixels / video_total_pixels: override the per-frame pixel budget of
-            every video set (None keeps the published 128*28*28 / 768*28*28 / 24576*28*28); for quick
-            runs and tests only, results are then not comparable.
-        show_progress: tqdm bars (None: the API decides).
-    """
-
-    batch_size: int = 32
-    video_batch_size: int = 1
-    max_tokens: int | None = None
-    video_min_pixels: int | None = None
-    video_max_pixels: int | None = None
-    video_total_pixels: int | None = None
-    show_progress: bool | None = None
-
-    def video_spec(self, name: str) -> VideoSpec:
-        """The frame sampling of a set's ``video_spec`` name with the pixel overrides applied."""
-        try:
-            spec = VIDEO_SPECS[name]
-        except KeyError:
-            raise DataError(f"unknown video spec {name!r} (known: {', '.join(VIDEO_SPECS)})") from None
-        over = {k: v for k, v in (("min_pixels", self.video_min_pixels), ("max_pixels", self.video_max_pixels),
-                                  ("total_pixels", self.video_total_pixels)) if v is not None}
-        return replace(spec, **over) if over else spec
 
 
 def set_style(zs: ZeroShotSet) -> PromptStyle:
