@@ -20,12 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from umarvel.model.backbones import BackboneSpec
+from umarvel.model.constants import DEFAULT_TEMPERATURE
 from umarvel.model.positions import position_ids
 
 logger = logging.getLogger(__name__)
-
-#: The official temperature at every stage start (``Similarity(temp=0.05)``), float32 like the parameter.
-DEFAULT_TEMPERATURE = 0.05
 
 
 def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:

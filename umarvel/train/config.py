@@ -24,7 +24,7 @@ from typing import Literal
 
 from umarvel.config import load_config
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
-from umarvel.model.embedder import DEFAULT_TEMPERATURE
+from umarvel.model.constants import DEFAULT_TEMPERATURE
 
 
 @dataclass(frozen=True)

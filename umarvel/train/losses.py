@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from umarvel import dist as udist
-from umarvel.model.embedder import DEFAULT_TEMPERATURE
+from umarvel.model.constants import DEFAULT_TEMPERATURE
 
 logger = logging.getLogger(__name__)
 
