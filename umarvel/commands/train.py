@@ -31,7 +31,7 @@ def add_subparser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the config (unknown keys are errors) and train."""
     from umarvel.train.config import load_stage_config
-    from umarvel.train.trainer import run_stage
+    from umarvel.train.stage import run_stage
 
     cfg = load_stage_config(args.config, args.overrides)
     state = run_stage(cfg)
