@@ -123,7 +123,6 @@ class RerankTrainConfig:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
 
 
-
 # ------------------------------------------------------------------------------------------ task
 def epoch_batches(n: int, per_device: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """This rank's micro-batches of query rows for one epoch (seeded shuffle, equal count on every rank;
@@ -175,26 +174,29 @@ class RerankTask:
         self.autocast = t.bf16 and device.type == "cuda"
 
     def micro_batches_per_epoch(self, world: int) -> int:
+        """Micro-batches of one rank per epoch (ConfigError when the rows cannot fill one global batch)."""
         t = self.config.train
         return len(epoch_batches(len(self.data_source), t.per_device_queries, t.seed, 0, 0, world))
 
     def batch_sampler(self, epoch: int, start: int, rank: int, world: int) -> list[list[int]]:
+        """This rank's micro-batches (query rows) of ``epoch`` from micro-batch ``start`` on."""
         t = self.config.train
         # the pairs of an epoch are drawn from (seed, epoch, row); the DataLoader copies the dataset into its
         # workers when iteration starts, after this
         self.data_source.epoch = epoch
         if start == 0:
-            # The reranker's own loop (before it moved onto the shared trainer) let every epoch's DataLoader
-            # draw one number from the global RNG; drawing it here keeps the LoRA-dropout stream, hence the
-            # published runs and the demo, bit-identical. Still exact on resume: an epoch resumed at start > 0
-            # had drawn before its checkpoint.
+            # The reranker's earlier, separate loop let every epoch's DataLoader draw one number from the global
+            # RNG; drawing it here keeps its LoRA-dropout stream, hence its runs and the demo's numbers,
+            # bit-identical. Exact on resume too: an epoch resumed at start > 0 had drawn before its checkpoint.
             torch.empty((), dtype=torch.int64).random_()
         return epoch_batches(len(self.data_source), t.per_device_queries, t.seed, epoch, rank, world)[start:]
 
     def param_groups(self, params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+        """One group: every LoRA weight."""
         return [{"params": params, "weight_decay": weight_decay}]
 
     def check_deepspeed(self, zero_stage: int, where: str) -> None:
+        """The reranker config has no DeepSpeed setting (the LoRA optimizer state is small)."""
         raise ConfigError(f"{where}: the reranker trains without DeepSpeed")
 
     def forward_backward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module,
@@ -208,6 +210,7 @@ class RerankTask:
         return loss.detach(), {"samples": batch["input_ids"].shape[0] // 2}
 
     def after_optimizer_step(self) -> dict:
+        """Nothing to clamp or log."""
         return {}
 
     def save_adapter(self, folder: Path, step: int) -> None:
