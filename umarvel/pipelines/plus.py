@@ -151,10 +151,10 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
                 logger.info("%s: reranker scores reused (%s)", t.name, score_path)
         if p_yes is None:
             if reranker is None:
-                from umarvel.eval.mbeir.runner import resolve_device
+                from umarvel.dist import device_for_rank
                 from umarvel.rerank.model import load_reranker
 
-                reranker = load_reranker(cfg.reranker, device=resolve_device(cfg.device), dtype=cfg.dtype,
+                reranker = load_reranker(cfg.reranker, device=device_for_rank(cfg.device), dtype=cfg.dtype,
                                          positions=cfg.positions, max_pixels=cfg.max_pixels)
             p_yes = score_run(reranker, run, {q.qid: q for q in data.queries}, cands, top_k=cfg.top_k,
                               batch_size=cfg.batch_size)

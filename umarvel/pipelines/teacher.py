@@ -149,10 +149,10 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
                 continue
             logger.warning("%s: other settings or queries; scoring the shard again", path)
         if reranker is None:
-            from umarvel.eval.mbeir.runner import resolve_device
+            from umarvel.dist import device_for_rank
             from umarvel.rerank.model import load_reranker
 
-            reranker = load_reranker(cfg.reranker, device=resolve_device(cfg.device), dtype=cfg.dtype,
+            reranker = load_reranker(cfg.reranker, device=device_for_rank(cfg.device), dtype=cfg.dtype,
                                      positions=cfg.positions, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         pairs = []
         for q in shard:

@@ -24,9 +24,7 @@ The cache defaults to ``<output>/../cache``, so ``.../local`` and ``.../global``
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import logging
 import os
 import time
@@ -37,6 +35,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from umarvel import dist
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
 from umarvel.data.mbeir import (
@@ -59,8 +58,6 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 RUNS_DIR = "runs"
-#: How long non-zero ranks may wait at the final barrier while rank 0 searches (global search on 5.6M).
-DIST_TIMEOUT = datetime.timedelta(hours=12)
 
 
 # ---------------------------------------------------------------------------- encoder-level helpers
@@ -313,16 +310,6 @@ class MBeirEvalResult:
     encode_stats: dict = field(default_factory=dict)
 
 
-def _rank() -> int:
-    from umarvel.dist import get_rank
-    return get_rank()
-
-
-def _barrier() -> None:
-    from umarvel.dist import barrier
-    barrier()
-
-
 def _pool_name(rel: str) -> str:
     """Cache entry name of a pool file (``mbeir_mscoco_task0_test_cand_pool``); shared by both protocols."""
     return Path(rel).name.removesuffix(".jsonl")
@@ -410,9 +397,9 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
     stats = {k: cache.stats[k] - stats0.get(k, 0) for k in cache.stats}
     result = MBeirEvalResult(results=None, output=out_dir, query_embeddings=q_emb, pools=p_emb, global_pool=glob,
                              skipped=skipped, encode_stats=stats)
-    _barrier()
-    if _rank() != 0:
-        _barrier()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        dist.barrier()
         return result
 
     # Search, score, write (rank 0).
@@ -446,64 +433,22 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         "pools": [{"task": n, "file": pool_files[n], "size": len(p_emb[n]), "cache_entry": str(p_emb[n].path)}
                   for n in pool_files],
         "global_pool_size": len(glob) if glob is not None else None,
-        "world_size": _world_size(), "backend": cfg.backend, "search_device": str(device),
+        "world_size": dist.get_world_size(), "backend": cfg.backend, "search_device": str(device),
         "seconds": round(time.perf_counter() - t_start, 3),
     })
     result.results = results
     logger.info("M-BEIR %s average over %d task(s): %.2f -> %s", cfg.protocol, len(tasks), results["average"],
                 out_dir / RESULTS_JSON)
-    _barrier()
+    dist.barrier()
     return result
 
 
-def _world_size() -> int:
-    from umarvel.dist import get_world_size
-    return get_world_size()
-
-
 # ---------------------------------------------------------------------------------- model + torchrun
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def resolve_device(device: str | None) -> str:
-    """``None`` -> ``cuda`` if available else ``cpu``; a bare ``cuda`` becomes ``cuda:<LOCAL_RANK>``
-    under torchrun so that each rank has its own GPU."""
-    import torch
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = f"cuda:{_local_rank()}"
-    return dev
-
-
-@contextlib.contextmanager
-def distributed_from_env(device: str) -> Iterator[bool]:
-    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE > 1``) and nothing else
-    did; destroy it on exit. Yields whether a process group is active."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        yield dist.is_available() and dist.is_initialized()
-        return
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
-    logger.info("process group: rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
-    try:
-        yield True
-    finally:
-        dist.destroy_process_group()
-
-
 def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
-    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`resolve_device`) in ``cfg.dtype``."""
+    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in ``cfg.dtype``."""
     from umarvel.api import UMarvel
 
-    return UMarvel.from_pretrained(cfg.model, device=device or resolve_device(cfg.device), dtype=cfg.dtype)
+    return UMarvel.from_pretrained(cfg.model, device=device or dist.device_for_rank(cfg.device), dtype=cfg.dtype)
 
 
 def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
@@ -511,8 +456,8 @@ def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
 
     The resolved config written next to the results records the device and dtype actually used.
     """
-    device = resolve_device(cfg.device)
-    with distributed_from_env(device):
+    device = dist.device_for_rank(cfg.device)
+    with dist.process_group(device):
         encoder = load_encoder(cfg, device)
         resolved = dataclasses.replace(cfg, device=str(device), dtype=str(encoder.settings.dtype),
                                        cache_dir=str(cfg.resolved_cache_dir().resolve()),
@@ -522,6 +467,6 @@ def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
 
 __all__ = [
     "MBeirEvalConfig", "Encoder", "encoder_settings", "encode_records", "Retrieval", "search_embeddings",
-    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir", "resolve_device", "distributed_from_env",
+    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir",
     "load_encoder", "run_mbeir_eval", "CONFIG_FILE", "RUN_INFO_FILE", "RUNS_DIR", "RESULTS_JSON", "RESULTS_MD",
 ]
