@@ -34,6 +34,7 @@ import numpy as np
 
 from umarvel import dist
 from umarvel.errors import DataError
+from umarvel.eval import DEFAULT_SHARD_SIZE
 from umarvel.log import progress_disabled
 from umarvel.utils.io import atomic_path, atomic_write_json
 
@@ -43,7 +44,6 @@ MANIFEST = "manifest.json"
 IDS = "ids.json"
 VECTORS = "vectors.npy"
 FORMAT_VERSION = 1
-DEFAULT_SHARD_SIZE = 16384
 
 
 def _sha256(obj: Any) -> str:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from umarvel.data.mbeir import DEFAULT_INSTRUCTION_SEED
 from umarvel.errors import ConfigError
-from umarvel.eval.cache import DEFAULT_SHARD_SIZE
+from umarvel.eval import DEFAULT_SHARD_SIZE
 
 
 def parse_task_list(value: str) -> list[str] | None:
