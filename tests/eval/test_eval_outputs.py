@@ -1,14 +1,11 @@
-"""TREC run files, results.json schema and results.md (local and global side by side)."""
+"""results.json schema and results.md (local and global side by side)."""
 import json
 
-import numpy as np
 import pytest
 
 from umarvel.errors import DataError
 from umarvel.eval.metrics import score_task
-from umarvel.eval.outputs import (
-    build_results, read_results_json, render_results_md, validate_results, write_results, write_trec_run,
-)
+from umarvel.eval.outputs import build_results, read_results_json, render_results_md, validate_results, write_results
 from umarvel.data.registry import get_task
 
 
@@ -51,20 +48,6 @@ def test_schema_violations_rejected(mutate, match):
     mutate(res)
     with pytest.raises(DataError, match=match):
         validate_results(res, "r")
-
-
-def test_trec_run_file(tmp_path):
-    path = tmp_path / "run.trec"
-    ids = np.array([[90000003, 90000001, -1], [90000002, 90000003, 90000001]])
-    scores = np.array([[0.9, 0.5, 0.0], [0.8, 0.7, 0.1]])
-    assert write_trec_run(path, ["9:1", "9:2"], ids, scores, "mbeir_mscoco_task0_local") == 5
-    lines = path.read_text().splitlines()
-    assert lines[0] == "9:1 Q0 9:3 1 0.900000 mbeir_mscoco_task0_local"
-    assert lines[2] == "9:2 Q0 9:2 1 0.800000 mbeir_mscoco_task0_local"
-    with pytest.raises(DataError, match="run_id"):
-        write_trec_run(path, ["9:1", "9:2"], ids, scores, "bad id")
-    with pytest.raises(DataError, match="need \\(Q, K\\)"):
-        write_trec_run(path, ["9:1"], ids, scores, "r")
 
 
 def test_results_md_pairs_sibling_folders(tmp_path):

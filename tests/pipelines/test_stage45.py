@@ -16,7 +16,8 @@ from umarvel.data.formatting import TRAIN_STYLE_NO_SUFFIX
 from umarvel.data.images import DISTILL_MAX_PIXELS, MAX_PIXELS, MIN_PIXELS, ImageBudget
 from umarvel.errors import ConfigError, DataError
 from umarvel.train.config import DataSection, LossSection
-from umarvel.train.hardneg import MinedRow, select_hard_negatives
+from umarvel.data.runfiles import MinedRow
+from umarvel.train.hardneg import select_hard_negatives
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -325,7 +326,7 @@ def teacher(e2e, tiny_checkpoint):
 def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
     from umarvel.data.mbeir import read_pool
     from umarvel.rerank.score import pair_from_records, score_pairs
-    from umarvel.train.hardneg import iter_mined
+    from umarvel.data.runfiles import iter_mined
     from umarvel.pipelines.mining import partition_train_queries
     from umarvel.utils.io import read_jsonl
 
@@ -334,7 +335,7 @@ def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
     lines = read_jsonl(path)
     subset = read_jsonl(files["subset"])
     assert [x["qid"] for x in lines] == [r["qid"] for r in subset]
-    mined = {r.qid: r for _, r in iter_mined(mined_local)}
+    mined = {r.qid: r for r in iter_mined(mined_local)}
     pool = {c.did: c for c in read_pool(root / cfg.pool, root)}
     rows = partition_train_queries(files["subset"], root)
     weights = {"mscoco_task0": 0.5, "webqa_task1": 1.0}
@@ -390,7 +391,7 @@ def test_plus_eval_fuses_own_cosines_and_tunes_on_val_only(e2e, teacher, tiny_ch
     from umarvel.pipelines.plus import PlusConfig, evaluate_plus
     from umarvel.eval.mbeir.runner import MBeirEvalConfig, evaluate_mbeir
     from umarvel.eval.outputs import read_results_json
-    from umarvel.rerank.score import read_trec_run
+    from umarvel.data.runfiles import read_trec_run
 
     base, root, _ = e2e
     _, _, _, reranker = teacher

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from umarvel.errors import DataError
 from umarvel.rerank.prompts import RerankPair, RerankSide
 from umarvel.train.trainer import TrainerCallback
 
@@ -124,25 +123,6 @@ def mbeir(tmp_path_factory) -> Path:
     return root
 
 
-def test_read_mined_checks_alignment(mbeir, tmp_path):
-    from umarvel.rerank.data import read_mined, read_union_queries
-
-    queries = read_union_queries(mbeir / "query/union_train/mbeir_union_up_train.jsonl", mbeir)
-    mined = read_mined(mbeir / "mined.jsonl", queries)
-    assert [m.qid for m in mined] == [q.qid for q in queries]
-    lines = (mbeir / "mined.jsonl").read_text().splitlines()
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl:1: qid"):
-        read_mined(bad, queries)
-    bad.write_text("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(DataError, match="mined lines for"):
-        read_mined(bad, queries)
-    bad.write_text(json.dumps({"qid": queries[0].qid, "gt_docs": []}) + "\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'top100_docs'"):
-        read_mined(bad, queries)
-
-
 def test_dataset_pairs_positive_and_mined_negative(mbeir, tiny_rerank_ckpt):
     from umarvel.data.images import ImageBudget
     from umarvel.data.processor import load_tokenizer
@@ -197,7 +177,7 @@ class _StopAfter(TrainerCallback):
 def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path):
     from umarvel.cli import main
     from umarvel.config import load_config
-    from umarvel.eval.outputs import write_trec_run
+    from umarvel.data.runfiles import read_trec_run, write_trec_run
     from umarvel.rerank.train import RerankTrainConfig, train_reranker
     from umarvel.train import checkpoint as ckpt
 
@@ -243,8 +223,6 @@ def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path):
     assert meta["split"] == "val" and meta["task"] == "mscoco_task0"
     fused = tmp_path / "fused.run"
     assert main(["rerank", "fuse", "--run", str(run), "--scores", str(out), "--weight", "0.5", "--out", str(fused)]) == 0
-    from umarvel.rerank.score import read_trec_run
-
     got = read_trec_run(fused)
     q0 = queries[0].qid
     cos0 = dict(zip(ids[0], cos[0]))

@@ -1,4 +1,4 @@
-"""Evaluation outputs: TREC run files, ``results.json`` (fixed schema) and ``results.md``.
+"""Evaluation outputs: ``results.json`` (fixed schema) and ``results.md`` (TREC runs: :mod:`umarvel.data.runfiles`).
 
 ``results.json`` schema (exactly these keys; ``"reranked"`` optional)::
 
@@ -20,13 +20,11 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from umarvel.errors import DataError
-from umarvel.data.mbeir import INSTRUCTION_MODES, unhash_did
+from umarvel.data.mbeir import INSTRUCTION_MODES
 from umarvel.eval.metrics import TaskResult, average
 from umarvel.data.registry import MBEIR_TASK_ORDER, list_tasks
-from umarvel.utils.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from umarvel.utils.io import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,49 +36,6 @@ _OPTIONAL_TOP_KEYS = ("reranked",)
 _TASK_KEYS = ("name", "dataset", "task_id", "metric", "value", "recall", "num_queries", "pool_size")
 
 PathLike = str | os.PathLike
-
-
-# ------------------------------------------------------------------------------------------ TREC run
-def _did_str(did: Any) -> str | None:
-    """A retrieved id as a did string (hashed ints unhashed); ``None`` for padding (-1, "", None)."""
-    if did is None or (isinstance(did, str) and did == ""):
-        return None
-    if isinstance(did, (int, np.integer)) and not isinstance(did, bool):
-        return None if did < 0 else unhash_did(int(did))
-    return str(did)
-
-
-def write_trec_run(path: PathLike, qids: Sequence[str], retrieved: np.ndarray | Sequence[Sequence],
-                   scores: np.ndarray | Sequence[Sequence], run_id: str) -> int:
-    """Write a TREC run file, one line ``qid Q0 did rank score run_id`` per retrieved candidate.
-
-    Args:
-        qids: (Q,) query ids.
-        retrieved: (Q, K) ranked dids (strings or hashed ints; -1 / "" entries are padding, skipped).
-        scores: (Q, K) similarity scores aligned with ``retrieved``.
-        run_id: run name, written in column 6 (no whitespace).
-
-    Returns the number of lines written.
-    """
-    ret = np.asarray(retrieved, dtype=object)
-    sc = np.asarray(scores, dtype=np.float64)
-    if ret.ndim != 2 or sc.shape != ret.shape or ret.shape[0] != len(qids):
-        raise DataError(f"TREC run {path}: need (Q, K) ids and scores for {len(qids)} queries, "
-                        f"got ids {ret.shape} and scores {sc.shape}")
-    if not run_id or any(ch.isspace() for ch in run_id):
-        raise DataError(f"TREC run {path}: run_id must be a non-empty word, got {run_id!r}")
-    n = 0
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for qid, row, srow in zip(qids, ret, sc):
-            rank = 0
-            for did, score in zip(row, srow):
-                did_s = _did_str(did)
-                if did_s is None:
-                    continue
-                rank += 1
-                fh.write(f"{qid} Q0 {did_s} {rank} {score:.6f} {run_id}\n")
-                n += 1
-    return n
 
 
 # ------------------------------------------------------------------------------------- results.json

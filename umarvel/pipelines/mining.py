@@ -38,11 +38,13 @@ from typing import Sequence
 import numpy as np
 
 from umarvel.errors import ConfigError, DataError
-from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
+from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, dataset_id_of, instruction_rng,
                                         parse_query, read_instructions, read_pool, read_qrels)
 from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, Task,
                                    list_tasks)
+from umarvel.data.runfiles import MinedRow, mined_file_name, write_mined
+from umarvel.eval.cache import EmbeddingCache, concat_cached
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -52,11 +54,6 @@ DONE_FILE = "mine_done.json"
 SUBSET_FILE = "mbeir_union_up_train_10percent.jsonl"
 SUBSET_INFO = "distill_subset.json"
 PathLike = str | os.PathLike
-
-
-def mined_file_name(scope: str) -> str:
-    """``rerank_data_all_eval_train_{scope}.jsonl`` (the official merged file name)."""
-    return f"rerank_data_all_eval_train_{scope}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -186,8 +183,6 @@ def build_train_pools(pool: Sequence[Candidate], tasks: Sequence[Task]) -> dict[
     out: dict[tuple, list[Candidate]] = {}
     for t in tasks:
         out.setdefault(pool_key(t), [])
-    from umarvel.data.mbeir import dataset_id_of
-
     for c in pool:
         d = dataset_id_of(c.did)
         for key, members in out.items():
@@ -299,13 +294,22 @@ def _read_part(path: Path, settings: dict) -> dict | None:
     return obj["rows"]
 
 
+def _mined_row(qid: str, part: dict) -> MinedRow:
+    """A part entry ``{gt_docs, top100_docs, score, gt_scores}`` as the mined-list row of ``qid``."""
+    return MinedRow(qid, tuple(part["gt_docs"]), tuple(part["top100_docs"]), tuple(part["score"]),
+                    tuple(part["gt_scores"]))
+
+
 def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
     """Run the mining of ``cfg`` (see the module doc); returns ``{scope: mined file}`` (+ ``"subset"``).
 
     Args:
         encoder: a loaded ``UMarvel`` (default: ``cfg.model`` loaded with INFERENCE style).
     """
-    from umarvel.eval.cache import EmbeddingCache, concat_cached
+    # lazy: `umarvel --help` imports this module for MineConfig's defaults; these two pull in torch and the
+    # model code (measured: `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with them at the top)
+    from umarvel.api import UMarvel
+    from umarvel.dist import device_for_rank
     from umarvel.eval.mbeir.runner import encode_records, search_embeddings
 
     out = Path(cfg.output)
@@ -319,9 +323,6 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
     if cfg.subset:
         results["subset"] = write_distill_subset(cfg, rows, tasks)
     if encoder is None:
-        from umarvel.api import UMarvel
-        from umarvel.dist import device_for_rank
-
         encoder = UMarvel.from_pretrained(cfg.model, device=device_for_rank(cfg.device), dtype=cfg.dtype)
     fp = encoder.fingerprint()
     cache = EmbeddingCache(cfg.cache_dir or out / "cache")
@@ -385,9 +386,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
 
     for s in cfg.scopes:
         path = out / mined_file_name(s)
-        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-            for q, name in zip(rows.queries, rows.task_of_row):
-                fh.write(json.dumps({"qid": q.qid, **parts[s][name][q.qid]}) + "\n")
+        write_mined(path, (_mined_row(q.qid, parts[s][name][q.qid]) for q, name in zip(rows.queries, rows.task_of_row)))
         results[s] = path
         logger.info("wrote %s (%d rows)", path, len(rows.queries))
     atomic_write_json(out / DONE_FILE, {"config": asdict(cfg), "settings": settings,
@@ -397,6 +396,6 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
     return results
 
 
-__all__ = ["MineConfig", "TrainRows", "SCOPES", "mined_file_name", "task_of", "partition_train_queries",
+__all__ = ["MineConfig", "TrainRows", "SCOPES", "task_of", "partition_train_queries",
            "pool_key", "pool_name", "build_train_pools", "load_gt_docs", "draw_distill_subset",
            "write_distill_subset", "mine"]

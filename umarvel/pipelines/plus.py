@@ -25,14 +25,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from umarvel.config import load_config
 from umarvel.errors import ConfigError, DataError
 from umarvel.data.images import MAX_PIXELS
 from umarvel.data.mbeir import load_mbeir_task, read_instructions, read_pool
+from umarvel.data.runfiles import read_trec_run, write_trec_run
+from umarvel.dist import device_for_rank
+from umarvel.eval.mbeir.runner import CONFIG_FILE, RUNS_DIR, MBeirEvalConfig, _union_modalities
 from umarvel.eval.metrics import score_task
-from umarvel.eval.outputs import build_results, read_results_json, write_results, write_trec_run
+from umarvel.eval.outputs import build_results, read_results_json, write_results
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, get_task
 from umarvel.rerank.fusion import (DEFAULT_FUSION_WEIGHT, DEFAULT_GRID, RerankedQuery, RerankResults,
                                    choose_weight, fuse_results)
+from umarvel.rerank.model import load_reranker
+from umarvel.rerank.score import score_run
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -90,10 +96,7 @@ def resolve_weight(cfg: PlusConfig) -> tuple[float, str]:
     return DEFAULT_FUSION_WEIGHT, "default (published 0.1)"
 
 
-def _eval_config(run_dir: Path):
-    from umarvel.config import load_config
-    from umarvel.eval.mbeir.runner import CONFIG_FILE, MBeirEvalConfig
-
+def _eval_config(run_dir: Path) -> MBeirEvalConfig:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise DataError(f"{path}: not found; run_dir must be an output folder of 'umarvel eval mbeir'")
@@ -109,9 +112,6 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
         ConfigError: ``choose_weight`` on a split other than ``val``.
         DataError: a missing run file, or run candidates / queries unknown to the M-BEIR files.
     """
-    from umarvel.eval.mbeir.runner import RUNS_DIR, _union_modalities
-    from umarvel.rerank.score import read_trec_run, score_run
-
     run_dir, out = Path(cfg.run_dir), Path(cfg.output)
     ev = _eval_config(run_dir)
     base = read_results_json(run_dir / "results.json")
@@ -151,9 +151,6 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
                 logger.info("%s: reranker scores reused (%s)", t.name, score_path)
         if p_yes is None:
             if reranker is None:
-                from umarvel.dist import device_for_rank
-                from umarvel.rerank.model import load_reranker
-
                 reranker = load_reranker(cfg.reranker, device=device_for_rank(cfg.device), dtype=cfg.dtype,
                                          positions=cfg.positions, max_pixels=cfg.max_pixels)
             p_yes = score_run(reranker, run, {q.qid: q for q in data.queries}, cands, top_k=cfg.top_k,

@@ -7,7 +7,6 @@ not truncated (official scoring); queries get ``format_string(f"{instruction} {q
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
@@ -24,12 +23,10 @@ from umarvel.model.positions import Positions
 from umarvel.rerank.collate import RerankScoreCollator, RerankTokenizer
 from umarvel.rerank.model import LoadedReranker
 from umarvel.rerank.prompts import RerankPair, RerankSide, make_side, rerank_candidate_text, rerank_query_text
-from umarvel.utils.io import iter_columns
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 50
-PathLike = str | os.PathLike
 
 
 def pair_from_records(tokenizer, query: Query, cand: Candidate, label: bool | None = None,
@@ -89,30 +86,6 @@ def score_pairs(reranker: LoadedReranker, pairs: Sequence[RerankPair], batch_siz
                 bar.update(len(idx))
     bar.close()
     return out
-
-
-def read_trec_run(path: PathLike) -> dict[str, list[tuple[str, float]]]:
-    """A TREC run file (``qid Q0 did rank score run_id``, optional 7th column) -> ``{qid: [(did, score)]}``.
-
-    Candidates are returned in rank order; queries in first-appearance order.
-
-    Raises:
-        DataError: naming ``file:line`` for a malformed line, a repeated (qid, rank) or a non-numeric field.
-    """
-    rows: dict[str, dict[int, tuple[str, float]]] = {}
-    for where, parts in iter_columns(path, missing="run file not found"):
-        if len(parts) not in (6, 7):
-            raise DataError(f"{where}: expected 'qid Q0 did rank score run_id', got {len(parts)} columns")
-        qid, _, did, rank, score = parts[:5]
-        try:
-            r, s = int(rank), float(score)
-        except ValueError:
-            raise DataError(f"{where}: rank {rank!r} / score {score!r} are not numbers") from None
-        ranks = rows.setdefault(qid, {})
-        if r in ranks:
-            raise DataError(f"{where}: query {qid} has rank {r} twice")
-        ranks[r] = (did, s)
-    return {qid: [ranks[r] for r in sorted(ranks)] for qid, ranks in rows.items()}
 
 
 def score_run(reranker: LoadedReranker, run: Mapping[str, Sequence[tuple[str, float]]],

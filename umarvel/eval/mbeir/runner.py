@@ -36,6 +36,8 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 
 from umarvel import dist
+from umarvel.api import UMarvel
+from umarvel.config import save_resolved
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
 from umarvel.data.mbeir import (
@@ -44,8 +46,9 @@ from umarvel.data.mbeir import (
 )
 from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.metrics import TaskResult, score_task
-from umarvel.eval.outputs import RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
+from umarvel.eval.outputs import RESULTS_JSON, RESULTS_MD, build_results, write_results
 from umarvel.data.records import Candidate, Query
+from umarvel.data.runfiles import write_trec_run
 from umarvel.data.registry import (
     GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
     Task, get_task, resolve_tasks,
@@ -421,7 +424,6 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
                             split=cfg.split, instruction_mode=cfg.instruction, instruction_seed=cfg.seed,
                             tasks=result.tasks)
     write_results(out_dir, results)
-    from umarvel.config import save_resolved
     save_resolved(cfg, out_dir / CONFIG_FILE)
     atomic_write_json(out_dir / RUN_INFO_FILE, {
         "protocol": cfg.protocol, "description": GLOBAL_PROTOCOL if cfg.protocol == "global" else LOCAL_PROTOCOL,
@@ -446,8 +448,6 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
 # ---------------------------------------------------------------------------------- model + torchrun
 def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
     """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in ``cfg.dtype``."""
-    from umarvel.api import UMarvel
-
     return UMarvel.from_pretrained(cfg.model, device=device or dist.device_for_rank(cfg.device), dtype=cfg.dtype)
 
 
