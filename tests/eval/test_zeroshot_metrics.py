@@ -7,7 +7,7 @@ import torch
 
 from umarvel.errors import DataError
 from umarvel.eval.zeroshot.metrics import (bidirectional_recall, circo_map_at_k, gallery_scores, genecis_recall,
-                                           hits_at_k, pair_accuracy, ranked_topk, recall_at_k)
+                                           pair_accuracy, ranked_topk, recall_from_scores)
 
 
 def test_circo_map_with_several_ground_truths():
@@ -92,24 +92,22 @@ def test_i2t_counts_any_caption():
 
 def test_recall_ties_and_exclusion():
     s = np.array([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9]])
-    assert hits_at_k(s, [[0], [2]], ks=(1, 2))[1].tolist() == [False, False]   # ties count against
-    assert hits_at_k(s, [[0], [2]], ks=(1, 2))[2].tolist() == [True, True]
+    assert recall_from_scores(s, [[0], [2]], ks=(1, 2)) == {"R@1": 0.0, "R@2": 100.0}  # ties count against
     # excluding the rival candidate makes both hits at 1
-    assert recall_at_k(s, [[0], [2]], ks=(1,), exclude=[[1], [1]]) == {"R@1": 100.0}
+    assert recall_from_scores(s, [[0], [2]], ks=(1,), exclude=[[1], [1]]) == {"R@1": 100.0}
     # several positives: the best one counts
-    assert recall_at_k(s, [[0, 1], [0, 2]], ks=(1,)) == {"R@1": 50.0}
+    assert recall_from_scores(s, [[0, 1], [0, 2]], ks=(1,)) == {"R@1": 50.0}
+    assert recall_from_scores(s, [[0], [2]], ks=(5,)) == {"R@5": 100.0}  # k beyond the candidates
     with pytest.raises(DataError):
-        recall_at_k(s, [[0]], ks=(1,))
+        recall_from_scores(s, [[0]], ks=(1,))
     with pytest.raises(DataError):
-        recall_at_k(s, [[0], []], ks=(1,))
+        recall_from_scores(s, [[0], []], ks=(1,))
 
 
-def test_recall_chunking_matches_unchunked():
+def test_recall_matches_brute_force_ranks():
     rng = np.random.default_rng(0)
     s = rng.normal(size=(50, 30))
     pos = [[int(rng.integers(30))] for _ in range(50)]
-    a = hits_at_k(s, pos, ks=(1, 5, 10), chunk=7)
-    b = hits_at_k(s, pos, ks=(1, 5, 10), chunk=1000)
     ranks = np.array([(s[i] > s[i, p[0]]).sum() for i, p in enumerate(pos)])
-    for k in (1, 5, 10):
-        assert (a[k] == b[k]).all() and (a[k] == (ranks < k)).all()
+    got = recall_from_scores(torch.tensor(s), pos, ks=(1, 5, 10))
+    assert got == pytest.approx({f"R@{k}": 100.0 * float((ranks < k).mean()) for k in (1, 5, 10)})

@@ -3,7 +3,8 @@
 Tie policy (one rule everywhere): **ties count against the model.** A candidate scoring exactly as high as a
 positive is ranked before it:
 
-- hit@k (recall): a query hits iff fewer than k non-positive candidates score >= its best positive;
+- hit@k (recall): a query hits iff fewer than k non-positive candidates score >= its best positive (the
+  :func:`ranked_topk` order, scored by :func:`umarvel.eval.metrics.recall_at_k`);
 - CIRCO ranking: candidates are ordered by (score desc, non-ground-truth first, index asc);
 - GeneCIS: the target is ranked after every distractor with an equal score;
 - CC-Neg / Sugar-Crepe accuracy: a sample counts only if cos(img, pos) > cos(img, neg) strictly.
@@ -18,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from umarvel.errors import DataError
+from umarvel.eval.metrics import recall_at_k
 
 RECALL_KS = (1, 5, 10)
 CIRCO_KS = (5, 10, 25, 50)
@@ -36,45 +38,24 @@ def _check_scores(scores: np.ndarray, n_rows: int, what: str) -> None:
         raise DataError(f"{what}: expected scores of shape ({n_rows}, C), got {scores.shape}")
 
 
-def hits_at_k(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = RECALL_KS,
-              exclude: Sequence[Sequence[int]] | None = None, chunk: int = 1024) -> dict[int, np.ndarray]:
-    """Per-query hit indicators: does any positive rank in the top k (ties against the model)?
+def recall_from_scores(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = RECALL_KS,
+                       exclude: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Hit-rate recall ``{"R@k": %}`` (CLIP-benchmark / M-BEIR definition) from a score matrix.
+
+    The candidates are ranked by :func:`ranked_topk` (ties against the model), then scored by the one
+    Recall@k, :func:`umarvel.eval.metrics.recall_at_k`.
 
     Args:
         scores: (Q, C) similarities. positives: per query, candidate indices (non-empty).
         exclude: per query, candidate indices removed from the ranking (e.g. VIST context images).
-        chunk: rows scored at once (memory: chunk * C booleans).
-
-    Returns:
-        {k: (Q,) bool}.
     """
     s = _np(scores)
-    _check_scores(s, len(positives), "hits_at_k")
-    q, c = s.shape
-    out = {k: np.zeros(q, dtype=bool) for k in ks}
-    for start in range(0, q, chunk):
-        block = s[start:start + chunk].copy()
-        n = block.shape[0]
-        pos_mask = np.zeros((n, c), dtype=bool)
-        for r in range(n):
-            p = positives[start + r]
-            if len(p) == 0:
-                raise DataError(f"hits_at_k: query {start + r} has no positive")
-            pos_mask[r, list(p)] = True
-            if exclude is not None and len(exclude[start + r]):
-                block[r, list(exclude[start + r])] = -np.inf
-        best = np.where(pos_mask, block, -np.inf).max(axis=1)
-        n_before = ((block >= best[:, None]) & ~pos_mask).sum(axis=1)
-        for k in ks:
-            out[k][start:start + n] = n_before < k
-    return out
-
-
-def recall_at_k(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = RECALL_KS,
-                exclude: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
-    """Hit-rate recall ``{"R@k": mean hit}`` (CLIP-benchmark / M-BEIR definition), in percent."""
-    hits = hits_at_k(scores, positives, ks, exclude)
-    return {f"R@{k}": 100.0 * float(h.mean()) for k, h in hits.items()}
+    _check_scores(s, len(positives), "recall")
+    for r, p in enumerate(positives):
+        if len(p) == 0:
+            raise DataError(f"recall: query {r} has no positive")
+    top = ranked_topk(s, max(ks), positives, exclude)  # (Q, min(max k, C))
+    return {f"R@{k}": 100.0 * v for k, v in recall_at_k(top, [set(map(int, p)) for p in positives], ks).items()}
 
 
 def bidirectional_recall(text_image_scores, text_to_image: Sequence[int],
@@ -97,8 +78,8 @@ def bidirectional_recall(text_image_scores, text_to_image: Sequence[int],
     for i, caps in enumerate(captions):
         if not caps:
             raise DataError(f"bidirectional_recall: image {i} has no caption")
-    out = {f"t2i_{k}": v for k, v in recall_at_k(s, [[int(i)] for i in t2i], ks).items()}
-    out.update({f"i2t_{k}": v for k, v in recall_at_k(s.T, captions, ks).items()})
+    out = {f"t2i_{k}": v for k, v in recall_from_scores(s, [[int(i)] for i in t2i], ks).items()}
+    out.update({f"i2t_{k}": v for k, v in recall_from_scores(s.T, captions, ks).items()})
     return out
 
 

@@ -40,7 +40,7 @@ from umarvel.eval.cache import EmbeddingCache
 from umarvel.data.registry import Task
 from umarvel.eval.zeroshot.options import VIDEO_SPECS, ZeroShotOptions
 from umarvel.eval.zeroshot.metrics import (bidirectional_recall, circo_map_at_k, gallery_scores,
-                                           genecis_recall, pair_accuracy, ranked_topk, recall_at_k)
+                                           genecis_recall, pair_accuracy, ranked_topk, recall_from_scores)
 from umarvel.eval.zeroshot.readers import read_set
 from umarvel.eval.zeroshot.tasks import EXTRA_COLUMNS, PAPER_COLUMNS, resolve_zeroshot_names
 from umarvel.eval.zeroshot.types import (BidirectionalSet, GallerySet, PairSet, RetrievalSet, Skipped, ZeroShotSet,
@@ -187,9 +187,9 @@ def evaluate_set(task: Task, zs: ZeroShotSet, encoder: SetEncoder) -> TaskOutcom
             return TaskOutcome({}, len(zs.queries), len(zs.candidates), submission=sub)
         if zs.metric == "map":
             m = circo_map_at_k(scores, zs.positives, task.cutoffs, exclude)
-            m.update(recall_at_k(scores, [[t] for t in zs.targets], task.cutoffs, exclude))
+            m.update(recall_from_scores(scores, [[t] for t in zs.targets], task.cutoffs, exclude))
         else:
-            m = recall_at_k(scores, zs.positives, task.cutoffs, exclude)
+            m = recall_from_scores(scores, zs.positives, task.cutoffs, exclude)
         return TaskOutcome(m, len(zs.queries), len(zs.candidates))
     if isinstance(zs, BidirectionalSet):
         t = encoder.encode(cache_name, "texts", zs.texts, style)
