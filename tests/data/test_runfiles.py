@@ -35,7 +35,8 @@ def test_mined_round_trip_and_official_bytes(tmp_path):
     assert [r.where for r in got] == [f"{path}:{i}" for i in (1, 2, 3)]
     assert got[0].positive_score() == 0.5 and got[2].positive_score() is None
     light = list(iter_mined(path, scores=False))
-    assert [(r.qid, r.top_docs, r.scores, r.gt_scores) for r in light] == [(r.qid, r.top_docs, None, None) for r in MINED]
+    assert [(r.qid, r.top_docs, r.scores, r.gt_scores) for r in light] == [(r.qid, r.top_docs, None, None)
+                                                                          for r in MINED]
 
 
 def test_mined_without_scores_omits_them(tmp_path):
@@ -49,7 +50,7 @@ def test_mined_alignment(tmp_path):
     path = tmp_path / "m.jsonl"
     write_mined(path, MINED)
     qids = [r.qid for r in MINED]
-    with pytest.raises(DataError, match=r"m\.jsonl:2: qid 9:5 but union-train row 2 is 9:1 .*follow the order of q\.jsonl"):
+    with pytest.raises(DataError, match=r"m\.jsonl:2: qid 9:5 but union-train row 2 is 9:1 .*order of q\.jsonl"):
         list(iter_mined(path, ["9:1", "9:1", "9:1"], rows="union-train row", follows="q.jsonl"))
     with pytest.raises(DataError, match=r"m\.jsonl: 3 mined lines for 4 query rows"):
         list(iter_mined(path, qids + ["9:9"]))

@@ -12,10 +12,10 @@
 3. Retrieve the top ``k`` (100) of each query through :func:`umarvel.eval.mbeir.runner.retrieve` (embedding
    cache + exact search; INFERENCE style, suffix on, D3), in its local pool and/or the global pool; also the
    cosine of each ground-truth doc (``gt_scores``, for the stage-4 margin option).
-4. Write, per scope, ``rerank_data_all_eval_train_{local,global}.jsonl``: one line per union-train row, same
-   order, ``{qid, gt_docs, top100_docs, score, gt_scores}`` (``top100_docs`` is the raw retrieved list, which may
-   hold positives: consumers exclude ``gt_docs``). ``gt_docs`` are the task's train qrels (fallback:
-   ``pos_cand_list``).
+4. Write, per scope, ``rerank_data_all_eval_train_{local,global}.jsonl`` (:mod:`umarvel.data.runfiles`): one line
+   per union-train row, same order, ``{qid, gt_docs, top100_docs, score, gt_scores}`` (``top100_docs`` is the raw
+   retrieved list, which may hold positives: consumers exclude ``gt_docs``). ``gt_docs`` are the task's train qrels
+   (fallback: ``pos_cand_list``).
 5. Draw the distillation subset (:func:`draw_distill_subset`): per task, ``random.sample`` of
    ``floor(fraction * n)`` of its union-train qid occurrences, one ``random.Random(seed)`` consumed in registry
    task order; the union rows whose qid was drawn, one per draw, in union-train order, are written verbatim to

@@ -8,8 +8,9 @@ distinct qid: its first ``top_k`` (50) mined candidates, each with its own cosin
 mscoco_task3 0.1, from :class:`TeacherConfig`), re-sorted descending. The reranker sees the query with a
 TSV instruction drawn per D7 (seeded) and no instruction markers, as in reranker training.
 
-Output ``fusion_results.jsonl``: one line per query row, same order, ``{qid, task, did: [K], score: [K],
-cosine: [K], p_yes: [K]}`` (candidates best first by fused score; ``cosine`` / ``p_yes`` in that order).
+Output ``fusion_results.jsonl`` (:mod:`umarvel.data.runfiles`): one line per query row, same order, ``{qid, task,
+did: [K], score: [K], cosine: [K], p_yes: [K]}`` (candidates best first by fused score; ``cosine`` / ``p_yes`` in
+that order).
 Resume: P(yes) are written in shards of ``shard_queries`` queries (``teacher_parts/``), each atomically; a
 rerun scores only missing shards.
 """
