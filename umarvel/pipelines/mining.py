@@ -306,8 +306,8 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
     Args:
         encoder: a loaded ``UMarvel`` (default: ``cfg.model`` loaded with INFERENCE style).
     """
-    # lazy: `umarvel --help` imports this module for MineConfig's defaults; these two pull in torch and the
-    # model code (measured: `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with them at the top)
+    # lazy: commands.mine imports this module, and `umarvel --help` stays free of torch (tests/cli; measured:
+    # `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with these two at the top)
     from umarvel.api import UMarvel
     from umarvel.dist import device_for_rank
     from umarvel.eval.mbeir.runner import encode_records, search_embeddings

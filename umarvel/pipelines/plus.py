@@ -30,15 +30,12 @@ from umarvel.errors import ConfigError, DataError
 from umarvel.data.images import MAX_PIXELS
 from umarvel.data.mbeir import load_mbeir_task, read_instructions, read_pool
 from umarvel.data.runfiles import read_trec_run, write_trec_run
-from umarvel.dist import device_for_rank
-from umarvel.eval.mbeir.runner import CONFIG_FILE, RUNS_DIR, MBeirEvalConfig, _union_modalities
+from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.metrics import score_task
 from umarvel.eval.outputs import build_results, read_results_json, write_results
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, get_task
 from umarvel.rerank.fusion import (DEFAULT_FUSION_WEIGHT, DEFAULT_GRID, RerankedQuery, RerankResults,
                                    choose_weight, fuse_results)
-from umarvel.rerank.model import load_reranker
-from umarvel.rerank.score import score_run
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -96,8 +93,8 @@ def resolve_weight(cfg: PlusConfig) -> tuple[float, str]:
     return DEFAULT_FUSION_WEIGHT, "default (published 0.1)"
 
 
-def _eval_config(run_dir: Path) -> MBeirEvalConfig:
-    path = run_dir / CONFIG_FILE
+def _eval_config(path: Path) -> MBeirEvalConfig:
+    """The resolved config (``config.yaml``) of an M-BEIR evaluation output folder."""
     if not path.is_file():
         raise DataError(f"{path}: not found; run_dir must be an output folder of 'umarvel eval mbeir'")
     return load_config(path, MBeirEvalConfig)
@@ -112,8 +109,14 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
         ConfigError: ``choose_weight`` on a split other than ``val``.
         DataError: a missing run file, or run candidates / queries unknown to the M-BEIR files.
     """
+    # lazy: commands.eval_plus imports this module, and `umarvel --help` stays free of torch (tests/cli)
+    from umarvel.dist import device_for_rank
+    from umarvel.eval.mbeir.runner import CONFIG_FILE, RUNS_DIR, _union_modalities
+    from umarvel.rerank.model import load_reranker
+    from umarvel.rerank.score import score_run
+
     run_dir, out = Path(cfg.run_dir), Path(cfg.output)
-    ev = _eval_config(run_dir)
+    ev = _eval_config(run_dir / CONFIG_FILE)
     base = read_results_json(run_dir / "results.json")
     if base.get("reranked"):
         raise DataError(f"{run_dir}: already a reranked run")

@@ -31,11 +31,8 @@ from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, i
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, list_tasks
 from umarvel.data.runfiles import TEACHER_FILE, TeacherRow, iter_mined, write_teacher
-from umarvel.dist import device_for_rank
 from umarvel.pipelines.mining import partition_train_queries
 from umarvel.rerank.fusion import teacher_fuse, teacher_weight
-from umarvel.rerank.model import load_reranker
-from umarvel.rerank.score import pair_from_records, score_pairs
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -108,6 +105,11 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
         DataError: a mined line not aligned with its query row, a query with fewer than ``top_k`` mined
             candidates, or a candidate missing from the pool.
     """
+    # lazy: commands.teacher imports this module, and `umarvel --help` stays free of torch (tests/cli)
+    from umarvel.dist import device_for_rank
+    from umarvel.rerank.model import load_reranker
+    from umarvel.rerank.score import pair_from_records, score_pairs
+
     out = Path(cfg.output)
     root = Path(cfg.mbeir_root)
     rows = partition_train_queries(Path(cfg.queries), root)
