@@ -386,7 +386,8 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
 
     for s in cfg.scopes:
         path = out / mined_file_name(s)
-        write_mined(path, (_mined_row(q.qid, parts[s][name][q.qid]) for q, name in zip(rows.queries, rows.task_of_row)))
+        write_mined(path, (_mined_row(q.qid, parts[s][name][q.qid])
+                           for q, name in zip(rows.queries, rows.task_of_row)))
         results[s] = path
         logger.info("wrote %s (%d rows)", path, len(rows.queries))
     atomic_write_json(out / DONE_FILE, {"config": asdict(cfg), "settings": settings,
