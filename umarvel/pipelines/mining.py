@@ -44,7 +44,6 @@ from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, Task,
                                    list_tasks)
 from umarvel.data.runfiles import MinedRow, mined_file_name, write_mined
-from umarvel.eval.cache import EmbeddingCache, concat_cached
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -307,9 +306,10 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
         encoder: a loaded ``UMarvel`` (default: ``cfg.model`` loaded with INFERENCE style).
     """
     # lazy: commands.mine imports this module, and `umarvel --help` stays free of torch (tests/cli; measured:
-    # `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with these two at the top)
+    # `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with these at the top)
     from umarvel.api import UMarvel
     from umarvel.dist import device_for_rank
+    from umarvel.eval.cache import EmbeddingCache, concat_cached
     from umarvel.eval.mbeir.runner import encode_records, search_embeddings
 
     out = Path(cfg.output)
