@@ -110,13 +110,16 @@ def test_hit_rate_on_hand_made_padded_rankings():
 
 # --------------------------------------------------------------------------- independent recompute
 def _brute_force(model, tree, names, pool_names):
-    """API-encode everything, fp16 round trip (what the cache stores), float64 score matrix, stable
-    argsort, set-based hit rate as in the official scorer: {task: ({k: percent}, ranked dids, scores)}."""
+    """API-encode everything, fp16 round trip (what the cache stores) re-normalised (what the search does),
+    float64 score matrix, stable argsort, set-based hit rate as in the official scorer:
+    {task: ({k: percent}, ranked dids, scores)}."""
     table = read_instructions(tree / MBEIR_INSTRUCTIONS)
     union = read_pool_modalities(tree / MBEIR_UNION_POOLS["test"])
     data = {n: load_mbeir_task(tree, get_task(n), "test", instructions=table, seed=2023, global_modalities=union)
             for n in sorted(set(names) | set(pool_names))}
-    f16 = lambda x: x.astype(np.float16).astype(np.float64)  # noqa: E731
+    def f16(x):
+        y = x.astype(np.float16).astype(np.float64)
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
     pool_ids = [c.did for n in pool_names for c in data[n].pool]
     pool = f16(np.concatenate([model.encode_candidates([c.to_encode_item() for c in data[n].pool])
                                for n in pool_names]))
