@@ -71,13 +71,16 @@ def add_mbeir_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-missing", action="store_true", default=None,
                    help="score queries whose positives are unknown to the pool(s) instead of failing")
     p.add_argument("--shard-size", type=int, default=None, help="items per cache shard (default 16384)")
+    p.add_argument("--compat", choices=("default", "official"), default=None,
+                   help="official: the official evaluation numerics (unpadded batches causal, official batches of "
+                        "16 in file order; docs/decisions.md 'Compatibility mode'); default: umarvel's (default)")
     p.add_argument("--config", default=None, help="YAML config (configs/eval/mbeir_local.yaml ...); flags win")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override applied to --config (repeatable)")
 
 
 _FLAG_FIELDS = ("model", "mbeir_root", "output", "protocol", "split", "instruction", "seed", "batch_size",
-                "device", "dtype", "cache_dir", "backend", "search_device", "allow_missing", "shard_size")
+                "device", "dtype", "cache_dir", "backend", "search_device", "allow_missing", "shard_size", "compat")
 
 
 def _parse_tasks(value: str | None) -> list[str] | None | str:

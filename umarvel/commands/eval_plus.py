@@ -39,6 +39,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", choices=["1d", "mrope"], default="1d")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--compat", choices=("default", "official"), default="default",
+                   help="official: P(yes) from the first step of generate with the checkpoint's generation config "
+                        "in the official batches of 4, and on a global run the official global fusion "
+                        "(docs/decisions.md 'Compatibility mode'); default: umarvel's (default)")
     p.set_defaults(func=run)
 
 
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--grid must be comma-separated numbers, got {args.grid!r}") from None
     cfg = PlusConfig(run_dir=args.run, reranker=args.reranker, output=args.output, weight=args.weight,
                      weight_from=args.weight_from, choose_weight=args.choose_weight, grid=grid, top_k=args.top_k,
-                     batch_size=args.batch_size, positions=args.positions, device=args.device, dtype=args.dtype)
+                     batch_size=args.batch_size, positions=args.positions, device=args.device, dtype=args.dtype,
+                     compat=args.compat)
     evaluate_plus(cfg)
     return 0
 

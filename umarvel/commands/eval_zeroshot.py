@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override the per-frame maximum (default: the published 768*28*28); quick runs only")
     p.add_argument("--video-total-pixels", type=int, default=None,
                    help="override the per-clip total (default: the published 24576*28*28); quick runs only")
+    p.add_argument("--compat", choices=("default", "official"), default="default",
+                   help="official: the official evaluation numerics (unpadded batches causal, each set's official "
+                        "batch sizes and order, official prompt quirks; docs/decisions.md 'Compatibility mode'); "
+                        "--batch-size / --video-batch-size / --max-tokens are then unused (default: default)")
 
 
 def add_zeroshot_parser(eval_subparsers) -> argparse.ArgumentParser:
@@ -55,13 +59,14 @@ def run(args: argparse.Namespace) -> int:
     resolve_zeroshot_names(args.tasks)  # reject unknown task names before loading the model
     options = ZeroShotOptions(batch_size=args.batch_size, video_batch_size=args.video_batch_size,
                               max_tokens=args.max_tokens, video_min_pixels=args.video_min_pixels,
-                              video_max_pixels=args.video_max_pixels, video_total_pixels=args.video_total_pixels)
+                              video_max_pixels=args.video_max_pixels, video_total_pixels=args.video_total_pixels,
+                              compat=args.compat)
     device = args.device
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype)
+    model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype, compat=args.compat)
     results = run_zeroshot(model, args.data_root, args.output_dir, tasks=args.tasks, cache_dir=args.cache_dir,
                            options=options, model_name=str(args.model))
     sys.stdout.write((Path(args.output_dir) / RESULTS_MD).read_text(encoding="utf-8"))
