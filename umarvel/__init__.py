@@ -12,6 +12,6 @@ __all__ = ["UMarvel", "__version__"]
 
 def __getattr__(name):
     if name == "UMarvel":
-        from umarvel.api import UMarvel
+        from umarvel.api import UMarvel  # lazy: `import umarvel` must not load torch (the CLI parser imports it)
         return UMarvel
     raise AttributeError(f"module 'umarvel' has no attribute {name!r}")

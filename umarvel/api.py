@@ -21,13 +21,15 @@ from umarvel.data.collate import (EmbedInput, EmbeddingCollator, EmbeddingTokeni
                                   sequential_batches)
 from umarvel.data.formatting import INFERENCE_STYLE, UMARVEL_TOKENS, PromptStyle, format_string, query_text_with_instruction
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget, load_image
-from umarvel.data.patches import image_patches
 from umarvel.data.processor import (BUNDLED_PROCESSOR_DIR, build_hf_processor, has_processor_files,
                                     load_image_processor, load_tokenizer)
+from umarvel.data.visual import image_patches
 from umarvel.errors import CheckpointError, DataError
 from umarvel.log import progress_disabled
 from umarvel.model import loading
-from umarvel.model.embedder import UMarvelEmbedder
+from umarvel.model.backbones import get_backbone_spec
+from umarvel.model.embedder import DEFAULT_TEMPERATURE, UMarvelEmbedder
+from umarvel.model.lora import is_lora, load_lora
 from umarvel.utils.compat import DEFAULT, check_compat, is_official
 from umarvel.version import __version__
 
@@ -127,8 +129,6 @@ class UMarvel:
             adapter: an extra LoRA adapter folder applied on top of ``path``.
             compat: ``"default"`` or ``"official"`` (the official evaluation numerics, see the class doc).
         """
-        from umarvel.model.lora import load_lora
-
         compat = check_compat(compat)
         path = loading.check_checkpoint_dir(path)
         torch_dtype = loading.resolve_dtype(dtype, device)
@@ -153,7 +153,7 @@ class UMarvel:
         image_processor = load_image_processor(proc_dir, min_pixels, max_pixels)
         marker_rows = loading.ensure_token_rows(model, tokenizer)
         meta = loading.read_meta(adapters[-1] if adapters else base) or loading.read_meta(base)
-        temperature = meta.get("temperature", loading.official_temperature(base) or loading.DEFAULT_TEMPERATURE)
+        temperature = meta.get("temperature", loading.official_temperature(base) or DEFAULT_TEMPERATURE)
         embedder = UMarvelEmbedder(model, spec, temperature=temperature, attention=attention, positions=positions,
                                    causal_when_unpadded=is_official(compat))
         for a in adapters:
@@ -168,14 +168,12 @@ class UMarvel:
     @classmethod
     def from_backbone(cls, model: torch.nn.Module, processor_dir: str | os.PathLike = BUNDLED_PROCESSOR_DIR,
                       device: str | torch.device = "cpu", min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                      style: PromptStyle = INFERENCE_STYLE, temperature: float = loading.DEFAULT_TEMPERATURE,
+                      style: PromptStyle = INFERENCE_STYLE, temperature: float = DEFAULT_TEMPERATURE,
                       attention: str = "bidirectional", positions: str = "1d", compat: str = DEFAULT) -> "UMarvel":
         """Wrap an in-memory transformers model (e.g. a randomly initialised one for benchmarks).
 
         The tokenizer and image processor come from ``processor_dir`` (the bundled Qwen2-VL files by default).
         """
-        from umarvel.model.backbones import get_backbone_spec
-
         compat = check_compat(compat)
         spec = get_backbone_spec(model.config.model_type)
         tokenizer = load_tokenizer(processor_dir)
@@ -191,8 +189,6 @@ class UMarvel:
 
     def save_pretrained(self, path: str | os.PathLike, extra_meta: dict | None = None) -> Path:
         """Write a self-contained checkpoint folder (merged weights, tokenizer with tokens, umarvel.json)."""
-        from umarvel.model.lora import is_lora
-
         if is_lora(self.embedder):
             raise CheckpointError("save_pretrained needs merged weights: call umarvel.model.lora.merge_lora first, "
                                   "or save the adapter with umarvel.model.lora.save_lora")

@@ -1,9 +1,14 @@
 """The ``umarvel`` console script: encode and demo end to end, clear errors on bad input."""
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
+from helpers import REPO
 
 from umarvel.cli import main
 
@@ -97,3 +102,40 @@ def test_demo_model_prints_recall_tables(tiny_checkpoint, tmp_path, capsys):
     row = results["stages"][0]
     assert row["local"]["protocol"] == "local" and row["global"]["protocol"] == "global"
     assert np.isfinite(row["local"]["average"]) and 0.0 <= row["global"]["average"] <= 100.0
+
+
+# ------------------------------------------------------------------------------- the command table
+def _python(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_python_m_umarvel_runs_the_cli():
+    proc = _python("-m", "umarvel", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("demo", "encode", "train", "merge-lora", "eval", "mine", "teacher", "rerank"):
+        assert f"    {name} " in proc.stdout
+    bad = _python("-m", "umarvel", "eval", "mbeir", "--model", "m")
+    assert bad.returncode == 2 and "--mbeir-root, --output required" in bad.stderr
+
+
+def test_parser_builds_without_torch():
+    """``umarvel --help`` imports every command module and builds every parser, but never torch."""
+    code = ("import sys; from umarvel.cli import build_parser; build_parser().format_help(); "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'faiss') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    proc = _python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_command_is_in_the_table_and_commands_never_import_cli():
+    from umarvel import cli
+
+    modules = {p.stem for p in (REPO / "umarvel" / "commands").glob("*.py")} - {"__init__", "flags"}
+    eval_group = {"eval_zeroshot", "eval_plus"}  # registered by umarvel.commands.eval
+    assert {m.__name__.rsplit(".", 1)[1] for m in cli.COMMANDS} == modules - eval_group
+    for path in (REPO / "umarvel" / "commands").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "umarvel.cli" not in imported, path

@@ -290,8 +290,8 @@ def test_three_commands(base, tree, tiny_checkpoint, tmp_path, monkeypatch, caps
     assert json.loads((out / "local" / "run.json").read_text())["encode_stats"]["encoded"] == 0
     # 2. umarvel eval mbeir --protocol global
     import umarvel.cli as cli
-    assert "umarvel.commands.eval" in cli.SUBCOMMAND_MODULES
-    monkeypatch.setattr(cli, "setup_logging", lambda level: None)  # keep pytest's log capture intact
+    import umarvel.commands
+    monkeypatch.setattr(umarvel.commands, "setup_logging", lambda level: None)  # keep pytest's log capture intact
     rc = cli.main(["eval", "mbeir", "--protocol", "global", *common, "--output", str(out / "global"),
                    "--cache-dir", str(base["cache"]), "--shard-size", "4"])
     assert rc == 0 and "| Local | Global |" in capsys.readouterr().out  # paired with the sibling local run

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from umarvel.commands.eval_zeroshot import main as zeroshot_main
-from umarvel.data.collate import EmbedInput, VideoInput
+from umarvel.data.collate import EmbedInput
 from umarvel.data.formatting import INFERENCE_STYLE, PromptStyle
 from umarvel.data.images import load_image
-from umarvel.data.video import MSVD_VIDEO, load_video, video_patches
+from umarvel.data.video import MSVD_VIDEO, load_video
+from umarvel.data.visual import VideoInput
 from umarvel.errors import ConfigError
 from umarvel.data.registry import Task, get_task, list_tasks
 from umarvel.eval.zeroshot.fixtures import FIXTURE_SIZES, write_zeroshot_fixture
@@ -164,8 +165,7 @@ def test_metrics_equal_brute_force_from_api_embeddings(first_run, tiny_model, zs
                                     batch_size=bs, style=no_suffix))
 
     def video_input(item):
-        pv, grid = video_patches(load_video(item.video, MSVD_VIDEO, item.id))
-        return EmbedInput("", video=VideoInput(pv, tuple(int(g) for g in grid[0])))
+        return EmbedInput("", video=VideoInput.from_frames(load_video(item.video, MSVD_VIDEO, item.id)))
 
     v = _fp16(model.encode_prepared([(lambda it=it: video_input(it)) for it in ms.candidates], batch_size=1,
                                     style=no_suffix))

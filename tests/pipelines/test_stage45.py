@@ -289,19 +289,17 @@ def _stage_cfg(name: str, overrides: list[str]):
 
 
 def test_stage4_runs_end_to_end(e2e, tiny_checkpoint):
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.train.stage import stage_trainer
 
     base, root, files = e2e
     cfg = _stage_cfg("04_mbeir_hardneg.yaml", [
         f"init_from={tiny_checkpoint}", f"data.root={root}", f"data.negatives={files['global']}",
         "data.num_hard_negatives=2", "train.per_device_batch_size=3", f"train.output_dir={base / 'run4'}"])
-    seen = []
-    trainer = StageTrainer(cfg, callbacks=[lambda tr, ev, info: seen.append((ev, info))])
+    trainer = stage_trainer(cfg)
     state = trainer.train()
-    steps = [i for e, i in seen if e == "step_end"]
-    assert state.global_step == 2 and all(np.isfinite(i["loss"]) for i in steps)
+    assert state.global_step == 2 and all(np.isfinite(i["loss"]) for i in state.history)
     # 3 queries x (positive + 2 negatives), negatives never a positive of their query
-    batch = trainer.collator([trainer.dataset.example(i, random.Random(0)) for i in range(3)])
+    batch = trainer.task.collator([trainer.task.dataset.example(i, random.Random(0)) for i in range(3)])
     assert batch.num_columns == 3 and sum(x["input_ids"].shape[0] for x in batch.chunks) == 12
     assert (base / "run4" / "merged" / "config.json").is_file()
 
@@ -372,7 +370,7 @@ def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
 
 
 def test_stage5_runs_end_to_end(e2e, teacher, tiny_checkpoint):
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.train.stage import stage_trainer
 
     base, root, files = e2e
     cfg_t, path, _, _ = teacher
@@ -380,11 +378,9 @@ def test_stage5_runs_end_to_end(e2e, teacher, tiny_checkpoint):
         f"init_from={tiny_checkpoint}", f"data.root={root}", f"data.path={files['subset']}", f"data.scores={path}",
         "data.num_candidates=4", "train.per_device_batch_size=2", f"train.output_dir={base / 'run5'}"])
     assert cfg.model.max_pixels == DISTILL_MAX_PIXELS and cfg.loss.kind == "distill_kl"
-    seen = []
-    state = StageTrainer(cfg, callbacks=[lambda tr, ev, info: seen.append(info)]).train()
-    assert state.global_step == 2
-    assert all(np.isfinite(i["loss"]) and i["loss"] >= 0 and "teacher_top1_agreement" in i
-               for i in seen if "loss" in i)
+    state = stage_trainer(cfg).train()
+    assert state.global_step == 2 and len(state.history) == 2
+    assert all(np.isfinite(i["loss"]) and i["loss"] >= 0 and "teacher_top1_agreement" in i for i in state.history)
     assert (base / "run5" / "merged" / "config.json").is_file()
 
 

@@ -56,7 +56,7 @@ def read_items(path: str | Path, image_root: str | Path | None, queries: bool) -
 
 def run(args: argparse.Namespace) -> int:
     """Encode the input file and write the matrix (and ids, and ``<output>.meta.json``) atomically."""
-    from umarvel.api import UMarvel
+    from umarvel.api import UMarvel  # lazy: keeps the CLI start-up free of torch
 
     items, ids = read_items(args.input, args.image_root, args.queries)
     model = UMarvel.from_pretrained(args.model, device=args.device, dtype=args.dtype, compat=args.compat)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from umarvel.model.backbones import BackboneSpec
+from umarvel.model.constants import DEFAULT_TEMPERATURE
+from umarvel.model.positions import position_ids
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +56,6 @@ def pad_key_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tens
         blocked, torch.finfo(dtype).min)
 
 
-def rowwise_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """1-D positions 0..n-1 over each row's real tokens (pads get 0). (B, L) int64."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class UMarvelEmbedder(nn.Module):
     """Wraps a vision-language backbone into an embedding model (no loss, no distributed logic).
 
@@ -72,7 +69,7 @@ class UMarvelEmbedder(nn.Module):
             ``compat="official"``); padded batches stay bidirectional. Needs the padded forward.
     """
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, temperature: float = 0.05,
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, temperature: float = DEFAULT_TEMPERATURE,
                  attention: Literal["bidirectional", "causal"] = "bidirectional",
                  positions: Literal["1d", "mrope"] = "1d", causal_when_unpadded: bool = False):
         super().__init__()
@@ -113,18 +110,6 @@ class UMarvelEmbedder(nn.Module):
         return getattr(getattr(cfg, "text_config", cfg), "hidden_size")
 
     # -- forward ------------------------------------------------------------------------------
-    def _positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw):
-        if self.positions == "1d":
-            return rowwise_positions(attention_mask)
-        inner = self.spec.inner(self.hf_model)
-        cfg = self.config
-        mm_types = torch.zeros_like(input_ids, dtype=torch.int)
-        mm_types[input_ids == cfg.image_token_id] = 1
-        mm_types[input_ids == cfg.video_token_id] = 2
-        pos, _ = inner.get_rope_index(input_ids, mm_types, image_grid_thw=image_grid_thw,
-                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask)
-        return pos
-
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                       pixel_values_videos: torch.Tensor | None = None,
@@ -157,7 +142,8 @@ class UMarvelEmbedder(nn.Module):
             mask = _causal_mask(attention_mask, embeds.dtype)
         layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
         out = lm(inputs_embeds=embeds, attention_mask={t: mask for t in layer_types},
-                 position_ids=self._positions(input_ids, attention_mask, image_grid_thw, video_grid_thw),
+                 position_ids=position_ids(self.positions, self.spec, model, input_ids, attention_mask,
+                                           image_grid_thw, video_grid_thw),
                  use_cache=False)
         return out.last_hidden_state
 

@@ -320,9 +320,9 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
         results["subset"] = write_distill_subset(cfg, rows, tasks)
     if encoder is None:
         from umarvel.api import UMarvel
-        from umarvel.eval.mbeir.runner import resolve_device
+        from umarvel.dist import device_for_rank
 
-        encoder = UMarvel.from_pretrained(cfg.model, device=resolve_device(cfg.device), dtype=cfg.dtype)
+        encoder = UMarvel.from_pretrained(cfg.model, device=device_for_rank(cfg.device), dtype=cfg.dtype)
     fp = encoder.fingerprint()
     cache = EmbeddingCache(cfg.cache_dir or out / "cache")
     by_name = {t.name: t for t in tasks}

@@ -28,16 +28,17 @@ import os
 from collections import ChainMap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from umarvel.errors import ConfigError, DataError
+from umarvel.data.images import MAX_PIXELS
 from umarvel.data.mbeir import load_mbeir_task, read_instructions, read_pool
 from umarvel.eval.metrics import score_task
-from umarvel.eval.outputs import build_results, read_results_json, write_results, write_trec_run
+from umarvel.eval.outputs import build_results, compat_of, read_results_json, write_results, write_trec_run
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, get_task
-from umarvel.eval.outputs import compat_of
 from umarvel.rerank.fusion import (DEFAULT_FUSION_WEIGHT, DEFAULT_GRID, RerankedQuery, RerankResults,
                                    choose_weight, fuse_results)
-from umarvel.utils.compat import COMPAT_MODES, DEFAULT, is_official
+from umarvel.utils.compat import DEFAULT, CompatMode, check_compat, is_official
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -50,40 +51,37 @@ PathLike = str | os.PathLike
 
 @dataclass(frozen=True)
 class PlusConfig:
-    """Settings of one U-MARVEL+ evaluation.
+    """Settings of one U-MARVEL+ evaluation; each field's help (metadata) is also its flag's help
+    (``umarvel eval plus``). ``run_dir``, ``reranker`` and ``output`` are required; give at most one of
+    ``weight``, ``weight_from`` and ``choose_weight`` (none: the published w = 0.1)."""
 
-    Attributes:
-        run_dir: output folder of ``umarvel eval mbeir`` (local or global, val or test).
-        reranker: reranker checkpoint (merged folder or LoRA adapter folder; U-MARVEL+: the reranker trained on
-            negatives mined by the stage-5 model).
-        output: output folder.
-        weight: fixed fusion weight (default: ``weight_from`` if given, else 0.1).
-        weight_from: ``fusion_weight.json`` of a U-MARVEL+ run on the validation split.
-        choose_weight: choose ``w`` on this run's results (its split must be ``val``).
-        grid: candidate weights of ``choose_weight``.
-        top_k: reranked depth (50).
-        batch_size / positions / device / dtype / max_pixels: reranker scoring.
-        compat: ``"default"`` or ``"official"`` (official P(yes), batches and global fusion; see the module doc).
-    """
-
-    run_dir: str
-    reranker: str
-    output: str
-    weight: float | None = None
-    weight_from: str | None = None
-    choose_weight: bool = False
-    grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
-    top_k: int = 50
-    batch_size: int = 8
-    positions: str = "1d"
-    device: str | None = None
-    dtype: str | None = None
-    max_pixels: int = 300 * 28 * 28
-    compat: str = DEFAULT
+    run_dir: str = field(metadata={"flag": "--run", "help": "output folder of 'umarvel eval mbeir' (local or "
+                                                            "global, val or test)"})
+    reranker: str = field(metadata={"help": "reranker checkpoint (merged folder or LoRA adapter folder; U-MARVEL+: "
+                                            "the reranker trained on negatives mined by the stage-5 model)"})
+    output: str = field(metadata={"help": "output folder"})
+    weight: float | None = field(default=None, metadata={"help": "fixed fusion weight w (default 0.1)"})
+    weight_from: str | None = field(default=None, metadata={
+        "help": "fusion_weight.json of a U-MARVEL+ run on the validation split"})
+    choose_weight: bool = field(default=False, metadata={
+        "help": "choose w on this run's results (its split must be val)"})
+    grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID), metadata={
+        "help": "comma-separated candidate weights of --choose-weight"})
+    top_k: int = field(default=50, metadata={"help": "reranked depth"})
+    batch_size: int = field(default=8, metadata={"help": "reranker scoring batch size"})
+    positions: Literal["1d", "mrope"] = field(default="1d", metadata={
+        "help": "reranker position ids: 1d (training convention, D10) or mrope (the official generate() scores)"})
+    device: str | None = field(default=None, metadata={"help": "reranker device (default: cuda if available)"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "reranker image budget"})
+    compat: CompatMode = field(default=DEFAULT, metadata={
+        "help": "official: P(yes) from the first step of generate with the checkpoint's generation config in the "
+                "official batches of 4, and on a global run the official global fusion (D9, D10; docs/decisions.md "
+                "'Compatibility mode'); default: umarvel's"})
 
     def __post_init__(self) -> None:
-        if self.compat not in COMPAT_MODES:
-            raise ConfigError(f"compat must be one of {list(COMPAT_MODES)}, got {self.compat!r}")
+        check_compat(self.compat, "PlusConfig.compat")
         if sum(x is not None and x is not False for x in (self.weight, self.weight_from, self.choose_weight)) > 1:
             raise ConfigError("give at most one of weight, weight_from and choose_weight")
         if self.top_k < 1:
@@ -172,15 +170,14 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
                 logger.info("%s: reranker scores reused (%s)", t.name, score_path)
         if p_yes is None:
             if reranker is None:
-                from umarvel.eval.mbeir.runner import resolve_device
+                from umarvel.dist import device_for_rank
                 from umarvel.rerank.model import load_reranker
 
-                reranker = load_reranker(cfg.reranker, device=resolve_device(cfg.device), dtype=cfg.dtype,
+                reranker = load_reranker(cfg.reranker, device=device_for_rank(cfg.device), dtype=cfg.dtype,
                                          positions=cfg.positions, max_pixels=cfg.max_pixels, compat=cfg.compat)
             if getattr(reranker, "compat", DEFAULT) != cfg.compat:
                 raise ConfigError(f"the reranker was loaded with compat {getattr(reranker, 'compat', DEFAULT)!r}, "
-                                  f"the config says "
-                                  f"{cfg.compat!r}")
+                                  f"the config says {cfg.compat!r}")
             p_yes = score_run(reranker, run, {q.qid: q for q in data.queries}, cands, top_k=cfg.top_k,
                               batch_size=batch_size)
             atomic_write_json(score_path, {"settings": settings, "p_yes": p_yes}, indent=None)

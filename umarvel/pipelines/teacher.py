@@ -27,6 +27,7 @@ import numpy as np
 from umarvel.errors import ConfigError, DataError
 from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
                                         read_instructions, read_pool)
+from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, list_tasks
 from umarvel.train.hardneg import iter_mined
 from umarvel.pipelines.mining import partition_train_queries
@@ -69,8 +70,8 @@ class TeacherConfig:
     positions: str = "1d"
     device: str | None = None
     dtype: str | None = None
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 300 * 28 * 28
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
     instruction: str = "random"
     seed: int = DEFAULT_INSTRUCTION_SEED
     shard_queries: int = 2048
@@ -148,10 +149,10 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
                 continue
             logger.warning("%s: other settings or queries; scoring the shard again", path)
         if reranker is None:
-            from umarvel.eval.mbeir.runner import resolve_device
+            from umarvel.dist import device_for_rank
             from umarvel.rerank.model import load_reranker
 
-            reranker = load_reranker(cfg.reranker, device=resolve_device(cfg.device), dtype=cfg.dtype,
+            reranker = load_reranker(cfg.reranker, device=device_for_rank(cfg.device), dtype=cfg.dtype,
                                      positions=cfg.positions, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         pairs = []
         for q in shard:

@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +36,11 @@ from umarvel.data.processor import BUNDLED_PROCESSOR_DIR, has_processor_files, l
 from umarvel.errors import CheckpointError
 from umarvel.model import loading
 from umarvel.model.backbones import BackboneSpec
-from umarvel.model.embedder import rowwise_positions
+from umarvel.model.positions import POSITIONS, Positions, position_ids
 from umarvel.rerank.collate import IGNORE_INDEX, answer_token_ids
 from umarvel.utils.compat import DEFAULT, check_compat
 
 logger = logging.getLogger(__name__)
-
-Positions = Literal["1d", "mrope"]
-POSITIONS: tuple[str, ...] = ("1d", "mrope")
 
 
 class Reranker(nn.Module):
@@ -73,19 +70,9 @@ class Reranker(nn.Module):
 
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      image_grid_thw: torch.Tensor | None, positions: Positions | None = None) -> torch.Tensor:
-        """Position ids: (B, L) row-wise 1-D, or (3, B, L) M-RoPE from ``get_rope_index``."""
-        positions = positions or self.positions
-        if positions == "1d":
-            return rowwise_positions(attention_mask)
-        if positions != "mrope":
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-        cfg = self.hf_model.config
-        mm_types = torch.zeros_like(input_ids, dtype=torch.int)
-        mm_types[input_ids == cfg.image_token_id] = 1
-        mm_types[input_ids == cfg.video_token_id] = 2
-        pos, _ = self.spec.inner(self.hf_model).get_rope_index(
-            input_ids, mm_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
-        return pos
+        """Position ids: (B, L) row-wise 1-D, or (3, B, L) M-RoPE (``umarvel.model.positions``)."""
+        return position_ids(positions or self.positions, self.spec, self.hf_model, input_ids, attention_mask,
+                            image_grid_thw)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,

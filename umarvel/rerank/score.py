@@ -22,8 +22,9 @@ from umarvel.data.images import ImageBudget, load_image
 from umarvel.errors import DataError
 from umarvel.data.records import Candidate, Query
 from umarvel.log import progress_disabled
+from umarvel.model.positions import Positions
 from umarvel.rerank.collate import RerankScoreCollator, RerankTokenizer
-from umarvel.rerank.model import LoadedReranker, Positions
+from umarvel.rerank.model import LoadedReranker
 from umarvel.rerank.prompts import RerankPair, RerankSide, make_side, rerank_candidate_text, rerank_query_text
 from umarvel.utils.compat import is_official
 from umarvel.utils.io import iter_columns

@@ -8,11 +8,15 @@ U-MARVEL+ fusion (D9). Every number written by an evaluation is labelled with it
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from umarvel.errors import ConfigError
 
 DEFAULT = "default"
 OFFICIAL = "official"
-COMPAT_MODES: tuple[str, ...] = (DEFAULT, OFFICIAL)
+#: The annotation of a config field holding a mode (its flag then offers exactly these choices).
+CompatMode = Literal["default", "official"]
+COMPAT_MODES: tuple[str, ...] = get_args(CompatMode)
 
 
 def check_compat(value: str | None, where: str = "compat") -> str:

@@ -24,34 +24,34 @@ The cache defaults to ``<output>/../cache``, so ``.../local`` and ``.../global``
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import logging
 import os
 import time
 from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from umarvel import dist
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
 from umarvel.data.mbeir import (
-    DEFAULT_INSTRUCTION_SEED, INSTRUCTION_MODES, TaskData, check_known_ids, load_mbeir_task, read_instructions,
-    read_pool, read_pool_modalities, read_qrels, read_queries,
+    TaskData, check_known_ids, load_mbeir_task, read_instructions, read_pool, read_pool_modalities, read_qrels,
+    read_queries,
 )
+from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.metrics import TaskResult, score_task
-from umarvel.eval.outputs import PROTOCOLS, RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
+from umarvel.eval.outputs import RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
 from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (
-    GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_EVAL_SPLITS, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
+    GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
     Task, get_task, resolve_tasks,
 )
-from umarvel.eval.search import BACKENDS, make_searcher
-from umarvel.utils.compat import COMPAT_MODES, DEFAULT, is_official
+from umarvel.eval.search import make_searcher
+from umarvel.utils.compat import DEFAULT, is_official
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -59,80 +59,10 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 RUNS_DIR = "runs"
-#: How long non-zero ranks may wait at the final barrier while rank 0 searches (global search on 5.6M).
-DIST_TIMEOUT = datetime.timedelta(hours=12)
 #: ``compat="official"``: the batch size of the official local eval (``eval/eval_mbeir_local_finetune_fast.py``:
 #: ``DataLoader(batch_size=16)`` over the query file and the pool file in file order); the global eval reuses
 #: the local pools' vectors.
 OFFICIAL_BATCH_SIZE = 16
-
-
-# ------------------------------------------------------------------------------------------ config
-@dataclass(frozen=True)
-class MBeirEvalConfig:
-    """Settings of one M-BEIR evaluation run (``configs/eval/mbeir_{local,global}.yaml``).
-
-    Attributes:
-        model: checkpoint folder.
-        mbeir_root: the M-BEIR root (``query/``, ``cand_pool/``, ``qrels/``, ``instructions/``, images).
-        output: output folder of this run (``.../local`` or ``.../global`` pairs the two in results.md).
-        protocol: ``"local"`` (each task's own pool) or ``"global"`` (the 16 local pools concatenated, D8).
-        split: ``"test"`` or ``"val"``.
-        tasks: registry task names; ``None`` = all 16 (tasks absent from the tree are then skipped with a
-            warning; named tasks that are absent are an error).
-        instruction: ``"random"`` (seeded per query, D7) or ``"first"`` (always prompt_1).
-        seed: instruction seed (written into results.json).
-        batch_size: encode batch size (does not change vectors, so not part of the cache key).
-        device / dtype: model placement; ``None`` = cuda if available else cpu / bf16 on CUDA, fp32 on CPU.
-        cache_dir: embedding cache root; ``None`` = ``<output>/../cache``.
-        backend: search backend (``torch`` exact, ``faiss`` exact, ``faiss-ivf`` / ``faiss-hnsw`` approximate).
-        search_device: torch-backend device; ``None`` = the model's device.
-        allow_missing: score queries whose positives are unknown to the pool(s) instead of failing.
-        shard_size: items per cache shard (resume granularity, rank sharding unit).
-        compat: ``"default"`` or ``"official"``: the official evaluation numerics (unpadded batches causal, D5;
-            batches of :data:`OFFICIAL_BATCH_SIZE` in file order, ``batch_size`` then unused); recorded in
-            results.json.
-    """
-
-    model: str
-    mbeir_root: str
-    output: str
-    protocol: Literal["local", "global"] = "local"
-    split: Literal["test", "val"] = "test"
-    tasks: list[str] | None = None
-    instruction: Literal["random", "first"] = "random"
-    seed: int = DEFAULT_INSTRUCTION_SEED
-    batch_size: int = 32
-    device: str | None = None
-    dtype: str | None = None
-    cache_dir: str | None = None
-    backend: Literal["torch", "faiss", "faiss-ivf", "faiss-hnsw"] = "torch"
-    search_device: str | None = None
-    allow_missing: bool = False
-    shard_size: int = DEFAULT_SHARD_SIZE
-    compat: Literal["default", "official"] = DEFAULT
-
-    def __post_init__(self) -> None:
-        for key in ("model", "mbeir_root", "output"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ConfigError(f"MBeirEvalConfig.{key} is required (a non-empty path)")
-        checks = [("protocol", PROTOCOLS), ("split", MBEIR_EVAL_SPLITS), ("instruction", INSTRUCTION_MODES),
-                  ("backend", BACKENDS), ("compat", COMPAT_MODES)]
-        for key, allowed in checks:
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"MBeirEvalConfig.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
-        for key in ("batch_size", "shard_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"MBeirEvalConfig.{key} must be a positive integer, got {value!r}")
-        if self.tasks is not None:
-            if isinstance(self.tasks, str) or not all(isinstance(t, str) and t for t in self.tasks):
-                raise ConfigError(f"MBeirEvalConfig.tasks must be a list of task names or null, got {self.tasks!r}")
-            object.__setattr__(self, "tasks", list(self.tasks))
-
-    def resolved_cache_dir(self) -> Path:
-        """``cache_dir``, or ``<output>/../cache`` (shared by sibling local/global output folders)."""
-        return Path(self.cache_dir) if self.cache_dir else Path(self.output).resolve().parent / "cache"
 
 
 # ---------------------------------------------------------------------------- encoder-level helpers
@@ -398,16 +328,6 @@ class MBeirEvalResult:
     encode_stats: dict = field(default_factory=dict)
 
 
-def _rank() -> int:
-    from umarvel.dist import get_rank
-    return get_rank()
-
-
-def _barrier() -> None:
-    from umarvel.dist import barrier
-    barrier()
-
-
 def _pool_name(rel: str) -> str:
     """Cache entry name of a pool file (``mbeir_mscoco_task0_test_cand_pool``); shared by both protocols."""
     return Path(rel).name.removesuffix(".jsonl")
@@ -503,9 +423,9 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
     stats = {k: cache.stats[k] - stats0.get(k, 0) for k in cache.stats}
     result = MBeirEvalResult(results=None, output=out_dir, query_embeddings=q_emb, pools=p_emb, global_pool=glob,
                              skipped=skipped, encode_stats=stats)
-    _barrier()
-    if _rank() != 0:
-        _barrier()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        dist.barrier()
         return result
 
     # Search, score, write (rank 0).
@@ -539,65 +459,23 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         "pools": [{"task": n, "file": pool_files[n], "size": len(p_emb[n]), "cache_entry": str(p_emb[n].path)}
                   for n in pool_files],
         "global_pool_size": len(glob) if glob is not None else None,
-        "world_size": _world_size(), "backend": cfg.backend, "search_device": str(device),
+        "world_size": dist.get_world_size(), "backend": cfg.backend, "search_device": str(device),
         "seconds": round(time.perf_counter() - t_start, 3),
     })
     result.results = results
     logger.info("M-BEIR %s average over %d task(s): %.2f -> %s", cfg.protocol, len(tasks), results["average"],
                 out_dir / RESULTS_JSON)
-    _barrier()
+    dist.barrier()
     return result
 
 
-def _world_size() -> int:
-    from umarvel.dist import get_world_size
-    return get_world_size()
-
-
 # ---------------------------------------------------------------------------------- model + torchrun
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def resolve_device(device: str | None) -> str:
-    """``None`` -> ``cuda`` if available else ``cpu``; a bare ``cuda`` becomes ``cuda:<LOCAL_RANK>``
-    under torchrun so that each rank has its own GPU."""
-    import torch
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = f"cuda:{_local_rank()}"
-    return dev
-
-
-@contextlib.contextmanager
-def distributed_from_env(device: str) -> Iterator[bool]:
-    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE > 1``) and nothing else
-    did; destroy it on exit. Yields whether a process group is active."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        yield dist.is_available() and dist.is_initialized()
-        return
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
-    logger.info("process group: rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
-    try:
-        yield True
-    finally:
-        dist.destroy_process_group()
-
-
 def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
-    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`resolve_device`) in ``cfg.dtype``
-    and ``cfg.compat``."""
+    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in
+    ``cfg.dtype`` and ``cfg.compat``."""
     from umarvel.api import UMarvel
 
-    return UMarvel.from_pretrained(cfg.model, device=device or resolve_device(cfg.device), dtype=cfg.dtype,
+    return UMarvel.from_pretrained(cfg.model, device=device or dist.device_for_rank(cfg.device), dtype=cfg.dtype,
                                    compat=cfg.compat)
 
 
@@ -606,8 +484,8 @@ def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
 
     The resolved config written next to the results records the device and dtype actually used.
     """
-    device = resolve_device(cfg.device)
-    with distributed_from_env(device):
+    device = dist.device_for_rank(cfg.device)
+    with dist.process_group(device):
         encoder = load_encoder(cfg, device)
         resolved = dataclasses.replace(cfg, device=str(device), dtype=str(encoder.settings.dtype),
                                        cache_dir=str(cfg.resolved_cache_dir().resolve()),
@@ -617,6 +495,6 @@ def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
 
 __all__ = [
     "MBeirEvalConfig", "Encoder", "encoder_settings", "encode_records", "Retrieval", "search_embeddings",
-    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir", "resolve_device", "distributed_from_env",
+    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir",
     "load_encoder", "run_mbeir_eval", "CONFIG_FILE", "RUN_INFO_FILE", "RUNS_DIR", "RESULTS_JSON", "RESULTS_MD",
 ]

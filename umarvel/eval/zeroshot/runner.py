@@ -30,27 +30,29 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from umarvel.data.collate import EmbedInput, VideoInput
+from umarvel.data.collate import EmbedInput
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import load_image
-from umarvel.data.video import MSRVTT_VIDEO, MSVD_VIDEO, VideoSpec, load_video, video_patches
+from umarvel.data.video import VideoSpec, load_video
+from umarvel.data.visual import VideoInput
 from umarvel.errors import ConfigError, DataError
 from umarvel.eval.cache import EmbeddingCache
 from umarvel.eval.search import unit_rows_fp32
 from umarvel.data.registry import Task
+from umarvel.eval.zeroshot.options import VIDEO_SPECS, ZeroShotOptions
 from umarvel.eval.zeroshot.metrics import (bidirectional_recall, circo_map_at_k, gallery_scores,
                                            genecis_recall, pair_accuracy, ranked_topk, recall_at_k)
 from umarvel.eval.zeroshot.readers import read_set
 from umarvel.eval.zeroshot.tasks import EXTRA_COLUMNS, PAPER_COLUMNS, resolve_zeroshot_names
 from umarvel.eval.zeroshot.types import (BidirectionalSet, GallerySet, PairSet, RetrievalSet, Skipped, ZeroShotSet,
                                          ZSItem)
-from umarvel.utils.compat import DEFAULT, check_compat, is_official
+from umarvel.utils.compat import DEFAULT, is_official
 from umarvel.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -78,48 +80,6 @@ OFFICIAL_BATCH_SIZES: Mapping[str, Mapping[str, int]] = {
     "msrvtt": {"candidates": 1},
 }
 OFFICIAL_DEFAULT_BATCH_SIZE = 4
-#: ``ZeroShotSet.video_spec`` -> the published frame sampling and per-frame pixel budget.
-VIDEO_SPECS: Mapping[str, VideoSpec] = {"msvd": MSVD_VIDEO, "msrvtt": MSRVTT_VIDEO}
-
-
-@dataclass(frozen=True)
-class ZeroShotOptions:
-    """Encoding knobs of a run (defaults: the published protocol).
-
-    Attributes:
-        batch_size: items per forward pass for text / image sides.
-        video_batch_size: items per forward pass for video sides (the official code uses 1).
-        max_tokens: token budget of a batch (None: ``batch_size * 1024``, the API default).
-        video_min_pixels / video_max_pixels / video_total_pixels: override the per-frame pixel budget of
-            every video set (None keeps the published 128*28*28 / 768*28*28 / 24576*28*28); for quick
-            runs and tests only, results are then not comparable.
-        show_progress: tqdm bars (None: the API decides).
-        compat: ``"default"`` or ``"official"`` (the official batch sizes and order, see the module doc;
-            ``batch_size`` / ``video_batch_size`` / ``max_tokens`` are then unused). The model must be loaded
-            with the same mode.
-    """
-
-    batch_size: int = 32
-    video_batch_size: int = 1
-    max_tokens: int | None = None
-    video_min_pixels: int | None = None
-    video_max_pixels: int | None = None
-    video_total_pixels: int | None = None
-    show_progress: bool | None = None
-    compat: str = DEFAULT
-
-    def __post_init__(self) -> None:
-        check_compat(self.compat, "ZeroShotOptions.compat")
-
-    def video_spec(self, name: str) -> VideoSpec:
-        """The frame sampling of a set's ``video_spec`` name with the pixel overrides applied."""
-        try:
-            spec = VIDEO_SPECS[name]
-        except KeyError:
-            raise DataError(f"unknown video spec {name!r} (known: {', '.join(VIDEO_SPECS)})") from None
-        over = {k: v for k, v in (("min_pixels", self.video_min_pixels), ("max_pixels", self.video_max_pixels),
-                                  ("total_pixels", self.video_total_pixels)) if v is not None}
-        return replace(spec, **over) if over else spec
 
 
 def set_style(zs: ZeroShotSet) -> PromptStyle:
@@ -165,8 +125,7 @@ def make_loader(rec: Mapping[str, Any], budget, video_spec: VideoSpec | None, wh
 
         def load_video_item() -> EmbedInput:
             frames = load_video(video, video_spec, video_id=str(rec["id"]))
-            pv, grid = video_patches(frames)
-            return EmbedInput(text, video=VideoInput(pv, tuple(int(g) for g in grid[0])))
+            return EmbedInput(text, video=VideoInput.from_frames(frames))
         return load_video_item
     if image is not None:
         return lambda: EmbedInput(text, (load_image(image, budget, what=what),))
