@@ -26,7 +26,9 @@ def _results(protocol, shift=0.0, reranked=None):
 
 def test_build_results_schema_and_order():
     res = _results("local")
-    assert list(res) == ["protocol", "model", "split", "instruction_mode", "instruction_seed", "tasks", "average"]
+    assert list(res) == ["protocol", "model", "split", "instruction_mode", "instruction_seed", "compat", "tasks",
+                         "average"]
+    assert res["compat"] == "default"
     assert [t["name"] for t in res["tasks"]] == ["mscoco_task0", "fashioniq_task7", "cirr_task7"]  # paper order
     assert set(res["tasks"][0]) == {"name", "dataset", "task_id", "metric", "value", "recall", "num_queries",
                                     "pool_size"}
@@ -42,6 +44,7 @@ def test_build_results_schema_and_order():
     (lambda r: r["tasks"][0].pop("pool_size"), "exactly the keys"),
     (lambda r: r["tasks"][0].update(recall={1: 3.0}), "recall"),
     (lambda r: r.update(average=float("nan")), "finite"),
+    (lambda r: r.update(compat="paper"), "'compat' must be one of"),
 ])
 def test_schema_violations_rejected(mutate, match):
     res = _results("local")
@@ -61,6 +64,21 @@ def test_results_md_pairs_sibling_folders(tmp_path):
         assert "| 1 | mscoco_task0 | MSCOCO | R@5 | 100.00 | 90.00 |" in md
         assert md.index("mscoco_task0") < md.index("fashioniq_task7") < md.index("cirr_task7")
     assert read_results_json(tmp_path / "global" / "results.json")["protocol"] == "global"
+
+
+def test_results_are_labelled_with_their_compat_mode_and_modes_never_pair(tmp_path):
+    official = _results("global")
+    official["compat"] = "official"
+    write_results(tmp_path / "local", _results("local"))
+    write_results(tmp_path / "global", official)
+    md = (tmp_path / "global" / "results.md").read_text()
+    assert "- compat: official (the official evaluation numerics" in md and "Local" not in md
+    assert "- compat: default" in (tmp_path / "local" / "results.md").read_text()
+    with pytest.raises(DataError, match="compat"):
+        render_results_md([_results("local"), official])
+    old = _results("local")
+    del old["compat"]  # written before the mode existed: read as default
+    assert validate_results(old, "r") is old
 
 
 def test_results_md_refuses_mismatched_pair():

@@ -430,3 +430,40 @@ def test_plus_eval_fuses_own_cosines_and_tunes_on_val_only(e2e, teacher, tiny_ch
             assert after[qid][5:] == [(d, pytest.approx(s, abs=1e-6)) for d, s in ranked[5:]]
     md = (test_out / "results.md").read_text()
     assert "(reranked)" in md
+
+
+def test_plus_eval_official_compat_uses_generate_and_the_official_global_fusion(e2e, tiny_checkpoint):
+    """compat="official": P(yes) = generate's first step (equal to one M-RoPE forward on this checkpoint, which
+    has no repetition penalty), the official global fusion on the global run, results labelled official."""
+    from umarvel.pipelines.plus import PlusConfig, evaluate_plus
+    from umarvel.rerank.fusion import RerankedQuery, official_global_fuse_query
+    from umarvel.rerank.model import load_reranker
+    from umarvel.data.runfiles import read_trec_run
+
+    base, _, _ = e2e
+    run = base / "eval" / "test" / "global"
+    if not (run / "results.json").is_file():
+        pytest.skip("needs the global test run of test_plus_eval_fuses_own_cosines_and_tunes_on_val_only")
+    official = load_reranker(tiny_checkpoint, device="cpu", dtype="float32", compat="official")
+    out = base / "eval" / "test" / "plus_global_official"
+    res = evaluate_plus(PlusConfig(run_dir=str(run), reranker=str(tiny_checkpoint), output=str(out), weight=0.3,
+                                   top_k=5, compat="official"), reranker=official)
+    assert res["compat"] == "official" and "- compat: official" in (out / "results.md").read_text()
+    mrope = load_reranker(tiny_checkpoint, device="cpu", dtype="float32", positions="mrope")
+    with pytest.raises(ConfigError, match="compat"):
+        evaluate_plus(PlusConfig(run_dir=str(run), reranker="x", output=str(base / "bad2"), weight=0.3, top_k=5,
+                                 compat="official"), reranker=mrope)
+    ref_out = base / "eval" / "test" / "plus_global_mrope"
+    evaluate_plus(PlusConfig(run_dir=str(run), reranker=str(tiny_checkpoint), output=str(ref_out), weight=0.3,
+                             top_k=5, positions="mrope"), reranker=mrope)
+    for task in E2E_TASKS:
+        before = read_trec_run(run / "runs" / f"{task}_test.trec")
+        after = read_trec_run(out / "runs" / f"{task}_test.trec")
+        p_off = json.loads((out / "scores" / f"{task}_test.json").read_text())["p_yes"]
+        p_ref = json.loads((ref_out / "scores" / f"{task}_test.json").read_text())["p_yes"]
+        for qid, ranked in before.items():
+            np.testing.assert_allclose(p_off[qid], p_ref[qid], atol=1e-5)
+            q = RerankedQuery.from_lists(qid, [d for d, _ in ranked], [s for _, s in ranked], p_off[qid])
+            expected = official_global_fuse_query(q, 0.3)
+            assert [d for d, _ in after[qid]] == [d for d, _ in expected]
+            assert [s for _, s in after[qid]] == pytest.approx([s for _, s in expected], abs=2e-6)

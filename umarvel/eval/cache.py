@@ -8,6 +8,10 @@ Layout of one entry, ``<root>/<name>-<key16>/``::
     shard_00000.npy ...  float16 (<= shard_size, D) vectors while encoding (each written atomically)
     vectors.npy          float16 (N, D), the shards consolidated once all are present (shards then removed)
 
+The vectors are stored in float16: a unit vector's norm then deviates by up to ~1e-3 relative, so consumers
+re-normalise them in fp32 before scoring (``umarvel.eval.search`` ``normalize=True`` in the M-BEIR runner,
+``umarvel.eval.search.unit_rows_fp32`` in the zero-shot runner) and near-ties rank as they would in fp32.
+
 ``key = sha256(fingerprint, settings, name, source identity)``: a different checkpoint fingerprint or
 preprocessing setting therefore always lands in a different directory and is never reused. If a manifest
 under the same key nevertheless disagrees (hand-edited / corrupted entry, or the ids changed while the

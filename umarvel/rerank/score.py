@@ -2,7 +2,9 @@
 
 Scoring is length-aware like the encoder (``umarvel.data.collate.plan_batches``: sorted by length,
 cut by a token budget, order restored), one forward per batch (D10), tqdm on rank 0 only. Texts are
-not truncated (official scoring); queries get ``format_string(f"{instruction} {query_txt}")``.
+not truncated (official scoring); queries get ``format_string(f"{instruction} {query_txt}")``. A reranker
+loaded with ``compat="official"`` scores the official way instead: consecutive batches in pair order (the
+official batch is 4) and P(yes) from the first step of ``generate`` (D10).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from umarvel.data.collate import plan_batches
+from umarvel.data.collate import plan_batches, sequential_batches
 from umarvel.data.images import ImageBudget, load_image
 from umarvel.errors import DataError
 from umarvel.data.records import Candidate, Query
@@ -23,6 +25,7 @@ from umarvel.model.positions import Positions
 from umarvel.rerank.collate import RerankScoreCollator, RerankTokenizer
 from umarvel.rerank.model import LoadedReranker
 from umarvel.rerank.prompts import RerankPair, RerankSide, make_side, rerank_candidate_text, rerank_query_text
+from umarvel.utils.compat import is_official
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ def score_pairs(reranker: LoadedReranker, pairs: Sequence[RerankPair], batch_siz
         pairs: scoring pairs (``label`` ignored); images may be paths or loaded PIL images.
         batch_size: max pairs per forward; ``max_tokens`` caps ``pairs * longest`` (default 2048 * batch).
         positions: ``"1d"`` (training convention, default of the model) or ``"mrope"`` (= official generate).
+            Unused with ``reranker.compat == "official"`` (generate's first step, batches in pair order).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -76,13 +80,19 @@ def score_pairs(reranker: LoadedReranker, pairs: Sequence[RerankPair], batch_siz
     bar = tqdm(total=len(pairs), desc="rerank", unit="pair", disable=not show)
     chunk = max(batch_size * 16, 256)
     model = reranker.model
+    official = is_official(reranker.compat)
+    if official:
+        chunk = batch_size * -(-chunk // batch_size)  # whole batches per chunk: the official pair-order batching
     with ThreadPoolExecutor(max_workers=load_workers) as pool, torch.no_grad():
         for start in range(0, len(pairs), chunk):
             loaded = list(pool.map(lambda p: load_pair_images(p, budget), pairs[start:start + chunk]))
             tokenized = rt.tokenize(loaded)
-            for idx in plan_batches([len(t) for t in tokenized], batch_size, max_tokens):
+            plan = (sequential_batches(len(tokenized), batch_size) if official
+                    else plan_batches([len(t) for t in tokenized], batch_size, max_tokens))
+            for idx in plan:
                 batch = {k: v.to(reranker.device) for k, v in collate([tokenized[i] for i in idx]).items()}
-                out[[start + i for i in idx]] = model.p_yes(batch, positions=positions).cpu().numpy()
+                p = model.p_yes_generate(batch) if official else model.p_yes(batch, positions=positions)
+                out[[start + i for i in idx]] = p.cpu().numpy()
                 bar.update(len(idx))
     bar.close()
     return out

@@ -54,6 +54,7 @@ from umarvel.data.registry import (
     Task, get_task, resolve_tasks,
 )
 from umarvel.eval.search import make_searcher
+from umarvel.utils.compat import DEFAULT, is_official
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 RUNS_DIR = "runs"
+#: ``compat="official"``: the batch size of the official local eval (``eval/eval_mbeir_local_finetune_fast.py``:
+#: ``DataLoader(batch_size=16)`` over the query file and the pool file in file order); the global eval reuses
+#: the local pools' vectors.
+OFFICIAL_BATCH_SIZE = 16
 
 
 # ---------------------------------------------------------------------------- encoder-level helpers
@@ -98,8 +103,9 @@ class _ShardEncoder:
     """The cache's ``encode_fn``: checks image files first (naming file, record and path), then encodes
     one shard with the encoder; items carry their record id under ``"id"`` (stripped before encoding)."""
 
-    def __init__(self, encoder: Any, role: str, batch_size: int, where: str):
+    def __init__(self, encoder: Any, role: str, batch_size: int, where: str, fill: list[dict] | None = None):
         self.encoder, self.role, self.batch_size, self.where = encoder, role, batch_size, where
+        self.fill = fill  # compat="official": the list's first items complete its last partial batch
 
     def __call__(self, items: list[dict]) -> np.ndarray:
         for it in items:
@@ -108,15 +114,17 @@ class _ShardEncoder:
                 raise ImageLoadError(f"{self.where}: {self.role} {it['id']}: image file not found: {img}")
         plain = [{k: v for k, v in it.items() if k != "id"} for it in items]
         fn = self.encoder.encode_queries if self.role == "query" else self.encoder.encode_candidates
+        extra = {} if self.fill is None else {"fill": [{k: v for k, v in it.items() if k != "id"} for it in self.fill]}
         try:
-            return fn(plain, batch_size=self.batch_size)
+            return fn(plain, batch_size=self.batch_size, **extra)
         except ImageLoadError as exc:
             raise ImageLoadError(f"{self.where}: {self.role}s {items[0]['id']} .. {items[-1]['id']}: {exc}") from exc
 
 
 def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: EmbeddingCache, name: str, *,
                    fingerprint: str | None = None, batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE,
-                   source: str | os.PathLike | None = None, where: str | None = None) -> CachedEmbeddings:
+                   source: str | os.PathLike | None = None, where: str | None = None,
+                   compat: str = DEFAULT) -> CachedEmbeddings:
     """Embeddings of queries or candidates through the cache (encoded only if not cached yet).
 
     Args:
@@ -129,6 +137,9 @@ def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: Em
         source: the file the records came from (cheap identity: path, size, mtime); ``None`` hashes the
             items instead (use it when the items are built in memory, e.g. queries with instructions).
         where: context for error messages (default: ``source`` or ``name``).
+        compat: ``"official"``: batches of ``batch_size`` in record order across shards (the shard size is
+            rounded down to a multiple of it), the last one completed with the first records (the encoder
+            must have been loaded with ``compat="official"``).
     Returns:
         :class:`CachedEmbeddings`: ``ids`` (N,) and float16 ``vectors`` (N, D), record order.
     Raises:
@@ -140,7 +151,12 @@ def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: Em
     items = [dict(r.to_encode_item(), id=_record_id(r)) for r in records]
     ids = [it["id"] for it in items]
     settings = {"role": role, "encode": encoder_settings(encoder)}
-    fn = _ShardEncoder(encoder, role, batch_size, str(where or source or name))
+    fill = None
+    if is_official(compat):
+        settings["official_batch_size"] = batch_size  # official batches change the vectors (D5)
+        shard_size = max(batch_size, shard_size // batch_size * batch_size)
+        fill = items[:batch_size]
+    fn = _ShardEncoder(encoder, role, batch_size, str(where or source or name), fill)
     return cache.get_or_encode(name, items, ids, fn, fingerprint=fingerprint or encoder.fingerprint(),
                                settings=settings, shard_size=shard_size, source=source)
 
@@ -170,12 +186,14 @@ class Retrieval:
 
 def search_embeddings(queries: CachedEmbeddings, pool: CachedEmbeddings, k: int, *, backend: str = "torch",
                       device: Any = None, searcher: Any = None) -> Retrieval:
-    """Exact (or approximate, per ``backend``) inner-product top-``k`` of cached queries over a cached pool.
+    """Exact (or approximate, per ``backend``) cosine top-``k`` of cached queries over a cached pool.
 
-    The pool's float16 blocks are streamed (never concatenated); pass a prebuilt ``searcher``
-    (:func:`umarvel.eval.search.make_searcher` over ``pool``) to search many query sets in one index.
+    The pool's float16 blocks are streamed (never concatenated) and re-normalised in fp32 on the fly
+    (``normalize=True``), as are the queries, so the ranking is that of the fp32 unit vectors up to the fp16
+    rounding of their directions; pass a prebuilt ``searcher`` (:func:`umarvel.eval.search.make_searcher` over
+    ``pool`` with ``normalize=True``) to search many query sets in one index.
     """
-    searcher = searcher or make_searcher(pool, backend=backend, device=device)
+    searcher = searcher or make_searcher(pool, backend=backend, device=device, normalize=True)
     scores, indices = searcher.search(queries.vectors, k)
     return Retrieval(qids=list(queries.ids), pool_ids=pool.ids, scores=scores, indices=indices)
 
@@ -344,6 +362,10 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
             ``allow_missing``), an empty pool or query file, a missing image file.
     """
     t_start = time.perf_counter()
+    enc_compat = encoder_settings(encoder).get("compat", DEFAULT)
+    if enc_compat != cfg.compat:
+        raise ConfigError(f"the config says compat {cfg.compat!r} but the encoder was loaded with compat "
+                          f"{enc_compat!r} (UMarvel.from_pretrained(..., compat={cfg.compat!r}))")
     root = Path(cfg.mbeir_root)
     out_dir = Path(cfg.output)
     cache = cache or EmbeddingCache(cfg.resolved_cache_dir())
@@ -389,7 +411,11 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
 
     # Encode (every rank takes its share of each entry; cache entries are shared across protocols).
     fp = encoder.fingerprint()
-    enc = dict(fingerprint=fp, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+    batch_size = OFFICIAL_BATCH_SIZE if is_official(cfg.compat) else cfg.batch_size
+    if is_official(cfg.compat) and cfg.batch_size != OFFICIAL_BATCH_SIZE:
+        logger.info("compat official: encoding in the official batches of %d in file order (batch_size %d unused)",
+                    OFFICIAL_BATCH_SIZE, cfg.batch_size)
+    enc = dict(fingerprint=fp, batch_size=batch_size, shard_size=cfg.shard_size, compat=cfg.compat)
     q_emb = {t.name: encode_records(encoder, data[t.name].queries, cache, _query_name(t, cfg.split),
                                     where=str(root / t.files(cfg.split).queries), **enc) for t in tasks}
     p_emb = {}
@@ -407,7 +433,7 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
 
     # Search, score, write (rank 0).
     device = cfg.search_device or _default_search_device(encoder)
-    searcher = make_searcher(glob, backend=cfg.backend, device=device) if glob is not None else None
+    searcher = make_searcher(glob, backend=cfg.backend, device=device, normalize=True) if glob is not None else None
     run_dir = out_dir / RUNS_DIR
     for t in tasks:
         pool = glob if glob is not None else p_emb[t.name]
@@ -422,12 +448,12 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         logger.info("%s: %s = %.2f (%d queries, pool %d)", t.name, t.metric, res.value, res.num_queries, res.pool_size)
     results = build_results(protocol=cfg.protocol, model=model_name or str(Path(cfg.model).resolve()),
                             split=cfg.split, instruction_mode=cfg.instruction, instruction_seed=cfg.seed,
-                            tasks=result.tasks)
+                            tasks=result.tasks, compat=cfg.compat)
     write_results(out_dir, results)
     save_resolved(cfg, out_dir / CONFIG_FILE)
     atomic_write_json(out_dir / RUN_INFO_FILE, {
         "protocol": cfg.protocol, "description": GLOBAL_PROTOCOL if cfg.protocol == "global" else LOCAL_PROTOCOL,
-        "split": cfg.split, "model": results["model"], "fingerprint": fp, "encode_settings": encoder_settings(encoder),
+        "split": cfg.split, "compat": cfg.compat, "model": results["model"], "fingerprint": fp, "encode_settings": encoder_settings(encoder),
         "evaluated_tasks": [t.name for t in tasks], "skipped_tasks": skipped,
         "average_over": f"{len(tasks)} task(s)" + ("" if len(tasks) == len(MBEIR_TASK_ORDER) else
                                                    " (not the 16-task M-BEIR average)"),
@@ -447,8 +473,10 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
 
 # ---------------------------------------------------------------------------------- model + torchrun
 def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
-    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in ``cfg.dtype``."""
-    return UMarvel.from_pretrained(cfg.model, device=device or dist.device_for_rank(cfg.device), dtype=cfg.dtype)
+    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in
+    ``cfg.dtype`` and ``cfg.compat``."""
+    return UMarvel.from_pretrained(cfg.model, device=device or dist.device_for_rank(cfg.device), dtype=cfg.dtype,
+                                   compat=cfg.compat)
 
 
 def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
