@@ -23,6 +23,9 @@ SUBCOMMAND_MODULES = [
     "umarvel.commands.mine",
     "umarvel.commands.teacher",
     "umarvel.commands.rerank",
+    "umarvel.commands.index",
+    "umarvel.commands.search",
+    "umarvel.commands.serve",
 ]
 
 
