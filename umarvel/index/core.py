@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from umarvel.data.images import open_image
 from umarvel.dist import barrier, get_rank, is_dist
 from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, EmbeddingCache
@@ -104,6 +105,12 @@ class _ItemEncoder:
         try:
             return self.model.encode_candidates([encode_item(it) for it in items], batch_size=self.batch_size)
         except ImageLoadError as exc:
+            for it in items:  # name the item whose image failed
+                if it.get("image"):
+                    try:
+                        open_image(it["image"])
+                    except ImageLoadError as bad:
+                        raise ImageLoadError(f"item {it['id']!r}: {bad}") from exc
             raise ImageLoadError(f"items {items[0]['id']!r} .. {items[-1]['id']!r}: {exc}") from exc
 
 
@@ -277,10 +284,7 @@ class Index:
                 ``overwrite``. ConfigError: unknown backend or parameter.
         """
         path = Path(path)
-        _check_backend(backend, backend_params)
-        if (path / INDEX_JSON).is_file() and not overwrite:
-            raise DataError(f"{path}: already holds an index; use `umarvel index add` to grow it, or overwrite=True "
-                            "(--overwrite) to rebuild it")
+        check_new_index(path, backend, backend_params, overwrite)
         src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
         rows = read_items(items, image_root=image_root, exclude=[path])
         fp = model.fingerprint()
@@ -529,6 +533,14 @@ class Index:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def check_new_index(path: str | os.PathLike, backend: str, params: Mapping[str, Any] | None, overwrite: bool) -> None:
+    """Fail fast (before a model is loaded): bad backend / parameters, or an index at ``path`` already."""
+    _check_backend(backend, params)
+    if (Path(path) / INDEX_JSON).is_file() and not overwrite:
+        raise DataError(f"{path}: already holds an index; use `umarvel index add` to grow it, or overwrite=True "
+                        "(--overwrite) to rebuild it")
+
+
 def _check_backend(backend: str, params: Mapping[str, Any] | None) -> None:
     """ConfigError for an unknown backend or a faiss parameter the backend does not take."""
     if backend not in BACKENDS:
