@@ -154,7 +154,8 @@ def _query_html(q: QueryBlock) -> str:
     label = f'<div class="qid">{escape(q.label)}</div>' if q.label else ""
     note = f'<div class="note">{escape(q.note)}</div>' if q.note else ""
     cards = "".join(_card_html(c) for c in q.cards)
-    return (f'<section class="query"><div class="qhead">{img}<div>{label}{text}{inst}</div></div>'
+    attr = f' data-query="{escape(q.label)}"' if q.label else ""
+    return (f'<section class="query"{attr}><div class="qhead">{img}<div>{label}{text}{inst}</div></div>'
             f'<div class="grid">{cards}</div>{note}</section>')
 
 
@@ -256,7 +257,7 @@ def mbeir_blocks(root: Path, split: str, task_name: str, retrieval: Any, pool_fi
         found = any(c.positive for c in cards)
         blocks.append(QueryBlock(
             text=q.text if q else None, instruction=q.instruction if q else None,
-            image_src=embedded_thumb(q.image, 200) if q and q.image else None, label=f"query {qid}",
+            image_src=embedded_thumb(q.image, 200) if q and q.image else None, label=qid,
             cards=cards, note=None if found else f"no positive in the top {k} (positives: {', '.join(sorted(pos)[:5])})"))
     return blocks
 
