@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from umarvel.data.images import open_image
-from umarvel.dist import barrier, get_rank, is_dist
+from umarvel.dist import barrier, get_rank, get_world_size, is_dist
 from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, EmbeddingCache
 from umarvel.eval.dist_search import RankShardedSearcher
@@ -416,7 +416,8 @@ class Index:
         rows = np.sort(rng.choice(n, size=min(max(1, sample), n), replace=False))
         queries = _row_gather(self.vector_blocks(), rows)
         k = min(RECALL_K, n)
-        _, exact = TorchSearcher(RowBlocks(self.vector_blocks()), device="cpu").search(queries, k)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        _, exact = TorchSearcher(RowBlocks(self.vector_blocks()), device=dev).search(queries, k)
         _, approx = ann.search(queries, k)
         r = ann_recall(approx, exact, k)
         return {"k": k, "recall": round(float(r), 6), "queries": len(rows), "seed": seed,
@@ -489,8 +490,9 @@ class Index:
             index = faiss.read_index(str(self.path / self.info["faiss_file"]))
             s: Any = FaissSearcher.from_index(index, self.backend)
         elif distributed and is_dist():
+            local_rows = -(-len(self) // get_world_size())  # this rank's shard
             s = RankShardedSearcher(RowBlocks(self.vector_blocks()), device=dev,
-                                    resident=_auto_resident(len(self), self.dim, dev) if resident is None else resident)
+                                    resident=_auto_resident(local_rows, self.dim, dev) if resident is None else resident)
         else:
             s = TorchSearcher(RowBlocks(self.vector_blocks()), device=dev,
                               resident=_auto_resident(len(self), self.dim, dev) if resident is None else resident)

@@ -61,6 +61,7 @@ form.search{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:1
  display:flex;flex-wrap:wrap;gap:8px;align-items:center}
 form.search input[type=text]{flex:1 1 320px;padding:7px;font-size:15px}
 form.search select,form.search input{font-size:13px}
+.stage{margin-top:8px}.stage-label{font-size:12px;font-weight:600;color:#445;margin:4px 0}
 .error{background:#fdecea;border:1px solid #f5c2c0;color:#8a1c1c;border-radius:6px;padding:10px 12px;margin-bottom:14px}
 """
 
@@ -289,3 +290,81 @@ def write_mbeir_page(path: str | os.PathLike, result: Any, mbeir_root: str | os.
     atomic_write_text(path, page("umarvel M-BEIR retrievals", subtitle, "".join(sections)))
     logger.info("wrote %s (%d tasks)", path, len(sections))
     return path
+
+
+# ---------------------------------------------------------------------------------- per-stage page
+def _read_trec(path: Path) -> dict[str, list[tuple[str, float]]]:
+    """``{qid: [(did, score), ...]}`` in rank order from a TREC run file."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    with open(path, "r", encoding="utf-8") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) == 6:
+                out.setdefault(parts[0], []).append((parts[2], float(parts[4])))
+    return out
+
+
+def write_stage_page(path: str | os.PathLike, mbeir_root: str | os.PathLike, split: str,
+                     stages: Sequence[tuple[str, str | os.PathLike]], n_queries: int = 3, k: int = 5,
+                     seed: int = 0) -> Path:
+    """The same sample queries after each stage: per task, each query with one row of top ``k`` per stage.
+
+    Args:
+        stages: ``[(label, evaluation output folder), ...]`` in order; each folder holds
+            ``runs/<task>_<split>.trec`` (an ``umarvel eval mbeir`` output). Tasks are those of the first.
+        n_queries: seeded sample of queries per task (the same for every stage).
+    """
+    root = Path(mbeir_root)
+    first = Path(stages[0][1]) / "runs"
+    tasks = [t for t in MBEIR_TASK_ORDER if (first / f"{t}_{split}.trec").is_file()]
+    runs = {label: {t: _read_trec(Path(d) / "runs" / f"{t}_{split}.trec") for t in tasks
+                    if (Path(d) / "runs" / f"{t}_{split}.trec").is_file()} for label, d in stages}
+    pools = [root / get_task(n).files(split).pool for n in MBEIR_TASK_ORDER
+             if (root / get_task(n).files(split).pool).is_file()]
+    sections = []
+    for name in tasks:
+        files = get_task(name).files(split)
+        queries = read_queries(root / files.queries, root)
+        qrels = read_qrels(root / files.qrels)
+        rng = random.Random(f"{seed}:{name}")
+        picks = [queries[i] for i in sorted(rng.sample(range(len(queries)), min(n_queries, len(queries))))]
+        wanted = {d for lab in runs for q in picks for d, _ in runs[lab].get(name, {}).get(q.qid, [])[:k]}
+        cands = find_candidates(pools, root, wanted)
+        blocks = []
+        for q in picks:
+            pos = frozenset(qrels.get(q.qid, ()) or q.positives)
+            head = QueryBlock(text=q.text, image_src=embedded_thumb(q.image, 200) if q.image else None, label=q.qid)
+            rows = []
+            for label in runs:
+                cards = []
+                for r, (did, score) in enumerate(runs[label].get(name, {}).get(q.qid, [])[:k]):
+                    c = cands.get(did)
+                    img = c.image if c is not None else None
+                    cards.append(Card(id=did, rank=r + 1, score=score, text=c.text if c else None, image=img,
+                                      src=embedded_thumb(img, 140) if img else None, positive=did in pos))
+                rows.append(f'<div class="stage" data-stage="{escape(label)}"><div class="stage-label">'
+                            f'{escape(label)}</div><div class="grid">{"".join(_card_html(c) for c in cards)}'
+                            f'</div></div>')
+            html_q = _query_html(head).replace('<div class="grid"></div>', "".join(rows), 1)
+            blocks.append(html_q)
+        sections.append(f'<section class="task" data-task="{escape(name)}"><h2>{escape(name)}</h2>'
+                        f'{"".join(blocks)}</section>')
+    subtitle = (f"the same {n_queries} queries per task after each stage, top {k} ({split}); green = positive")
+    path = Path(path)
+    atomic_write_text(path, page("umarvel: retrieval after each stage", subtitle, "".join(sections)))
+    logger.info("wrote %s (%d tasks, %d stages)", path, len(sections), len(stages))
+    return path
+
+
+def write_demo_retrievals(output: Path, mbeir_root: Path, evals: Path, stages: Sequence[tuple[str, str]],
+                          protocol: str = "global") -> Path | None:
+    """``<output>/retrievals.html`` of ``umarvel demo``: the same test queries after each stage (evaluation
+    folders ``<evals>/<key>_test/<protocol>``); a failure is logged, never fatal to the demo."""
+    from umarvel.errors import UMarvelError
+
+    try:
+        return write_stage_page(Path(output) / "retrievals.html", mbeir_root, "test",
+                                [(label, Path(evals) / f"{key}_test" / protocol) for label, key in stages])
+    except (UMarvelError, OSError, ValueError) as exc:
+        logger.warning("retrievals.html not written: %s", exc)
+        return None
