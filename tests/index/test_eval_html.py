@@ -112,3 +112,18 @@ def test_per_stage_page(evaluated, tmp_path):
                 run = _trec(folder / "runs" / f"{name}_test.trec")
                 assert [d for d, _, _ in rows[label]] == run[qid][:4]
                 assert [p for _, _, p in rows[label]] == [d in qrels[qid] for d, _, _ in rows[label]]
+
+
+def test_demo_retrievals_page(evaluated, tmp_path):
+    """What ``umarvel demo`` calls at its end: ``<output>/retrievals.html`` from ``eval/<key>_test/global``."""
+    import shutil
+
+    from umarvel.index.html import write_demo_retrievals
+
+    root, out = evaluated
+    for key in ("stage0", "stage3"):
+        shutil.copytree(out["global"][0], tmp_path / "eval" / f"{key}_test" / "global")
+    page = write_demo_retrievals(tmp_path, root, tmp_path / "eval", [("0 random", "stage0"), ("3 M-BEIR", "stage3")])
+    assert page == tmp_path / "retrievals.html"
+    rows = next(iter(_parse(page).tasks[TASKS[0]].values()))
+    assert list(rows) == ["0 random", "3 M-BEIR"] and len(rows["3 M-BEIR"]) == 5

@@ -49,7 +49,7 @@ section.task>h2{font-size:16px;margin:22px 0 8px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
 figure.hit{margin:0;background:#fafbfc;border:1px solid #e1e4ea;border-radius:6px;overflow:hidden}
 figure.hit.pos{border:3px solid #1e9e4a}
-figure.hit img.thumb{width:100%;height:150px;object-fit:cover;display:block;background:#eee}
+figure.hit img.thumb{width:100%;height:150px;object-fit:contain;display:block;background:#eceef2}
 figure.hit .textonly{height:150px;overflow:hidden;padding:8px;font-size:12px;color:#334;background:#eef1f5}
 figure.hit .noimg{height:150px;display:flex;align-items:center;justify-content:center;font-size:12px;color:#a33}
 figcaption{padding:6px 8px;font-size:12px}
