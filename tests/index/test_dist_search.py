@@ -82,3 +82,43 @@ def test_without_a_process_group_it_is_a_plain_search():
     got = s.search(queries, 9)
     np.testing.assert_array_equal(got[1], ref[1])
     np.testing.assert_array_equal(got[0], ref[0])
+
+
+def _torchrun(args: list[str], cwd):
+    """``python -m torch.distributed.run --nproc_per_node 2 -m umarvel.cli ARGS`` on CPU (gloo)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", UMARVEL_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+           str(free_port()), "-m", "umarvel.cli", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S * 2)
+    assert proc.returncode == 0, f"{cmd}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_torchrun_build_and_search(tiny_checkpoint, photos, photo_index, tmp_path, capsys):
+    """``torchrun -m umarvel.cli index build`` encodes the shards on both ranks; ``torchrun ... search`` has
+    each rank search its half; both equal the single-process index and search."""
+    import json
+
+    from umarvel import Index
+    from umarvel.cli import main
+
+    out = tmp_path / "dist.idx"
+    _torchrun(["index", "build", "--model", str(tiny_checkpoint), "--input", str(photos), "--output", str(out),
+               "--shard-size", "2", "--device", "cpu"], tmp_path)
+    idx = Index.load(out)
+    assert idx.ids == photo_index.ids
+    np.testing.assert_allclose(idx.vectors.astype(np.float32), photo_index.vectors.astype(np.float32), atol=2e-3)
+    args = ["search", "--index", str(out), "--text", "a green square", "-k", "5", "--json", "--device", "cpu"]
+    proc = _torchrun(args, tmp_path)
+    assert "rank 0 of 2 searches rows 0..4 of 8" in proc.stderr  # each rank searched its half
+    got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    capsys.readouterr()
+    assert main(args) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert len(got) == 1 and [h["id"] for h in got[0]["hits"]] == [h["id"] for h in ref["hits"]]
+    assert [h["score"] for h in got[0]["hits"]] == pytest.approx([h["score"] for h in ref["hits"]], abs=1e-6)

@@ -139,18 +139,19 @@ def run(args: argparse.Namespace) -> int:
     queries = read_queries(args)
     device = resolve_device(args.device)
     with distributed_from_env(device):
+        rank = get_rank()  # read inside: the process group is gone after the block
         vectors = None
-        if get_rank() == 0:
+        if rank == 0:
             model = index.load_model(args.model, device=device, dtype=args.dtype)
             vectors = index.encode_queries(model, [{k: q[k] for k in ("text", "image", "instruction") if k in q}
                                                    for q in queries], batch_size=args.batch_size)
         flat = index.backend == "flat" or args.exact
         vectors = _broadcast(vectors) if flat else vectors
-        if get_rank() != 0 and not flat:
+        if rank != 0 and not flat:
             return 0
         results = index.search(vectors, args.k, device=device, distributed=flat, exact=args.exact,
                                nprobe=args.nprobe, ef_search=args.ef_search)
-    if get_rank() != 0:
+    if rank != 0:
         return 0
     write_outputs(args, queries, results)
     return 0
