@@ -291,7 +291,7 @@ class Index:
         emb = _encode_part(path, model, rows, fp, batch_size, shard_size)
         if get_rank() == 0:
             info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": _now(),
-                    "updated": _now(), "model": {"path": getattr(model, "source", None), "fingerprint": fp},
+                    "updated": _now(), "model": {"path": _model_path(model), "fingerprint": fp},
                     "encode": {"role": "candidate", "settings": _settings_of(model)},
                     "count": len(rows), "dim": int(emb.dim), "dtype": "float16", "backend": backend,
                     "backend_params": dict(backend_params or {}), "faiss_file": None, "recall": None,
@@ -311,9 +311,7 @@ class Index:
         and N items (as for :meth:`build`). ``fingerprint`` names the encoder (checked by :meth:`add` /
         :meth:`check_model`)."""
         path = Path(path)
-        _check_backend(backend, backend_params)
-        if (path / INDEX_JSON).is_file() and not overwrite:
-            raise DataError(f"{path}: already holds an index (overwrite=True to replace it)")
+        check_new_index(path, backend, backend_params, overwrite)
         rows = read_items(items, image_root=image_root, exclude=[path])
         vecs = np.asarray(vectors)
         if vecs.ndim != 2 or vecs.shape[0] != len(rows):
@@ -552,6 +550,14 @@ def _check_backend(backend: str, params: Mapping[str, Any] | None) -> None:
     if bad:
         raise ConfigError(f"backend {backend!r} takes no parameter(s) {bad}"
                           + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
+
+
+def _model_path(model: Any) -> str | None:
+    """The model's checkpoint folder as an absolute path (``UMarvel.source``), None when unknown."""
+    src = getattr(model, "source", None)
+    if src and Path(src).exists():
+        return str(Path(src).resolve())
+    return src
 
 
 def _ann_params(s: FaissSearcher) -> dict:
