@@ -121,6 +121,9 @@ def test_add_command_and_errors(cli_index, tiny_checkpoint, tmp_path, draw_image
     assert main(["search", "--index", str(idx_dir), "--image", str(tmp_path / "missing.jpg")]) == 2
     assert main(["index", "build", "--model", str(tiny_checkpoint), "--input", str(more), "--output",
                  str(idx_dir)]) == 2  # exists
+    assert main(["index", "build", "--model", str(tiny_checkpoint), "--input", str(more), "--output",
+                 str(tmp_path / "new.idx"), "--nlist", "4"]) == 2  # an ivf option on a flat index
+    assert not (tmp_path / "new.idx").exists()
     assert len(Index.load(idx_dir)) == N_PHOTOS + 1
 
 

@@ -78,7 +78,8 @@ def _backend_params(args: argparse.Namespace) -> dict:
              if getattr(args, k) is not None}
     bad = sorted(set(given) - set(names.get(args.backend, ())))
     if bad:
-        raise ConfigError(f"--{', --'.join(b.replace('_', '-') for b in bad)} do(es) not apply to --backend {args.backend}")
+        flags = ", ".join("--" + b.replace("_", "-") for b in bad)
+        raise ConfigError(f"{flags}: not an option of --backend {args.backend}")
     return given
 
 

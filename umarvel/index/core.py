@@ -241,8 +241,9 @@ class Index:
             raise DataError(f"{path}: not an index (no {INDEX_JSON}){hint}")
         info = read_json(meta_file)
         if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{meta_file}: unsupported index format {info.get('format_version') if isinstance(info, dict) else info!r}"
-                            f" (this umarvel reads version {FORMAT_VERSION})")
+            found = info.get("format_version") if isinstance(info, dict) else info
+            raise DataError(f"{meta_file}: unsupported index format {found!r} (this umarvel reads version "
+                            f"{FORMAT_VERSION})")
         for key in ("model", "count", "dim", "backend", "parts"):
             if key not in info:
                 raise DataError(f"{meta_file}: missing field {key!r}")
@@ -489,8 +490,8 @@ class Index:
             s: Any = FaissSearcher.from_index(index, self.backend)
         elif distributed and is_dist():
             local_rows = -(-len(self) // get_world_size())  # this rank's shard
-            s = RankShardedSearcher(RowBlocks(self.vector_blocks()), device=dev,
-                                    resident=_auto_resident(local_rows, self.dim, dev) if resident is None else resident)
+            keep = _auto_resident(local_rows, self.dim, dev) if resident is None else resident
+            s = RankShardedSearcher(RowBlocks(self.vector_blocks()), device=dev, resident=keep)
         else:
             s = TorchSearcher(RowBlocks(self.vector_blocks()), device=dev,
                               resident=_auto_resident(len(self), self.dim, dev) if resident is None else resident)
@@ -502,7 +503,8 @@ class Index:
                       nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows: ``(Q, D)`` (or ``(D,)``) queries -> ``(Q, k)`` float32 scores and int64 rows (``-1``
         padding when ``k`` exceeds the count). ``nprobe`` / ``ef_search`` tune ivf / hnsw for this call."""
-        q = query_vectors.detach().float().cpu().numpy() if torch.is_tensor(query_vectors) else np.asarray(query_vectors)
+        q = query_vectors
+        q = q.detach().float().cpu().numpy() if torch.is_tensor(q) else np.asarray(q)
         if q.ndim == 1:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.dim:

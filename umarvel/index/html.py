@@ -55,7 +55,8 @@ figure.hit .noimg{height:150px;display:flex;align-items:center;justify-content:c
 figcaption{padding:6px 8px;font-size:12px}
 .rank{font-weight:600}.score{float:right;font-variant-numeric:tabular-nums;color:#335}
 .id{display:block;color:#556;word-break:break-all;margin-top:2px}.snip{display:block;color:#333;margin-top:3px}
-.badge{display:inline-block;background:#1e9e4a;color:#fff;border-radius:3px;padding:0 4px;font-size:11px;margin-left:4px}
+.badge{display:inline-block;background:#1e9e4a;color:#fff;border-radius:3px;padding:0 4px;font-size:11px;
+ margin-left:4px}
 .note{font-size:12px;color:#a33;margin-top:6px}
 form.search{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:12px 14px;margin-bottom:18px;
  display:flex;flex-wrap:wrap;gap:8px;align-items:center}
@@ -259,7 +260,8 @@ def mbeir_blocks(root: Path, split: str, task_name: str, retrieval: Any, pool_fi
         blocks.append(QueryBlock(
             text=q.text if q else None, instruction=q.instruction if q else None,
             image_src=embedded_thumb(q.image, 200) if q and q.image else None, label=qid,
-            cards=cards, note=None if found else f"no positive in the top {k} (positives: {', '.join(sorted(pos)[:5])})"))
+            cards=cards, note=None if found else f"no positive in the top {k} (positives: "
+                                                 f"{', '.join(sorted(pos)[:5])})"))
     return blocks
 
 
