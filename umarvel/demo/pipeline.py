@@ -475,6 +475,8 @@ class DemoRun:
                 self.progress.close()
         self.result.total_seconds = time.perf_counter() - t_start
         write_report(self.result, self.output)  # final timings included
+        from umarvel.index.html import write_demo_retrievals  # retrievals.html: the test queries after each stage
+        write_demo_retrievals(self.output, self.bench.mbeir, self.evals, [(r.label, r.key) for r in self.result.stages])
         return self.result
 
 

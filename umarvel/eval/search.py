@@ -618,6 +618,15 @@ class FaissSearcher:
     def __len__(self) -> int:
         return self.n
 
+    @classmethod
+    def from_index(cls, index: Any, kind: str) -> "FaissSearcher":
+        """Wrap an existing faiss index (e.g. ``faiss.read_index`` of a saved one) of ``kind`` without rebuilding."""
+        if kind not in ("flat", "ivf", "hnsw"):
+            raise ConfigError(f"unknown faiss index kind {kind!r} (flat, ivf, hnsw)")
+        self = cls.__new__(cls)
+        self.kind, self.n, self.index = kind, int(index.ntotal), index
+        return self
+
     @staticmethod
     def _f32(x: Any) -> np.ndarray:
         """``(n, D)`` numpy/torch -> C-contiguous float32 numpy."""
