@@ -86,15 +86,15 @@ def _backend_params(args: argparse.Namespace) -> dict:
 def run_build(args: argparse.Namespace) -> int:
     """``umarvel index build``."""
     from umarvel.api import UMarvel
-    from umarvel.eval.mbeir.runner import distributed_from_env, resolve_device
+    from umarvel import dist
     from umarvel.index import Index, read_items
     from umarvel.index.core import check_new_index
 
     params = _backend_params(args)
     check_new_index(args.output, args.backend, params, args.overwrite)
     items = read_items(args.input, image_root=args.image_root, exclude=[args.output])  # errors before the model loads
-    device = resolve_device(args.device)
-    with distributed_from_env(device):
+    device = dist.device_for_rank(args.device)
+    with dist.process_group(device):
         model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype)
         index = Index.build(model, items, args.output, backend=args.backend, batch_size=args.batch_size,
                             shard_size=args.shard_size, overwrite=args.overwrite, backend_params=params,
@@ -105,13 +105,13 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_add(args: argparse.Namespace) -> int:
     """``umarvel index add``."""
-    from umarvel.eval.mbeir.runner import distributed_from_env, resolve_device
+    from umarvel import dist
     from umarvel.index import Index, read_items
 
     index = Index.load(args.index)
     items = read_items(args.input, image_root=args.image_root, exclude=[args.index])  # errors before the model loads
-    device = resolve_device(args.device)
-    with distributed_from_env(device):
+    device = dist.device_for_rank(args.device)
+    with dist.process_group(device):
         model = index.load_model(args.model, device=device, dtype=args.dtype)
         n = index.add(model, items, batch_size=args.batch_size, shard_size=args.shard_size,
                       recall_sample=args.recall_sample, source=args.input)

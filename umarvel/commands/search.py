@@ -132,13 +132,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.index:
         raise ConfigError("--index is required (or --list-tasks)")
     from umarvel.dist import get_rank
-    from umarvel.eval.mbeir.runner import distributed_from_env, resolve_device
+    from umarvel import dist
     from umarvel.index import Index
 
     index = Index.load(args.index)
     queries = read_queries(args)
-    device = resolve_device(args.device)
-    with distributed_from_env(device):
+    device = dist.device_for_rank(args.device)
+    with dist.process_group(device):
         rank = get_rank()  # read inside: the process group is gone after the block
         vectors = None
         if rank == 0:

@@ -33,14 +33,14 @@ def add_subparser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the index and model, then serve until interrupted."""
     from umarvel.errors import ConfigError
-    from umarvel.eval.mbeir.runner import resolve_device
+    from umarvel import dist
     from umarvel.index import Index
     from umarvel.index.server import SearchApp, make_server
 
     if not 1 <= args.k <= 100:
         raise ConfigError(f"-k must be between 1 and 100, got {args.k}")
     index = Index.load(args.index)
-    device = resolve_device(args.device)
+    device = dist.device_for_rank(args.device)
     model = index.load_model(args.model, device=device, dtype=args.dtype)
     app = SearchApp(index, model, k=args.k, device=device, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                     instructions=args.instructions)

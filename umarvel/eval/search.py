@@ -619,12 +619,14 @@ class FaissSearcher:
         return self.n
 
     @classmethod
-    def from_index(cls, index: Any, kind: str) -> "FaissSearcher":
-        """Wrap an existing faiss index (e.g. ``faiss.read_index`` of a saved one) of ``kind`` without rebuilding."""
+    def from_index(cls, index: Any, kind: str, normalize: bool = False) -> "FaissSearcher":
+        """Wrap an existing faiss index (e.g. ``faiss.read_index`` of a saved one) of ``kind`` without rebuilding;
+        ``normalize`` as in the constructor (applies to rows added later and to queries)."""
         if kind not in ("flat", "ivf", "hnsw"):
             raise ConfigError(f"unknown faiss index kind {kind!r} (flat, ivf, hnsw)")
         self = cls.__new__(cls)
         self.kind, self.n, self.index = kind, int(index.ntotal), index
+        self.normalize = bool(normalize)
         return self
 
     @staticmethod
