@@ -1,9 +1,14 @@
 """The ``umarvel`` console script: encode and demo end to end, clear errors on bad input."""
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
+from helpers import REPO
 
 from umarvel.cli import main
 
@@ -27,6 +32,49 @@ def test_encode_command_writes_vectors_and_ids(tiny_checkpoint, sample_images, t
         {"text": "a red ball", "instruction": "Find an image."},
         {"image": str(rel / "red.png"), "instruction": "Find a caption."}])
     np.testing.assert_allclose(emb, ref, atol=1e-6)
+
+
+def test_encode_command_compat_official_is_recorded(tiny_checkpoint, tmp_path):
+    """--compat official: batch of one unpadded -> causal vectors, labelled in <output>.meta.json."""
+    from umarvel import UMarvel
+
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps({"text": t}) for t in ("a red ball", "two dogs on a long beach")) + "\n")
+    out = {}
+    for compat in ("default", "official"):
+        path = tmp_path / f"{compat}.npy"
+        assert main(["encode", "--model", str(tiny_checkpoint), "--input", str(items), "--output", str(path),
+                     "--batch-size", "1", "--compat", compat]) == 0
+        meta = json.loads((tmp_path / f"{compat}.npy.meta.json").read_text())
+        assert meta["compat"] == meta["settings"]["compat"] == compat and meta["n"] == 2
+        out[compat] = np.load(path)
+    ref = UMarvel.from_pretrained(tiny_checkpoint, compat="official").encode_candidates(
+        [{"text": "a red ball"}, {"text": "two dogs on a long beach"}], batch_size=1)
+    np.testing.assert_allclose(out["official"], ref, atol=1e-6)
+    assert np.abs(out["official"] - out["default"]).max() > 1e-3  # causal vs bidirectional
+
+
+def test_eval_commands_take_compat(tmp_path):
+    import argparse
+
+    from umarvel.commands.eval import add_mbeir_arguments, config_from_args
+    from umarvel.commands.eval_plus import configure
+    from umarvel.commands.eval_zeroshot import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_mbeir_arguments(p)
+    args = p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o", "--compat", "official"])
+    assert config_from_args(args).compat == "official"
+    assert config_from_args(p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o"])).compat == "default"
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("model: m\nmbeir_root: r\noutput: o\ncompat: official\n")
+    assert config_from_args(p.parse_args(["--config", str(cfg)])).compat == "official"
+    z = argparse.ArgumentParser()
+    add_arguments(z)
+    assert z.parse_args(["--model", "m", "--data-root", "d", "--output-dir", "o", "--compat", "official"]).compat == "official"
+    e = argparse.ArgumentParser()
+    configure(e)
+    assert e.parse_args(["--run", "r", "--reranker", "x", "--output", "o", "--compat", "official"]).compat == "official"
 
 
 def test_encode_command_reports_bad_line(tiny_checkpoint, tmp_path):
@@ -54,3 +102,40 @@ def test_demo_model_prints_recall_tables(tiny_checkpoint, tmp_path, capsys):
     row = results["stages"][0]
     assert row["local"]["protocol"] == "local" and row["global"]["protocol"] == "global"
     assert np.isfinite(row["local"]["average"]) and 0.0 <= row["global"]["average"] <= 100.0
+
+
+# ------------------------------------------------------------------------------- the command table
+def _python(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_python_m_umarvel_runs_the_cli():
+    proc = _python("-m", "umarvel", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("demo", "encode", "train", "merge-lora", "eval", "mine", "teacher", "rerank"):
+        assert f"    {name} " in proc.stdout
+    bad = _python("-m", "umarvel", "eval", "mbeir", "--model", "m")
+    assert bad.returncode == 2 and "--mbeir-root, --output required" in bad.stderr
+
+
+def test_parser_builds_without_torch():
+    """``umarvel --help`` imports every command module and builds every parser, but never torch."""
+    code = ("import sys; from umarvel.cli import build_parser; build_parser().format_help(); "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'faiss') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    proc = _python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_command_is_in_the_table_and_commands_never_import_cli():
+    from umarvel import cli
+
+    modules = {p.stem for p in (REPO / "umarvel" / "commands").glob("*.py")} - {"__init__", "flags"}
+    eval_group = {"eval_zeroshot", "eval_plus"}  # registered by umarvel.commands.eval
+    assert {m.__name__.rsplit(".", 1)[1] for m in cli.COMMANDS} == modules - eval_group
+    for path in (REPO / "umarvel" / "commands").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "umarvel.cli" not in imported, path

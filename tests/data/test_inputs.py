@@ -9,6 +9,7 @@ from umarvel.data.formatting import (INFERENCE_STYLE, SUFFIX_IMAGE, SUFFIX_IMAGE
                                      TRAIN_STYLE_NO_SUFFIX, build_messages, format_string,
                                      query_text_with_instruction)
 from umarvel.data.images import ImageBudget, load_image, smart_resize
+from umarvel.data.visual import PatchSpec, image_patches
 from umarvel.errors import CheckpointError, DataError, ImageLoadError
 
 
@@ -107,8 +108,6 @@ def test_unsupported_checkpoint_folders(tmp_path, tiny_checkpoint):
 
 
 def test_fast_patches_bit_identical_to_the_image_processor(tiny_model, sample_images):
-    from umarvel.data.patches import PatchSpec, image_patches
-
     spec = PatchSpec.from_processor(tiny_model.image_processor)
     for name in ("red", "blue", "green_tall", "big", "alpha"):
         im = load_image(sample_images[name])

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from umarvel.data.video import (MSRVTT_VIDEO, MSVD_VIDEO, VIDEO_MIN_PIXELS, VideoSpec, decode_frames,
-                                frame_pixel_budget, load_video, probe_video, sample_indices, smart_nframes,
-                                video_patches, video_token_count)
+                                frame_pixel_budget, load_video, probe_video, sample_indices, smart_nframes)
+from umarvel.data.visual import token_count, video_patches
 from umarvel.errors import DataError
 from umarvel.eval.zeroshot.fixtures import write_video
 
@@ -39,7 +39,7 @@ def test_patch_layout_hand_checked():
     frames = np.stack([np.asarray(_rand_image(28, 56, s)) for s in range(3)])
     pv, grid = video_patches(frames)
     assert pv.shape == (16, 1176) and grid.tolist() == [[2, 2, 4]]
-    assert video_token_count(grid) == 4
+    assert token_count(grid) == 4
     norm = ((frames.astype(np.float64) / 255).astype(np.float32) - np.float32([0.48145466, 0.4578275, 0.40821073])) \
         / np.float32([0.26862954, 0.26130258, 0.27577711])
     # row 5 = t 0, merge block (0, 1), inner (0, 1) -> patch row 0, patch col 3; column (c=1, temporal=1, y=2, x=7)

@@ -174,13 +174,11 @@ def test_bf16_path_close_to_fp32(tiny_checkpoint, sample_images):
 
 def test_video_of_two_identical_frames_equals_the_image(tiny_model, sample_images):
     """Videos go through the vision tower as ``pixel_values_videos``; a still 2-frame clip == the image."""
-    from umarvel.data.collate import VideoInput
     from umarvel.data.images import load_image
-    from umarvel.data.video import video_patches
+    from umarvel.data.visual import VideoInput
 
     im = load_image(sample_images["blue"], tiny_model.budget)
-    pv, grid = video_patches([im, im])
-    video = EmbedInput("", video=VideoInput(pv, tuple(int(x) for x in grid[0])))
+    video = EmbedInput("", video=VideoInput.from_frames([im, im]))
     image = EmbedInput("", (im,))
     out = tiny_model.encode_prepared([lambda: video, lambda: image, lambda: EmbedInput("A blue ellipse.")])
     np.testing.assert_allclose(out[0], out[1], atol=1e-5)

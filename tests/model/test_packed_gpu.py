@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from umarvel.data.collate import EmbedInput, EmbeddingCollator, VideoInput
+from umarvel.data.collate import EmbedInput, EmbeddingCollator
 from umarvel.data.images import load_image
 from umarvel.data.packing import PackedCollator
+from umarvel.data.visual import VideoInput
 from umarvel.model.attention import select_kernel
 
 pytestmark = pytest.mark.gpu
@@ -44,17 +45,15 @@ def wide_model(layers: int, device: str, dims: dict = WIDE):
 
 def make_inputs(model, images: dict[str, Path], n_text: int = 6) -> list[EmbedInput]:
     """Instructed queries, images of several shapes, a video and texts of growing length."""
-    from umarvel.data.video import video_patches
-
     rng = np.random.default_rng(0)
-    pv, grid = video_patches(rng.integers(0, 256, (4, 56, 84, 3), dtype=np.uint8))
+    video = VideoInput.from_frames(rng.integers(0, 256, (4, 56, 84, 3), dtype=np.uint8))
     b = model.budget
     out = [EmbedInput("<instruction_start>Find a picture of it.<instruction_end> a red ball on a table."),
            EmbedInput("<instruction_start>Retrieve a caption.<instruction_end> what is this?",
                       (load_image(images["blue"], b),)),
            EmbedInput("", (load_image(images["big"], b),)),
            EmbedInput("", (load_image(images["green_tall"], b),)),
-           EmbedInput("a short clip", video=VideoInput(pv, tuple(int(g) for g in grid[0])))]
+           EmbedInput("a short clip", video=video)]
     out += [EmbedInput("a long candidate passage about many things " * (3 + 4 * i)) for i in range(n_text)]
     return out
 

@@ -8,20 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from umarvel.data.collate import EmbedInput, EmbeddingCollator, VideoInput
+from umarvel.data.collate import EmbedInput, EmbeddingCollator
 from umarvel.data.images import load_image
 from umarvel.data.packing import PackedCollator
+from umarvel.data.visual import VideoInput
 from umarvel.model.attention import packed_attention
 
 TOL = 1e-5
 
 
 def _inputs(model, sample_images):
-    from umarvel.data.video import video_patches
-
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (4, 56, 84, 3), dtype=np.uint8)
-    pv, grid = video_patches(frames)
     budget = model.budget
     return [
         EmbedInput("<instruction_start>Find a picture of it.<instruction_end> a red ball on a table."),
@@ -29,7 +27,7 @@ def _inputs(model, sample_images):
                    (load_image(sample_images["blue"], budget),)),
         EmbedInput("", (load_image(sample_images["green_tall"], budget),)),
         EmbedInput("a much longer candidate text about many different things " * 6),
-        EmbedInput("a short clip", video=VideoInput(pv, tuple(int(g) for g in grid[0]))),
+        EmbedInput("a short clip", video=VideoInput.from_frames(frames)),
         EmbedInput("", (load_image(sample_images["red"], budget),)),
     ]
 
@@ -260,3 +258,31 @@ def test_eager_implementation_packed_and_padded_agree(tiny_checkpoint, tiny_mode
     assert (a - b).abs().max() <= TOL and (a - c).abs().max() <= TOL
     real = attn.bool()
     assert (out_eager[real] - out_sdpa[real]).abs().max() <= 1e-4
+
+
+def test_official_compat_keeps_the_padded_path(tiny_checkpoint, tiny_model):
+    """compat="official" (D5: an unpadded batch runs causal) never packs: packing is off, the embedder refuses
+    packed batches, and official batches formed in worker processes (chunks aligned to the batch size, the last
+    batch completed with the first items) equal those formed in-process."""
+    from umarvel import UMarvel
+
+    official = UMarvel.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", compat="official")
+    assert not official.packing and not official.embedder.supports_packing and not official.packs
+    official.packing = True  # asking for it does not switch the padded official path off
+    assert not official.packs
+    tokenized = official._tok.tokenize([EmbedInput("a red ball."), EmbedInput("a blue cube on a table.")])
+    packed = PackedCollator(official.tokenizer, official.image_processor)(tokenized)
+    with pytest.raises(ValueError, match="causal_when_unpadded"):
+        official.embedder(**packed)
+    items = [{"text": f"item number {i} " * (1 + i % 5)} for i in range(11)]
+    base = official.encode_candidates(items, batch_size=4)
+    assert official.last_encode_stats["padded_tokens"] > official.last_encode_stats["real_tokens"]
+    official.preprocess_workers, official.chunk_items = 2, 3  # chunks of 4 (aligned), 3 of them -> 2 workers
+    try:
+        got = official.encode_candidates(items, batch_size=4)
+    finally:
+        official.preprocess_workers, official.chunk_items = None, None
+    np.testing.assert_allclose(got, base, atol=TOL)
+    # an unpadded official batch of one is causal, unlike the default model's
+    one = official.encode_candidates(items[:1], batch_size=1)
+    assert np.abs(one - tiny_model.encode_candidates(items[:1], batch_size=1)).max() > 1e-4

@@ -22,19 +22,21 @@ def test_knobs_parse_and_are_validated(tiny_checkpoint, tmp_path):
 
 
 def test_trainer_applies_packing_and_selective_checkpointing(tiny_checkpoint, tmp_path):
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.train.stage import stage_trainer
 
     data = make_data(tmp_path / "data")
     cfg = tiny_config("nli", tiny_checkpoint, data, tmp_path / "out", "train.activation_checkpointing=selective",
                       "train.checkpoint_every_k=2", "train.max_steps=1")
-    trainer = StageTrainer(cfg)
-    hf = trainer.embedder.hf_model
-    layers = trainer.embedder.spec.language_model(hf).layers
+    trainer = stage_trainer(cfg)
+    task = trainer.task
+    hf = task.embedder.hf_model
+    layers = task.embedder.spec.language_model(hf).layers
     assert [bool(x.gradient_checkpointing) for x in layers] == [True, False]
-    assert not any(getattr(m, "gradient_checkpointing", False) for m in trainer.embedder.spec.visual(hf).modules())
-    assert trainer.collator.packing
-    assert not trainer.optimizer.defaults.get("fused")  # fused AdamW only on CUDA
-    batch = trainer.collator([trainer.dataset.example(i, random.Random(0)) for i in range(4)])
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in task.embedder.spec.visual(hf).modules())
+    assert task.collator.packing
+    assert trainer.loop.fused_optimizer  # the knob reaches the one trainer ...
+    assert not trainer.optimizer.defaults.get("fused")  # ... but fused AdamW runs on CUDA only
+    batch = task.collator([task.dataset.example(i, random.Random(0)) for i in range(4)])
     assert all("cu_seqlens" in ch for ch in batch.chunks) and batch.padded_tokens == batch.num_tokens
     state = trainer.train()
     assert state.global_step == 1 and state.history[0]["padding_ratio"] == 1.0

@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from umarvel.commands import run_standalone
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def add_subparser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from umarvel.train.merge import merge_adapter
+    from umarvel.train.merge import merge_adapter  # lazy: keeps the CLI start-up free of torch
 
     out = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, device=args.device)
     print(out)
@@ -37,8 +38,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m umarvel.commands.merge``, used by the shell launchers)."""
-    from umarvel.cli import run_standalone
-
     return run_standalone("umarvel merge-lora", __doc__, _add_arguments, run, argv)
 
 

@@ -14,13 +14,13 @@ import argparse
 import logging
 import sys
 
+from umarvel.commands import run_standalone
+from umarvel.pipelines.mining import MineConfig, mine
 
 logger = logging.getLogger(__name__)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from umarvel.pipelines.mining import MineConfig
-
     d = MineConfig("", "", "")
     p.add_argument("--model", required=True, help="embedding checkpoint (stage-3 merged for stage 4)")
     p.add_argument("--mbeir-root", required=True, help="M-BEIR root folder")
@@ -54,8 +54,6 @@ def add_subparser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the :class:`MineConfig` from the arguments and mine."""
-    from umarvel.pipelines.mining import MineConfig, mine
-
     cfg = MineConfig(model=args.model, mbeir_root=args.mbeir_root, output=args.output, queries=args.queries,
                      pool=args.pool, instructions=args.instructions, top_k=args.top_k, scope=args.scope,
                      subset=args.subset, subset_fraction=args.subset_fraction, subset_seed=args.subset_seed,
@@ -68,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m umarvel.commands.mine``, used by the shell launchers)."""
-    from umarvel.cli import run_standalone
-
     return run_standalone("umarvel mine", __doc__, _add_arguments, run, argv)
 
 

@@ -108,8 +108,9 @@ def _records(args: argparse.Namespace):
 
 def run_score(args: argparse.Namespace) -> int:
     """Score the top-k of a run and write ``{qid: [p_yes]}`` and its meta sidecar atomically."""
+    from umarvel.data.runfiles import read_trec_run
     from umarvel.rerank.model import load_reranker
-    from umarvel.rerank.score import read_trec_run, score_run
+    from umarvel.rerank.score import score_run
     from umarvel.utils.io import atomic_write_json
 
     if args.top_k < 1:
@@ -133,8 +134,8 @@ def load_rerank_results(scores_path: str | Path):
     """A :class:`~umarvel.rerank.fusion.RerankResults` from a score file, its meta, run and qrels."""
     from umarvel.data.mbeir import read_qrels
     from umarvel.data.registry import get_task
+    from umarvel.data.runfiles import read_trec_run
     from umarvel.rerank.fusion import RerankedQuery, RerankResults
-    from umarvel.rerank.score import read_trec_run
 
     mp = meta_path(scores_path)
     if not mp.is_file():
@@ -172,9 +173,8 @@ def run_fuse(args: argparse.Namespace) -> int:
         return 0
     if not (args.run and args.scores and args.out):
         raise ConfigError("fuse needs --run, --scores and --out (or --choose-weight)")
-    from umarvel.eval.outputs import write_trec_run
+    from umarvel.data.runfiles import read_trec_run, write_trec_run
     from umarvel.rerank.fusion import RerankedQuery, RerankResults
-    from umarvel.rerank.score import read_trec_run
 
     run = read_trec_run(args.run)
     scores = json.loads(Path(args.scores).read_text())

@@ -14,6 +14,9 @@ import argparse
 import logging
 import sys
 
+from umarvel.commands import run_standalone
+from umarvel.config import load_config
+from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +36,6 @@ def add_subparser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config (strict) and build the teacher file."""
-    from umarvel.config import load_config
-    from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
-
     cfg = load_config(args.config, TeacherConfig, args.overrides)
     logger.info("teacher file: %s", build_teacher_file(cfg))
     return 0
@@ -43,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m umarvel.commands.teacher``, used by the shell launchers)."""
-    from umarvel.cli import run_standalone
-
     return run_standalone("umarvel teacher", __doc__, _add_arguments, run, argv)
 
 

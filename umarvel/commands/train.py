@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+from umarvel.commands import run_standalone
+from umarvel.train.config import load_stage_config
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,7 @@ def add_subparser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config (unknown keys are errors) and train."""
-    from umarvel.train.config import load_stage_config
-    from umarvel.train.trainer import run_stage
+    from umarvel.train.stage import run_stage  # lazy: keeps the CLI start-up free of torch
 
     cfg = load_stage_config(args.config, args.overrides)
     state = run_stage(cfg)
@@ -41,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m umarvel.commands.train``, used by the shell launchers)."""
-    from umarvel.cli import run_standalone
-
     return run_standalone("umarvel train", __doc__, _add_arguments, run, argv)
 
 

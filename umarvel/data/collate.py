@@ -3,8 +3,8 @@
 Pipeline for one input (``EmbedInput``): the chat is rendered with the checkpoint's own template
 (``build_messages`` + ``apply_chat_template``), tokenized once, and each ``<|image_pad|>`` /
 ``<|video_pad|>`` placeholder is expanded to the number of visual tokens of its (already resized)
-image or video. ``collate`` then pads (left by default, like the official collators), builds the
-instruction and pool masks, and runs the image processor once for the whole batch.
+image or video (``umarvel.data.visual``). ``collate`` then pads (left by default, like the official
+collators), builds the instruction and pool masks, and concatenates the patches of the batch.
 """
 from __future__ import annotations
 
@@ -17,23 +17,10 @@ from PIL import Image
 
 from umarvel.data.formatting import (ASSISTANT_TEXT, INSTRUCTION_END, INSTRUCTION_START, PromptStyle, build_messages,
                                      pick_suffix)
-from umarvel.data.patches import PatchSpec, image_patches
-from umarvel.errors import DataError
+from umarvel.data.visual import (PatchSpec, VideoInput, image_patches, image_token_count, render_chat,
+                                 token_count, tokenize_chats, visual_batch)
 
 _TEXT_SLOT = "\u0000UMARVEL_TEXT\u0000"
-
-
-@dataclass(frozen=True)
-class VideoInput:
-    """A video already turned into Qwen2-VL patches (see ``umarvel.data.video.video_patches``).
-
-    Attributes:
-        pixel_values: float32 (t*h*w, C*T*P*P) patches.
-        grid_thw: (t, h, w) patch grid.
-    """
-
-    pixel_values: np.ndarray
-    grid_thw: tuple[int, int, int]
 
 
 @dataclass
@@ -45,7 +32,7 @@ class EmbedInput:
         images: resized RGB images (``umarvel.data.images.load_image``), shown before the text.
         video: optional video patches, shown before the text (instead of images).
         segments: interleaved content (see :meth:`interleaved`).
-        patches: optional precomputed ``umarvel.data.patches.image_patches`` of ``images`` (computed
+        patches: optional precomputed ``umarvel.data.visual.image_patches`` of ``images`` (computed
             in loader threads so that collation only concatenates).
     """
 
@@ -85,17 +72,14 @@ class EmbeddingTokenizer:
     Args:
         tokenizer: the checkpoint tokenizer with the U-MARVEL tokens added.
         style: suffix / generation-prompt policy (``umarvel.data.formatting.PromptStyle``).
-        merge_size: Qwen2-VL spatial merge (2): visual tokens = patches / merge_size**2.
-        patch_size: ViT patch size (14); images must be resized to multiples of patch*merge.
+        spec: patch geometry (visual tokens = patches / merge_size**2); images must be resized to
+            multiples of ``spec.factor`` (28).
     """
 
-    def __init__(self, tokenizer, style: PromptStyle, merge_size: int = 2, patch_size: int = 14):
+    def __init__(self, tokenizer, style: PromptStyle, spec: PatchSpec = PatchSpec()):
         self.tokenizer = tokenizer
         self.style = style
-        self.merge_size = merge_size
-        self.patch_size = patch_size
-        self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.video_pad_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.spec = spec
         self._templates: dict[tuple, tuple[str, str]] = {}
 
     def _template(self, n_images: int, video: bool, text_empty: bool) -> tuple[str, str]:
@@ -105,8 +89,7 @@ class EmbeddingTokenizer:
             has_visual = n_images > 0 or video
             msgs = build_messages("" if text_empty else _TEXT_SLOT, has_visual, self.style,
                                   n_images=max(n_images, 1), video=video)
-            rendered = self.tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=self.style.add_generation_prompt)
+            rendered = render_chat(self.tokenizer, msgs, self.style.add_generation_prompt)
             if text_empty:  # nothing to substitute: the whole rendering is fixed for this layout
                 self._templates[key] = (rendered, "")
             else:
@@ -133,39 +116,16 @@ class EmbeddingTokenizer:
                 content.append({"type": "text", "text": suffix})
         msgs = [{"role": "user", "content": content},
                 {"role": "assistant", "content": [{"type": "text", "text": ASSISTANT_TEXT}]}]
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                  add_generation_prompt=self.style.add_generation_prompt)
-
-    def visual_tokens(self, image: Image.Image) -> int:
-        """LLM tokens of a resized image: (H/14)*(W/14)/merge**2."""
-        f = self.patch_size * self.merge_size
-        w, h = image.size
-        if h % f or w % f:
-            raise DataError(f"image of size {w}x{h} is not resized to multiples of {f}; use load_image()")
-        return (h // f) * (w // f)
+        return render_chat(self.tokenizer, msgs, self.style.add_generation_prompt)
 
     def tokenize(self, inputs: Sequence[EmbedInput]) -> list[TokenizedInput]:
         """Tokenize a list of inputs (one fast-tokenizer call) and expand visual placeholders."""
-        texts = [self.render(x) for x in inputs]
-        ids_list = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [self._expand(ids, inp) for ids, inp in zip(ids_list, inputs)]
-
-    def _expand(self, ids: list[int], inp: EmbedInput) -> TokenizedInput:
-        counts = [self.visual_tokens(im) for im in inp.images]
-        video_count = None
-        if inp.video is not None:
-            t, h, w = inp.video.grid_thw
-            video_count = t * h * w // self.merge_size ** 2
-        out: list[int] = []
-        it = iter(counts)
-        for tok in ids:
-            if tok == self.image_pad_id:
-                out.extend([tok] * next(it))
-            elif tok == self.video_pad_id and video_count is not None:
-                out.extend([tok] * video_count)
-            else:
-                out.append(tok)
-        return TokenizedInput(out, tuple(inp.images), inp.video, inp.patches)
+        wheres = [f"embedding input {i}" for i in range(len(inputs))]
+        image_counts = [[image_token_count(im, self.spec, w) for im in x.images] for x, w in zip(inputs, wheres)]
+        video_counts = [[token_count(x.video.grid_thw, self.spec.merge_size)] if x.video is not None else []
+                        for x in inputs]
+        ids = tokenize_chats(self.tokenizer, [self.render(x) for x in inputs], image_counts, video_counts, wheres)
+        return [TokenizedInput(i, tuple(x.images), x.video, x.patches) for i, x in zip(ids, inputs)]
 
 
 def instruction_mask(input_ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
@@ -182,6 +142,20 @@ def instruction_mask(input_ids: torch.Tensor, start_id: int, end_id: int) -> tor
     return ((depth > 0) | (is_end > 0)).long()
 
 
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists to ``input_ids`` (B, L) and ``attention_mask`` (B, L) int64, on the ``side`` given."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(length - len(s), length) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
 class EmbeddingCollator:
     """Pads tokenized inputs into a model batch and builds pool masks.
 
@@ -189,7 +163,7 @@ class EmbeddingCollator:
         ``input_ids`` (B, L) int64; ``attention_mask`` (B, L) int64; ``instruction_mask`` (B, L);
         ``pool_mask`` (B, L) = non-pad and outside the instruction span; and, when present,
         ``pixel_values`` (patches, 1176) float32 + ``image_grid_thw`` (n_images, 3) int64,
-        ``pixel_values_videos`` + ``video_grid_thw``.
+        ``pixel_values_videos`` + ``video_grid_thw`` (``umarvel.data.visual.visual_batch``).
     """
 
     def __init__(self, tokenizer, image_processor, padding_side: str = "left", mask_instruction: bool = True):
@@ -202,18 +176,8 @@ class EmbeddingCollator:
         self.end_id = tokenizer.convert_tokens_to_ids(INSTRUCTION_END)
 
     def pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad id lists to (B, L) ``input_ids`` and ``attention_mask``."""
-        length = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if self.padding_side == "left":
-                ids[i, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
-                mask[i, length - len(s):] = 1
-            else:
-                ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-                mask[i, : len(s)] = 1
-        return ids, mask
+        """Pad id lists to (B, L) ``input_ids`` and ``attention_mask`` on this collator's side."""
+        return pad_sequences(seqs, self.pad_id, self.padding_side)
 
     def __call__(self, items: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
         ids, attn = self.pad([x.input_ids for x in items])
@@ -224,18 +188,11 @@ class EmbeddingCollator:
         return batch
 
     def visuals(self, items: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
-        """Patches of all images (videos) of ``items`` in order: ``pixel_values`` (patches, 1176) +
-        ``image_grid_thw`` (n_images, 3), ``pixel_values_videos`` + ``video_grid_thw``; absent when none."""
-        out = {}
+        """Patches of all images (videos) of ``items`` in order (``umarvel.data.visual.visual_batch``):
+        ``pixel_values`` (patches, 1176) + ``image_grid_thw`` (n_images, 3), ``pixel_values_videos`` +
+        ``video_grid_thw``; absent when none."""
         parts = [p for x in items for p in (x.patches or [image_patches(im, self.patch_spec) for im in x.images])]
-        if parts:
-            out["pixel_values"] = torch.from_numpy(np.concatenate([pv for pv, _ in parts]))
-            out["image_grid_thw"] = torch.from_numpy(np.concatenate([g for _, g in parts]))
-        videos = [x.video for x in items if x.video is not None]
-        if videos:
-            out["pixel_values_videos"] = torch.from_numpy(np.concatenate([v.pixel_values for v in videos]))
-            out["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.long)
-        return out
+        return visual_batch(parts, [x.video for x in items if x.video is not None])
 
 
 def plan_batches(lengths: Sequence[int], max_batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -256,3 +213,14 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, max_tokens: int | 
     if cur:
         batches.append(cur)
     return batches
+
+
+def sequential_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Consecutive batches in input order, ``batch_size`` items each (the last one may be shorter).
+
+    This is a ``DataLoader(shuffle=False)`` over the items: the batching of the official evaluation scripts,
+    used by ``compat="official"`` so that the same batches (and hence the same unpadded ones, D5) are formed.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    return [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]

@@ -33,13 +33,9 @@ class ImageBudget:
     max_pixels: int = MAX_PIXELS
     factor: int = IMAGE_FACTOR
 
-    def visual_tokens(self, width: int, height: int) -> int:
-        """Number of LLM tokens for an image of this original size (after the 2x2 merge)."""
-        h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
-        return (h // self.factor) * (w // self.factor)
 
-
-def _round_by(x: float, f: int) -> int:
+def round_by(x: float, f: int) -> int:
+    """``x`` rounded to the nearest multiple of ``f`` (Python ``round``: half to even), as ``qwen_vl_utils``."""
     return round(x / f) * f
 
 
@@ -57,8 +53,8 @@ def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels
     if max(height, width) / min(height, width) > MAX_RATIO:
         raise ImageLoadError(
             f"absolute aspect ratio must be smaller than {MAX_RATIO}, got {max(height, width) / min(height, width):.1f}")
-    h_bar = max(factor, _round_by(height, factor))
-    w_bar = max(factor, _round_by(width, factor))
+    h_bar = max(factor, round_by(height, factor))
+    w_bar = max(factor, round_by(width, factor))
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = math.floor(height / beta / factor) * factor

@@ -9,8 +9,8 @@ Pipeline of the official ``fetch_video`` (``qwen_vl_utils`` fork), reimplemented
 4. resize every frame to one ``smart_resize`` size (factor 28) within the per-frame budget
    ``[VIDEO_MIN_PIXELS, max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / n * 2), int(1.05 * VIDEO_MIN_PIXELS))]``
    (:func:`frame_pixel_budget`), bicubic;
-5. :func:`video_patches`: rescale 1/255, CLIP mean/std, temporal patch 2, patch 14, 2x2 merge order, exactly as
-   transformers' Qwen2-VL video processor flattens them.
+5. patches: :func:`umarvel.data.visual.video_patches` (rescale 1/255, CLIP mean/std, temporal patch 2, patch 14,
+   2x2 merge order, exactly as transformers' Qwen2-VL video processor flattens them).
 
 Resize difference: the official code resizes the uint8 frame tensor with torchvision's antialiased bicubic;
 here each frame is resized with PIL's bicubic (which always antialiases when downscaling). torchvision's
@@ -22,12 +22,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from umarvel.data.images import smart_resize
+from umarvel.data.images import round_by, smart_resize
 from umarvel.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -40,15 +40,6 @@ FRAME_FACTOR = 2
 FPS = 2.0
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
-
-PATCH_SIZE = 14
-TEMPORAL_PATCH_SIZE = 2
-MERGE_SIZE = 2
-#: OpenAI CLIP normalisation used by the Qwen2-VL processors.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-FramesLike = Union[Sequence[Image.Image], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -77,10 +68,6 @@ MSVD_VIDEO = VideoSpec(nframes=12)
 MSRVTT_VIDEO = VideoSpec()
 
 
-def _round_by(x: float, f: int) -> int:
-    return round(x / f) * f
-
-
 def _ceil_by(x: float, f: int) -> int:
     return math.ceil(x / f) * f
 
@@ -96,7 +83,7 @@ def smart_nframes(total_frames: int, video_fps: float | None, spec: VideoSpec = 
         ValueError: when the clip is too short for the request (the caller names the video).
     """
     if spec.nframes is not None:
-        n = _round_by(spec.nframes, FRAME_FACTOR)
+        n = round_by(spec.nframes, FRAME_FACTOR)
     else:
         if not video_fps or video_fps <= 0:
             raise ValueError("the video has no frame rate, cannot sample at a fixed fps")
@@ -104,7 +91,7 @@ def smart_nframes(total_frames: int, video_fps: float | None, spec: VideoSpec = 
         max_frames = _floor_by(min(spec.max_frames, total_frames), FRAME_FACTOR)
         n = total_frames / video_fps * spec.fps
         n = min(max(n, min_frames), max_frames)
-        n = _round_by(n, FRAME_FACTOR)
+        n = round_by(n, FRAME_FACTOR)
     if not FRAME_FACTOR <= n <= total_frames:
         raise ValueError(f"cannot sample {n} frames from a clip of {total_frames} frames "
                          f"(need {FRAME_FACTOR} <= n <= total)")
@@ -242,65 +229,3 @@ def load_video(path: str | os.PathLike, spec: VideoSpec = VideoSpec(), video_id:
     frames = decode_frames(path, idx.tolist(), video_id)
     logger.debug("%s: %d frames at %s fps -> %d sampled", label, total, fps, n)
     return resize_frames(frames, spec, label)
-
-
-def _frames_array(frames: FramesLike) -> np.ndarray:
-    """Frames as uint8 (T, H, W, 3)."""
-    if isinstance(frames, np.ndarray):
-        arr = frames
-    else:
-        if len(frames) == 0:
-            raise DataError("video_patches: no frames")
-        sizes = {f.size for f in frames}
-        if len(sizes) != 1:
-            raise DataError(f"video_patches: frames differ in size {sorted(sizes)}")
-        arr = np.stack([np.asarray(f.convert("RGB")) for f in frames])
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
-        raise DataError(f"video_patches: expected (T, H, W, 3) frames, got shape {arr.shape}")
-    return arr
-
-
-def video_patches(frames: FramesLike, patch_size: int = PATCH_SIZE, temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
-                  merge_size: int = MERGE_SIZE, image_mean: Sequence[float] = CLIP_MEAN,
-                  image_std: Sequence[float] = CLIP_STD) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen2-VL video patches of already resized frames (no resize here).
-
-    Arithmetic of the PIL image processor (``x.astype(float64) / 255`` cast to float32, then
-    ``(x - mean) / std`` in float32); flattening order of ``Qwen2VLVideoProcessor.patchify``: rows
-    ``(t, h/m, w/m, m_h, m_w)``, columns ``(C, temporal, p_h, p_w)``. An odd frame count is padded by
-    repeating the last frame.
-
-    Args:
-        frames: T RGB PIL images of one size, or a uint8 array (T, H, W, 3); H, W multiples of
-            ``patch_size * merge_size``.
-
-    Returns:
-        pixel_values_videos: float32 (t*gh*gw, 3*temporal_patch_size*patch_size**2), i.e. (N, 1176);
-        video_grid_thw: int64 (1, 3) = [[t, gh, gw]] with t = ceil(T / temporal_patch_size), gh = H/patch.
-    """
-    arr = _frames_array(frames)
-    t_in, height, width, channel = arr.shape
-    unit = patch_size * merge_size
-    if height % unit or width % unit:
-        raise DataError(f"video_patches: frame size {width}x{height} is not a multiple of {unit}; resize first")
-    x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - np.asarray(image_mean, dtype=np.float32)) / np.asarray(image_std, dtype=np.float32)
-    x = x.transpose(0, 3, 1, 2)  # (T, C, H, W)
-    if pad := -t_in % temporal_patch_size:
-        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
-    grid_t = x.shape[0] // temporal_patch_size
-    grid_h, grid_w = height // patch_size, width // patch_size
-    x = x.reshape(grid_t, temporal_patch_size, channel, grid_h // merge_size, merge_size, patch_size,
-                  grid_w // merge_size, merge_size, patch_size)
-    # -> (t, h/m, w/m, m_h, m_w, C, temporal, p_h, p_w)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    flat = np.ascontiguousarray(x.reshape(grid_t * grid_h * grid_w,
-                                          channel * temporal_patch_size * patch_size * patch_size))
-    grid = np.array([[grid_t, grid_h, grid_w]], dtype=np.int64)
-    return flat, grid
-
-
-def video_token_count(grid_thw: np.ndarray, merge_size: int = MERGE_SIZE) -> int:
-    """LLM ``<|video_pad|>`` tokens for one video grid (1, 3): ``t * h * w / merge_size**2``."""
-    t, h, w = (int(v) for v in np.asarray(grid_thw).reshape(-1)[:3])
-    return t * h * w // (merge_size * merge_size)

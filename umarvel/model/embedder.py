@@ -3,7 +3,9 @@
 Conventions (method spec section 1, decisions D5/D6; golden README "Parity conditions"):
 - attention is always bidirectional (also for a batch of one and batches without padding): the
   language model's attention modules get ``is_causal=False`` (read by transformers' sdpa / flash
-  paths) and, when the batch has padding, an explicit additive mask hides pad keys;
+  paths) and, when the batch has padding, an explicit additive mask hides pad keys. With
+  ``causal_when_unpadded`` (``compat="official"``) a batch without padding runs causal instead, as
+  the official SDPA early exit made it (D5);
 - positions are plain 1-D (0.. over each row's real tokens) in all three M-RoPE sections, as the
   released checkpoint was trained (``positions="mrope"`` is offered for ablations);
 - the embedding is the mean of the final-norm hidden states over ``pool_mask`` (non-pad tokens minus
@@ -27,6 +29,8 @@ from torch import nn
 
 from umarvel.model.attention import install_packed_attention, packed_kwargs, packing_supported, segment_ids
 from umarvel.model.backbones import BackboneSpec
+from umarvel.model.constants import DEFAULT_TEMPERATURE
+from umarvel.model.positions import position_ids as batch_positions
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +88,6 @@ def packed_max_len(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None) -> i
     return int(src.max())
 
 
-def rowwise_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """1-D positions 0..n-1 over each row's real tokens (pads get 0). (B, L) int64."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class UMarvelEmbedder(nn.Module):
     """Wraps a vision-language backbone into an embedding model (no loss, no distributed logic).
 
@@ -98,11 +97,13 @@ class UMarvelEmbedder(nn.Module):
         temperature: initial raw temperature tau (logits = cos / tau); 0.05 by default.
         attention: ``"bidirectional"`` (U-MARVEL) or ``"causal"`` (ablations).
         positions: ``"1d"`` (released checkpoint) or ``"mrope"`` (ablations / new backbones).
+        causal_when_unpadded: run a batch without any padding causal (the official numerics, D5;
+            ``compat="official"``); padded batches stay bidirectional. Needs the padded forward.
     """
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, temperature: float = 0.05,
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, temperature: float = DEFAULT_TEMPERATURE,
                  attention: Literal["bidirectional", "causal"] = "bidirectional",
-                 positions: Literal["1d", "mrope"] = "1d"):
+                 positions: Literal["1d", "mrope"] = "1d", causal_when_unpadded: bool = False):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
@@ -110,6 +111,7 @@ class UMarvelEmbedder(nn.Module):
         self.temperature = nn.Parameter(torch.tensor([float(temperature)]), requires_grad=False)
         self.attention = attention
         self.positions = positions
+        self.causal_when_unpadded = causal_when_unpadded
         self.set_attention(attention)
         self.enable_packing()
 
@@ -143,8 +145,11 @@ class UMarvelEmbedder(nn.Module):
 
     @property
     def supports_packing(self) -> bool:
-        """Whether packed batches can be embedded (1-D positions and a packing-aware attention)."""
-        return self.positions == "1d" and packing_supported(self.spec.language_model(self.hf_model).config)
+        """Whether packed batches can be embedded: 1-D positions, a packing-aware attention and not
+        ``causal_when_unpadded`` (``compat="official"`` needs the padded forward: whether a batch runs causal
+        depends on its padding, D5)."""
+        return (self.positions == "1d" and not self.causal_when_unpadded
+                and packing_supported(self.spec.language_model(self.hf_model).config))
 
     @property
     def embed_dim(self) -> int:
@@ -153,18 +158,6 @@ class UMarvelEmbedder(nn.Module):
         return getattr(getattr(cfg, "text_config", cfg), "hidden_size")
 
     # -- forward ------------------------------------------------------------------------------
-    def _positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw):
-        if self.positions == "1d":
-            return rowwise_positions(attention_mask)
-        inner = self.spec.inner(self.hf_model)
-        cfg = self.config
-        mm_types = torch.zeros_like(input_ids, dtype=torch.int)
-        mm_types[input_ids == cfg.image_token_id] = 1
-        mm_types[input_ids == cfg.video_token_id] = 2
-        pos, _ = inner.get_rope_index(input_ids, mm_types, image_grid_thw=image_grid_thw,
-                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask)
-        return pos
-
     def input_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                          image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                          video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,20 +185,24 @@ class UMarvelEmbedder(nn.Module):
         layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
         if cu_seqlens is not None:
             if not self.supports_packing:
-                raise ValueError(f"packed batches need positions='1d' and a packing-aware attention "
-                                 f"(positions={self.positions!r}, attention implementation "
+                raise ValueError(f"packed batches need positions='1d', a packing-aware attention and no "
+                                 f"causal_when_unpadded (positions={self.positions!r}, causal_when_unpadded="
+                                 f"{self.causal_when_unpadded}, attention implementation "
                                  f"{getattr(lm.config, '_attn_implementation', None)!r}); use padded batches")
             if position_ids is None:
                 position_ids = packed_positions(cu_seqlens, input_ids.shape[1])
             out = lm(inputs_embeds=embeds, attention_mask={t: None for t in layer_types}, position_ids=position_ids,
                      use_cache=False, **packed_kwargs(cu_seqlens, packed_max_len(cu_seqlens, seq_lens)))
             return out.last_hidden_state
-        if self.attention == "bidirectional":
+        # D5: compat="official" reproduces the SDPA early exit (no padding in the batch -> causal).
+        official_causal = self.causal_when_unpadded and bool(attention_mask.all())
+        if self.attention == "bidirectional" and not official_causal:
             mask = pad_key_mask(attention_mask, embeds.dtype)
         else:
             mask = _causal_mask(attention_mask, embeds.dtype)
         out = lm(inputs_embeds=embeds, attention_mask={t: mask for t in layer_types},
-                 position_ids=self._positions(input_ids, attention_mask, image_grid_thw, video_grid_thw),
+                 position_ids=batch_positions(self.positions, self.spec, self.hf_model, input_ids, attention_mask,
+                                              image_grid_thw, video_grid_thw),
                  use_cache=False)
         return out.last_hidden_state
 

@@ -31,7 +31,6 @@ from umarvel.utils.io import atomic_dir
 logger = logging.getLogger(__name__)
 
 UMARVEL_META = "umarvel.json"
-DEFAULT_TEMPERATURE = 0.05
 MARKER_SEED = 1234
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

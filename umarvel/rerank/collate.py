@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from umarvel.data.collate import pad_sequences
+from umarvel.data.visual import PatchSpec, image_patches, image_token_count, tokenize_chats, visual_batch
 from umarvel.errors import DataError
 from umarvel.rerank.prompts import ANSWER_NO, ANSWER_YES, RerankPair, render_rerank
 
@@ -86,66 +88,34 @@ class RerankTokenizer:
     Args:
         tokenizer: the stock checkpoint tokenizer (``load_tokenizer(path, add_umarvel_tokens=False)``).
         training: render with the answer (``add_generation_prompt=False``) or for scoring (True).
-        merge_size / patch_size: Qwen2-VL spatial merge (2) and ViT patch (14).
+        spec: patch geometry (Qwen2-VL: patch 14, merge 2; images resized to multiples of 28).
     """
 
-    def __init__(self, tokenizer, training: bool, merge_size: int = 2, patch_size: int = 14):
+    def __init__(self, tokenizer, training: bool, spec: PatchSpec = PatchSpec()):
         self.tokenizer = tokenizer
         self.training = training
-        self.factor = merge_size * patch_size
-        self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.spec = spec
 
     def render(self, pair: RerankPair) -> str:
         """The exact chat string of ``pair`` (see :func:`umarvel.rerank.prompts.render_rerank`)."""
         return render_rerank(self.tokenizer, pair, self.training)
 
-    def visual_tokens(self, image: Image.Image, where: str) -> int:
-        """LLM tokens of one resized image: (H/28)*(W/28)."""
-        w, h = image.size
-        if h % self.factor or w % self.factor:
-            raise DataError(f"{where}: image of size {w}x{h} is not resized to multiples of {self.factor}; "
-                            "use umarvel.data.images.load_image")
-        return (h // self.factor) * (w // self.factor)
-
     def tokenize(self, pairs: Sequence[RerankPair]) -> list[TokenizedPair]:
-        """Tokenize pairs; every image of a pair must be a resized ``PIL.Image``."""
-        texts = [self.render(p) for p in pairs]
-        ids_list = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [self._expand(ids, p) for ids, p in zip(ids_list, pairs)]
-
-    def _expand(self, ids: list[int], pair: RerankPair) -> TokenizedPair:
-        images = tuple(s.image for s in (pair.query, pair.candidate) if s.has_image)
-        where = f"rerank pair {pair.id or '?'}"
-        for im in images:
-            if not isinstance(im, Image.Image):
-                raise DataError(f"{where}: images must be loaded PIL images, got {type(im).__name__}")
-        counts = iter([self.visual_tokens(im, where) for im in images])
-        out: list[int] = []
-        for tok in ids:
-            if tok == self.image_pad_id:
-                n = next(counts, None)
-                if n is None:
-                    raise DataError(f"{where}: more <|image_pad|> tokens than images (image tag in the text?)")
-                out.extend([tok] * n)
-            else:
-                out.append(tok)
-        if next(counts, None) is not None:
-            raise DataError(f"{where}: fewer <|image_pad|> tokens than images")
-        return TokenizedPair(out, images, pair.label)
+        """Tokenize pairs (each ``<|image_pad|>`` expanded); every image of a pair must be a resized ``PIL.Image``."""
+        wheres = [f"rerank pair {p.id or '?'}" for p in pairs]
+        images = [_pair_images(p, w) for p, w in zip(pairs, wheres)]
+        counts = [[image_token_count(im, self.spec, w) for im in ims] for ims, w in zip(images, wheres)]
+        ids = tokenize_chats(self.tokenizer, [self.render(p) for p in pairs], counts, wheres=wheres)
+        return [TokenizedPair(i, ims, p.label) for i, ims, p in zip(ids, images, pairs)]
 
 
-def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id lists to ``input_ids`` (B, L) and ``attention_mask`` (B, L), on the ``side`` given."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(length - len(s), length) if side == "left" else slice(0, len(s))
-        ids[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
+def _pair_images(pair: RerankPair, where: str) -> tuple[Image.Image, ...]:
+    """The pair's images in prompt order (query first); each must be a loaded PIL image."""
+    images = tuple(s.image for s in (pair.query, pair.candidate) if s.has_image)
+    for im in images:
+        if not isinstance(im, Image.Image):
+            raise DataError(f"{where}: images must be loaded PIL images, got {type(im).__name__}")
+    return images
 
 
 def assistant_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_start_id: int,
@@ -186,6 +156,7 @@ def assistant_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_s
 class _BaseCollator:
     def __init__(self, tokenizer, image_processor, padding_side: str):
         self.image_processor = image_processor
+        self.patch_spec = PatchSpec.from_processor(image_processor)
         self.pad_id = tokenizer.pad_token_id
         self.padding_side = padding_side
         if self.pad_id is None:
@@ -194,11 +165,7 @@ class _BaseCollator:
     def _batch(self, items: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
         ids, attn = pad_sequences([x.input_ids for x in items], self.pad_id, self.padding_side)
         batch = {"input_ids": ids, "attention_mask": attn}
-        images = [im for x in items for im in x.images]
-        if images:
-            out = self.image_processor(images=images, do_resize=False, return_tensors="pt")
-            batch["pixel_values"] = out["pixel_values"]
-            batch["image_grid_thw"] = out["image_grid_thw"]
+        batch.update(visual_batch([image_patches(im, self.patch_spec) for x in items for im in x.images]))
         return batch
 
 

@@ -17,6 +17,9 @@
   logits processors); the official generate-based scores include it (``Yes``/``No`` occur in the prompt).
 - Packed batches (``umarvel.data.packing.pack_padded``: one row, ``cu_seqlens``, causal attention inside
   each pair, 1-D positions from 0) give the same scores and loss as padded ones, without computing padding.
+- ``compat="official"`` (:meth:`Reranker.p_yes_generate`): the official number, ``scores[0]`` of greedy
+  ``generate`` with the checkpoint's ``generation_config`` (M-RoPE positions, logits processors such as a
+  repetition penalty included), ``P(yes) = softmax([s_Yes, s_No])[0]``; padded batches only.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +39,12 @@ from umarvel.errors import CheckpointError
 from umarvel.model import loading
 from umarvel.model.attention import install_packed_attention, packed_kwargs, packing_supported
 from umarvel.model.backbones import BackboneSpec
-from umarvel.model.embedder import multimodal_embeddings, packed_max_len, rowwise_positions
+from umarvel.model.embedder import multimodal_embeddings, packed_max_len
+from umarvel.model.positions import POSITIONS, Positions, position_ids
 from umarvel.rerank.collate import IGNORE_INDEX, answer_token_ids
+from umarvel.utils.compat import DEFAULT, check_compat
 
 logger = logging.getLogger(__name__)
-
-Positions = Literal["1d", "mrope"]
-POSITIONS: tuple[str, ...] = ("1d", "mrope")
 
 
 class Reranker(nn.Module):
@@ -80,19 +82,9 @@ class Reranker(nn.Module):
 
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      image_grid_thw: torch.Tensor | None, positions: Positions | None = None) -> torch.Tensor:
-        """Position ids: (B, L) row-wise 1-D, or (3, B, L) M-RoPE from ``get_rope_index``."""
-        positions = positions or self.positions
-        if positions == "1d":
-            return rowwise_positions(attention_mask)
-        if positions != "mrope":
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-        cfg = self.hf_model.config
-        mm_types = torch.zeros_like(input_ids, dtype=torch.int)
-        mm_types[input_ids == cfg.image_token_id] = 1
-        mm_types[input_ids == cfg.video_token_id] = 2
-        pos, _ = self.spec.inner(self.hf_model).get_rope_index(
-            input_ids, mm_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
-        return pos
+        """Position ids: (B, L) row-wise 1-D, or (3, B, L) M-RoPE (``umarvel.model.positions``)."""
+        return position_ids(positions or self.positions, self.spec, self.hf_model, input_ids, attention_mask,
+                            image_grid_thw)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
@@ -144,6 +136,34 @@ class Reranker(nn.Module):
     def p_yes(self, batch: Mapping[str, torch.Tensor], positions: Positions | None = None) -> torch.Tensor:
         """``P(yes) = softmax([logit_Yes, logit_No])[0]`` of a left-padded or packed scoring batch: (B,) float32."""
         return torch.softmax(self.yes_no_logits(**batch, positions=positions), dim=-1)[:, 0]
+
+    def p_yes_generate(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The official P(yes) (D10, ``compat="official"``): the first step of greedy ``generate``.
+
+        ``generate`` runs with the checkpoint's ``generation_config`` (``do_sample=False`` as the official
+        scorer passes it, so only logits processors such as ``repetition_penalty`` act) and computes M-RoPE
+        positions itself; ``P(yes) = softmax([s_Yes, s_No])[0]`` of the processed ``scores[0]``. Only the first
+        token is generated (the official ``max_new_tokens=128`` does not change ``scores[0]``).
+
+        Args:
+            batch: a left-padded scoring batch (``input_ids``, ``attention_mask``, optional ``pixel_values`` /
+                ``image_grid_thw``).
+        Returns:
+            (B,) float32.
+        """
+        hf = self.hf_model
+        kw = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+              if batch.get(k) is not None}
+        if "pixel_values" in kw:
+            kw["pixel_values"] = kw["pixel_values"].to(next(self.spec.visual(hf).parameters()).dtype)
+        ids = kw["input_ids"]
+        mm_types = torch.zeros_like(ids, dtype=torch.int)
+        mm_types[ids == hf.config.image_token_id] = 1
+        mm_types[ids == hf.config.video_token_id] = 2
+        out = hf.generate(**kw, mm_token_type_ids=mm_types, max_new_tokens=1, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+        first = out.scores[0][:, [self.yes_id, self.no_id]].float()
+        return torch.softmax(first, dim=-1)[:, 0]
 
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
              pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
@@ -206,16 +226,21 @@ class LoadedReranker:
     dtype: torch.dtype
     source: str
     budget: ImageBudget = ImageBudget()
+    compat: str = DEFAULT
 
 
 def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                   adapter: str | os.PathLike | None = None, positions: Positions = "1d",
                   min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                  attn_implementation: str = "sdpa", trainable_adapter: bool = False) -> LoadedReranker:
+                  attn_implementation: str = "sdpa", trainable_adapter: bool = False,
+                  compat: str = DEFAULT) -> LoadedReranker:
     """Load a reranker checkpoint folder (stock or merged), optionally with a LoRA adapter on top.
 
     A LoRA adapter folder given as ``path`` loads its base (``base_model_name_or_path``) first.
+    ``compat="official"``: scoring uses :meth:`Reranker.p_yes_generate` and the official batching
+    (``umarvel.rerank.score.score_pairs``); ``positions`` is then unused.
     """
+    compat = check_compat(compat)
     import json
 
     from peft import PeftModel
@@ -240,7 +265,7 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
     for a in adapters:
         reranker.backbone = PeftModel.from_pretrained(reranker.backbone, str(a), is_trainable=trainable_adapter)
     reranker.to(device).eval()
-    logger.info("loaded reranker %s (%s on %s, positions %s, Yes/No ids %d/%d)", p, torch_dtype, device,
-                positions, yes_id, no_id)
+    logger.info("loaded reranker %s (%s on %s, %s, Yes/No ids %d/%d)", p, torch_dtype, device,
+                "official generate scoring" if compat != DEFAULT else f"positions {positions}", yes_id, no_id)
     return LoadedReranker(reranker, tokenizer, image_processor, torch.device(device), torch_dtype, str(p),
-                          ImageBudget(min_pixels, max_pixels))
+                          ImageBudget(min_pixels, max_pixels), compat)

@@ -22,7 +22,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from umarvel.config import load_config
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
+from umarvel.model.constants import DEFAULT_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class TemperatureSection:
     """Temperature policy (D2): reset to ``init`` at the stage start (or ``carry`` the checkpoint's value);
     frozen in stages 1-2, learnable (LoRA LR, no weight decay) from stage 3; clamped to ``[min, max]``."""
 
-    init: float | Literal["carry"] = 0.05
+    init: float | Literal["carry"] = DEFAULT_TEMPERATURE
     learnable: bool = False
     min: float = 1e-3
     max: float = 1.0
@@ -158,6 +160,8 @@ class TrainSection:
             official bf16 DeepSpeed runs kept the adapters in bf16).
         grad_cache: two-pass GradCache step (memory of one chunk, same gradients).
         max_steps: stop after this many optimiser steps (overrides ``num_epochs`` for the schedule).
+        lr_scheduler: a ``transformers.get_scheduler`` name (``cosine``, ``linear``, ``constant_with_warmup``, ...),
+            with ``ceil(warmup_ratio * total steps)`` warmup steps.
         resume: ``auto`` (the run folder's latest checkpoint if any), ``never``, or a checkpoint path.
         deepspeed: a DeepSpeed JSON config (``configs/deepspeed/zero{1,2,3}.json``) or None (plain DDP-style
             gradient all-reduce).
@@ -174,7 +178,7 @@ class TrainSection:
     num_epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.03
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -236,6 +240,4 @@ def load_stage_config(path: str | os.PathLike, overrides: list[str] | tuple[str,
     Raises:
         ConfigError: unknown key, wrong type, missing required key (naming the file/override and the key).
     """
-    from umarvel.config import load_config
-
     return load_config(path, StageConfig, list(overrides))

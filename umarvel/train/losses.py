@@ -29,11 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from umarvel import dist as udist
+from umarvel.model.constants import DEFAULT_TEMPERATURE
 
 logger = logging.getLogger(__name__)
 
-#: The official temperature at every stage start (``Similarity(temp=0.05)``), float32 like the parameter.
-DEFAULT_TEMPERATURE = 0.05
 #: Safety range for a learnable raw tau (the official code never clamps; tau stays ~0.05 in practice).
 DEFAULT_TEMPERATURE_RANGE = (1e-3, 1.0)
 

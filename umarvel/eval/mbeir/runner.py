@@ -24,33 +24,37 @@ The cache defaults to ``<output>/../cache``, so ``.../local`` and ``.../global``
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import logging
 import os
 import time
 from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from umarvel import dist
+from umarvel.api import UMarvel
+from umarvel.config import save_resolved
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
 from umarvel.data.mbeir import (
-    DEFAULT_INSTRUCTION_SEED, INSTRUCTION_MODES, TaskData, check_known_ids, load_mbeir_task, read_instructions,
-    read_pool, read_pool_modalities, read_qrels, read_queries,
+    TaskData, check_known_ids, load_mbeir_task, read_instructions, read_pool, read_pool_modalities, read_qrels,
+    read_queries,
 )
+from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.metrics import TaskResult, score_task
-from umarvel.eval.outputs import PROTOCOLS, RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
+from umarvel.eval.outputs import RESULTS_JSON, RESULTS_MD, build_results, write_results
 from umarvel.data.records import Candidate, Query
+from umarvel.data.runfiles import write_trec_run
 from umarvel.data.registry import (
-    GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_EVAL_SPLITS, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
+    GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
     Task, get_task, resolve_tasks,
 )
-from umarvel.eval.search import BACKENDS, make_searcher
+from umarvel.eval.search import make_searcher
+from umarvel.utils.compat import DEFAULT, is_official
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -58,72 +62,10 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 RUNS_DIR = "runs"
-#: How long non-zero ranks may wait at the final barrier while rank 0 searches (global search on 5.6M).
-DIST_TIMEOUT = datetime.timedelta(hours=12)
-
-
-# ------------------------------------------------------------------------------------------ config
-@dataclass(frozen=True)
-class MBeirEvalConfig:
-    """Settings of one M-BEIR evaluation run (``configs/eval/mbeir_{local,global}.yaml``).
-
-    Attributes:
-        model: checkpoint folder.
-        mbeir_root: the M-BEIR root (``query/``, ``cand_pool/``, ``qrels/``, ``instructions/``, images).
-        output: output folder of this run (``.../local`` or ``.../global`` pairs the two in results.md).
-        protocol: ``"local"`` (each task's own pool) or ``"global"`` (the 16 local pools concatenated, D8).
-        split: ``"test"`` or ``"val"``.
-        tasks: registry task names; ``None`` = all 16 (tasks absent from the tree are then skipped with a
-            warning; named tasks that are absent are an error).
-        instruction: ``"random"`` (seeded per query, D7) or ``"first"`` (always prompt_1).
-        seed: instruction seed (written into results.json).
-        batch_size: encode batch size (does not change vectors, so not part of the cache key).
-        device / dtype: model placement; ``None`` = cuda if available else cpu / bf16 on CUDA, fp32 on CPU.
-        cache_dir: embedding cache root; ``None`` = ``<output>/../cache``.
-        backend: search backend (``torch`` exact, ``faiss`` exact, ``faiss-ivf`` / ``faiss-hnsw`` approximate).
-        search_device: torch-backend device; ``None`` = the model's device.
-        allow_missing: score queries whose positives are unknown to the pool(s) instead of failing.
-        shard_size: items per cache shard (resume granularity, rank sharding unit).
-    """
-
-    model: str
-    mbeir_root: str
-    output: str
-    protocol: Literal["local", "global"] = "local"
-    split: Literal["test", "val"] = "test"
-    tasks: list[str] | None = None
-    instruction: Literal["random", "first"] = "random"
-    seed: int = DEFAULT_INSTRUCTION_SEED
-    batch_size: int = 32
-    device: str | None = None
-    dtype: str | None = None
-    cache_dir: str | None = None
-    backend: Literal["torch", "faiss", "faiss-ivf", "faiss-hnsw"] = "torch"
-    search_device: str | None = None
-    allow_missing: bool = False
-    shard_size: int = DEFAULT_SHARD_SIZE
-
-    def __post_init__(self) -> None:
-        for key in ("model", "mbeir_root", "output"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ConfigError(f"MBeirEvalConfig.{key} is required (a non-empty path)")
-        checks = [("protocol", PROTOCOLS), ("split", MBEIR_EVAL_SPLITS), ("instruction", INSTRUCTION_MODES),
-                  ("backend", BACKENDS)]
-        for key, allowed in checks:
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"MBeirEvalConfig.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
-        for key in ("batch_size", "shard_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"MBeirEvalConfig.{key} must be a positive integer, got {value!r}")
-        if self.tasks is not None:
-            if isinstance(self.tasks, str) or not all(isinstance(t, str) and t for t in self.tasks):
-                raise ConfigError(f"MBeirEvalConfig.tasks must be a list of task names or null, got {self.tasks!r}")
-            object.__setattr__(self, "tasks", list(self.tasks))
-
-    def resolved_cache_dir(self) -> Path:
-        """``cache_dir``, or ``<output>/../cache`` (shared by sibling local/global output folders)."""
-        return Path(self.cache_dir) if self.cache_dir else Path(self.output).resolve().parent / "cache"
+#: ``compat="official"``: the batch size of the official local eval (``eval/eval_mbeir_local_finetune_fast.py``:
+#: ``DataLoader(batch_size=16)`` over the query file and the pool file in file order); the global eval reuses
+#: the local pools' vectors.
+OFFICIAL_BATCH_SIZE = 16
 
 
 # ---------------------------------------------------------------------------- encoder-level helpers
@@ -161,8 +103,9 @@ class _ShardEncoder:
     """The cache's ``encode_fn``: checks image files first (naming file, record and path), then encodes
     one shard with the encoder; items carry their record id under ``"id"`` (stripped before encoding)."""
 
-    def __init__(self, encoder: Any, role: str, batch_size: int, where: str):
+    def __init__(self, encoder: Any, role: str, batch_size: int, where: str, fill: list[dict] | None = None):
         self.encoder, self.role, self.batch_size, self.where = encoder, role, batch_size, where
+        self.fill = fill  # compat="official": the list's first items complete its last partial batch
 
     def __call__(self, items: list[dict]) -> np.ndarray:
         for it in items:
@@ -171,15 +114,17 @@ class _ShardEncoder:
                 raise ImageLoadError(f"{self.where}: {self.role} {it['id']}: image file not found: {img}")
         plain = [{k: v for k, v in it.items() if k != "id"} for it in items]
         fn = self.encoder.encode_queries if self.role == "query" else self.encoder.encode_candidates
+        extra = {} if self.fill is None else {"fill": [{k: v for k, v in it.items() if k != "id"} for it in self.fill]}
         try:
-            return fn(plain, batch_size=self.batch_size)
+            return fn(plain, batch_size=self.batch_size, **extra)
         except ImageLoadError as exc:
             raise ImageLoadError(f"{self.where}: {self.role}s {items[0]['id']} .. {items[-1]['id']}: {exc}") from exc
 
 
 def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: EmbeddingCache, name: str, *,
                    fingerprint: str | None = None, batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE,
-                   source: str | os.PathLike | None = None, where: str | None = None) -> CachedEmbeddings:
+                   source: str | os.PathLike | None = None, where: str | None = None,
+                   compat: str = DEFAULT) -> CachedEmbeddings:
     """Embeddings of queries or candidates through the cache (encoded only if not cached yet).
 
     Args:
@@ -192,6 +137,9 @@ def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: Em
         source: the file the records came from (cheap identity: path, size, mtime); ``None`` hashes the
             items instead (use it when the items are built in memory, e.g. queries with instructions).
         where: context for error messages (default: ``source`` or ``name``).
+        compat: ``"official"``: batches of ``batch_size`` in record order across shards (the shard size is
+            rounded down to a multiple of it), the last one completed with the first records (the encoder
+            must have been loaded with ``compat="official"``).
     Returns:
         :class:`CachedEmbeddings`: ``ids`` (N,) and float16 ``vectors`` (N, D), record order.
     Raises:
@@ -203,7 +151,12 @@ def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: Em
     items = [dict(r.to_encode_item(), id=_record_id(r)) for r in records]
     ids = [it["id"] for it in items]
     settings = {"role": role, "encode": encoder_settings(encoder)}
-    fn = _ShardEncoder(encoder, role, batch_size, str(where or source or name))
+    fill = None
+    if is_official(compat):
+        settings["official_batch_size"] = batch_size  # official batches change the vectors (D5)
+        shard_size = max(batch_size, shard_size // batch_size * batch_size)
+        fill = items[:batch_size]
+    fn = _ShardEncoder(encoder, role, batch_size, str(where or source or name), fill)
     return cache.get_or_encode(name, items, ids, fn, fingerprint=fingerprint or encoder.fingerprint(),
                                settings=settings, shard_size=shard_size, source=source)
 
@@ -233,12 +186,14 @@ class Retrieval:
 
 def search_embeddings(queries: CachedEmbeddings, pool: CachedEmbeddings, k: int, *, backend: str = "torch",
                       device: Any = None, searcher: Any = None) -> Retrieval:
-    """Exact (or approximate, per ``backend``) inner-product top-``k`` of cached queries over a cached pool.
+    """Exact (or approximate, per ``backend``) cosine top-``k`` of cached queries over a cached pool.
 
-    The pool's float16 blocks are streamed (never concatenated); pass a prebuilt ``searcher``
-    (:func:`umarvel.eval.search.make_searcher` over ``pool``) to search many query sets in one index.
+    The pool's float16 blocks are streamed (never concatenated) and re-normalised in fp32 on the fly
+    (``normalize=True``), as are the queries, so the ranking is that of the fp32 unit vectors up to the fp16
+    rounding of their directions; pass a prebuilt ``searcher`` (:func:`umarvel.eval.search.make_searcher` over
+    ``pool`` with ``normalize=True``) to search many query sets in one index.
     """
-    searcher = searcher or make_searcher(pool, backend=backend, device=device)
+    searcher = searcher or make_searcher(pool, backend=backend, device=device, normalize=True)
     scores, indices = searcher.search(queries.vectors, k)
     return Retrieval(qids=list(queries.ids), pool_ids=pool.ids, scores=scores, indices=indices)
 
@@ -376,16 +331,6 @@ class MBeirEvalResult:
     encode_stats: dict = field(default_factory=dict)
 
 
-def _rank() -> int:
-    from umarvel.dist import get_rank
-    return get_rank()
-
-
-def _barrier() -> None:
-    from umarvel.dist import barrier
-    barrier()
-
-
 def _pool_name(rel: str) -> str:
     """Cache entry name of a pool file (``mbeir_mscoco_task0_test_cand_pool``); shared by both protocols."""
     return Path(rel).name.removesuffix(".jsonl")
@@ -417,6 +362,10 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
             ``allow_missing``), an empty pool or query file, a missing image file.
     """
     t_start = time.perf_counter()
+    enc_compat = encoder_settings(encoder).get("compat", DEFAULT)
+    if enc_compat != cfg.compat:
+        raise ConfigError(f"the config says compat {cfg.compat!r} but the encoder was loaded with compat "
+                          f"{enc_compat!r} (UMarvel.from_pretrained(..., compat={cfg.compat!r}))")
     root = Path(cfg.mbeir_root)
     out_dir = Path(cfg.output)
     cache = cache or EmbeddingCache(cfg.resolved_cache_dir())
@@ -462,7 +411,11 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
 
     # Encode (every rank takes its share of each entry; cache entries are shared across protocols).
     fp = encoder.fingerprint()
-    enc = dict(fingerprint=fp, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+    batch_size = OFFICIAL_BATCH_SIZE if is_official(cfg.compat) else cfg.batch_size
+    if is_official(cfg.compat) and cfg.batch_size != OFFICIAL_BATCH_SIZE:
+        logger.info("compat official: encoding in the official batches of %d in file order (batch_size %d unused)",
+                    OFFICIAL_BATCH_SIZE, cfg.batch_size)
+    enc = dict(fingerprint=fp, batch_size=batch_size, shard_size=cfg.shard_size, compat=cfg.compat)
     q_emb = {t.name: encode_records(encoder, data[t.name].queries, cache, _query_name(t, cfg.split),
                                     where=str(root / t.files(cfg.split).queries), **enc) for t in tasks}
     p_emb = {}
@@ -473,14 +426,14 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
     stats = {k: cache.stats[k] - stats0.get(k, 0) for k in cache.stats}
     result = MBeirEvalResult(results=None, output=out_dir, query_embeddings=q_emb, pools=p_emb, global_pool=glob,
                              skipped=skipped, encode_stats=stats)
-    _barrier()
-    if _rank() != 0:
-        _barrier()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        dist.barrier()
         return result
 
     # Search, score, write (rank 0).
     device = cfg.search_device or _default_search_device(encoder)
-    searcher = make_searcher(glob, backend=cfg.backend, device=device) if glob is not None else None
+    searcher = make_searcher(glob, backend=cfg.backend, device=device, normalize=True) if glob is not None else None
     run_dir = out_dir / RUNS_DIR
     for t in tasks:
         pool = glob if glob is not None else p_emb[t.name]
@@ -495,13 +448,12 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         logger.info("%s: %s = %.2f (%d queries, pool %d)", t.name, t.metric, res.value, res.num_queries, res.pool_size)
     results = build_results(protocol=cfg.protocol, model=model_name or str(Path(cfg.model).resolve()),
                             split=cfg.split, instruction_mode=cfg.instruction, instruction_seed=cfg.seed,
-                            tasks=result.tasks)
+                            tasks=result.tasks, compat=cfg.compat)
     write_results(out_dir, results)
-    from umarvel.config import save_resolved
     save_resolved(cfg, out_dir / CONFIG_FILE)
     atomic_write_json(out_dir / RUN_INFO_FILE, {
         "protocol": cfg.protocol, "description": GLOBAL_PROTOCOL if cfg.protocol == "global" else LOCAL_PROTOCOL,
-        "split": cfg.split, "model": results["model"], "fingerprint": fp, "encode_settings": encoder_settings(encoder),
+        "split": cfg.split, "compat": cfg.compat, "model": results["model"], "fingerprint": fp, "encode_settings": encoder_settings(encoder),
         "evaluated_tasks": [t.name for t in tasks], "skipped_tasks": skipped,
         "average_over": f"{len(tasks)} task(s)" + ("" if len(tasks) == len(MBEIR_TASK_ORDER) else
                                                    " (not the 16-task M-BEIR average)"),
@@ -509,64 +461,22 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         "pools": [{"task": n, "file": pool_files[n], "size": len(p_emb[n]), "cache_entry": str(p_emb[n].path)}
                   for n in pool_files],
         "global_pool_size": len(glob) if glob is not None else None,
-        "world_size": _world_size(), "backend": cfg.backend, "search_device": str(device),
+        "world_size": dist.get_world_size(), "backend": cfg.backend, "search_device": str(device),
         "seconds": round(time.perf_counter() - t_start, 3),
     })
     result.results = results
     logger.info("M-BEIR %s average over %d task(s): %.2f -> %s", cfg.protocol, len(tasks), results["average"],
                 out_dir / RESULTS_JSON)
-    _barrier()
+    dist.barrier()
     return result
 
 
-def _world_size() -> int:
-    from umarvel.dist import get_world_size
-    return get_world_size()
-
-
 # ---------------------------------------------------------------------------------- model + torchrun
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def resolve_device(device: str | None) -> str:
-    """``None`` -> ``cuda`` if available else ``cpu``; a bare ``cuda`` becomes ``cuda:<LOCAL_RANK>``
-    under torchrun so that each rank has its own GPU."""
-    import torch
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = f"cuda:{_local_rank()}"
-    return dev
-
-
-@contextlib.contextmanager
-def distributed_from_env(device: str) -> Iterator[bool]:
-    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE > 1``) and nothing else
-    did; destroy it on exit. Yields whether a process group is active."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        yield dist.is_available() and dist.is_initialized()
-        return
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
-    logger.info("process group: rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
-    try:
-        yield True
-    finally:
-        dist.destroy_process_group()
-
-
 def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
-    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`resolve_device`) in ``cfg.dtype``."""
-    from umarvel.api import UMarvel
-
-    return UMarvel.from_pretrained(cfg.model, device=device or resolve_device(cfg.device), dtype=cfg.dtype)
+    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in
+    ``cfg.dtype`` and ``cfg.compat``."""
+    return UMarvel.from_pretrained(cfg.model, device=device or dist.device_for_rank(cfg.device), dtype=cfg.dtype,
+                                   compat=cfg.compat)
 
 
 def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
@@ -574,8 +484,8 @@ def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
 
     The resolved config written next to the results records the device and dtype actually used.
     """
-    device = resolve_device(cfg.device)
-    with distributed_from_env(device):
+    device = dist.device_for_rank(cfg.device)
+    with dist.process_group(device):
         encoder = load_encoder(cfg, device)
         resolved = dataclasses.replace(cfg, device=str(device), dtype=str(encoder.settings.dtype),
                                        cache_dir=str(cfg.resolved_cache_dir().resolve()),
@@ -585,6 +495,6 @@ def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
 
 __all__ = [
     "MBeirEvalConfig", "Encoder", "encoder_settings", "encode_records", "Retrieval", "search_embeddings",
-    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir", "resolve_device", "distributed_from_env",
+    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir",
     "load_encoder", "run_mbeir_eval", "CONFIG_FILE", "RUN_INFO_FILE", "RUNS_DIR", "RESULTS_JSON", "RESULTS_MD",
 ]
