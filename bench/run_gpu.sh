@@ -11,6 +11,7 @@
 #      checkpointing), 7B shape, LoRA r=128, 60 pairs; pairs/s, P/R, peak memory, TFLOP/s vs peak; profile
 #   c  bench/encode.py: reference style vs sorted-padded vs packed, items/s, P/R, busy fraction; profile
 #   d  the stand-alone anchors gpu_train_anchor.py and gpu_anchor.py (encode only) from $ANCHORS
+# Limits per part: LIM_A LIM_B LIM_C LIM_D1 LIM_D2 (seconds); TRAIN_VARIANTS: a comma list for bench/train.py.
 # stdout gets the compact lines; full logs and JSON go to $OUT (default .gpu/out).
 set -u
 TINY=0
@@ -27,7 +28,7 @@ if [ $TINY = 1 ]; then
   LIM_A=240; LIM_B=400; LIM_C=300; LIM_D1=200; LIM_D2=200; BUDGET=${BUDGET_TINY:-1500}
 else
   DEV=cuda; SHAPE=7b; SIZE=7b; N=${ENCODE_N:-1024}; PAIRS=${PAIRS:-60}; STEPS=${STEPS:-2}; LAYERS=${UMARVEL_GPU_LAYERS:-4}
-  LIM_A=100; LIM_B=200; LIM_C=130; LIM_D1=100; LIM_D2=90
+  LIM_A=${LIM_A:-100}; LIM_B=${LIM_B:-200}; LIM_C=${LIM_C:-130}; LIM_D1=${LIM_D1:-100}; LIM_D2=${LIM_D2:-90}
 fi
 export UMARVEL_GPU_LAYERS=$LAYERS
 T0=$(date +%s)
@@ -82,7 +83,7 @@ fi
 
 FILTER_T="^device|pairs/s|out of memory|Error|speedup|== profile|^wall|host syncs|^ +Name|^ +[A-Za-z_:].*  [0-9.]+(ms|us|s) "
 part b_train $LIM_B "$FILTER_T" $PY bench/train.py --shape $SHAPE --device $DEV --pairs "$PAIRS" --steps "$STEPS" \
-  --profile --json "$OUT/train.json"
+  ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} --profile --json "$OUT/train.json"
 
 FILTER_E="^device|items/s|failed|min cosine|speed-up|== profile|^wall|host syncs|^ +Name|^ +[A-Za-z_:].*  [0-9.]+(ms|us|s) "
 part c_encode $LIM_C "$FILTER_E" $PY bench/encode.py --shape $SHAPE --device $DEV --n "$N" --profile \
