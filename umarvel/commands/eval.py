@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from umarvel.commands import add_log_level, dispatch, eval_plus, eval_zeroshot
+from umarvel.commands import add_log_level, dispatch, eval_plus, eval_zeroshot, pop_debug
 from umarvel.commands.flags import add_config_flags, config_from_flags
 from umarvel.eval.mbeir.config import MBeirEvalConfig
 
@@ -59,7 +59,8 @@ def mbeir_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     parser = argparse.ArgumentParser(prog=prog, description=_MBEIR_DESCRIPTION)
     add_log_level(parser)
     add_mbeir_arguments(parser)
-    return dispatch(run_mbeir, parser.parse_args(argv))
+    argv, debug = pop_debug(argv)
+    return dispatch(run_mbeir, parser.parse_args(argv), debug=debug)
 
 
 def add_mbeir_parser(eval_subparsers) -> None:

@@ -178,7 +178,7 @@ def resolve_resume(out_dir: Path, resume: str) -> Path | None:
 
 def load_training_checkpoint(ckpt: Path, reranker, optimizer, scheduler) -> dict:
     """Restore trainable weights, optimizer and scheduler from ``ckpt``; returns its ``state.json``."""
-    weights = torch.load(ckpt / "trainable.pt", map_location="cpu")
+    weights = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)
     params = dict(reranker.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -186,8 +186,8 @@ def load_training_checkpoint(ckpt: Path, reranker, optimizer, scheduler) -> dict
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w.to(params[n]))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu"))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
     return json.loads((ckpt / STATE_FILE).read_text())
 
 

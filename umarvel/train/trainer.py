@@ -42,6 +42,7 @@ from umarvel.train.batching import ExampleSource, PairCollator, StepBatch, StepS
 from umarvel.train.config import StageConfig
 from umarvel.train.datasets import build_dataset
 from umarvel.train.objectives import build_objective
+from umarvel.train.preflight import start_stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -436,7 +437,7 @@ class StageTrainer:
             self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
         else:
             ckpt.load_trainable(path, self.named_trainable)
-            opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+            opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
         ckpt.load_rng(path, self.rank)
@@ -538,14 +539,23 @@ class _Reporters:
             self.wandb.finish()
 
 
-def run_stage(cfg: StageConfig, callbacks: list[Callback] | tuple = ()) -> TrainState:
-    """Train one stage end to end (the ``umarvel train`` command)."""
+def run_stage(cfg: StageConfig, callbacks: list[Callback] | tuple = (), *, overwrite: bool = False,
+              check_images: bool = True) -> TrainState:
+    """Train one stage end to end (the ``umarvel train`` command).
+
+    Before the model loads, :func:`umarvel.train.preflight.start_stage_run` checks the config, the data and
+    its images, and claims ``train.output_dir`` (lock + run identity; ``overwrite`` starts a different
+    recorded run over); the claim is released when the run ends.
+    """
+    claim = start_stage_run(cfg, overwrite=overwrite, check_images=check_images)
     ok = False
     try:
         state = StageTrainer(cfg, callbacks=callbacks).train()
         ok = True
         return state
     finally:
+        if claim is not None:
+            claim.release()
         if udist.is_dist():
             if ok:
                 udist.barrier()
