@@ -32,6 +32,14 @@ def add_mbeir_arguments(p: argparse.ArgumentParser) -> None:
     """The M-BEIR evaluation options: one flag per :class:`MBeirEvalConfig` field, ``--config`` and ``--set``."""
     add_config_flags(p, MBeirEvalConfig, config_file=True,
                      config_help="YAML config (configs/eval/mbeir_local.yaml ...); flags win")
+    add_run_flags(p, "replace the results of another evaluation in --output (otherwise refused)")
+
+
+def add_run_flags(p: argparse.ArgumentParser, overwrite_help: str) -> None:
+    """``--overwrite`` and ``--skip-image-check`` (run-folder and pre-work checks, not part of the config)."""
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="do not check every referenced image before encoding (huge sets)")
 
 
 def config_from_args(args: argparse.Namespace) -> MBeirEvalConfig:
@@ -46,8 +54,11 @@ def config_from_args(args: argparse.Namespace) -> MBeirEvalConfig:
 def run_mbeir(args: argparse.Namespace) -> int:
     """Run one M-BEIR evaluation; rank 0 prints the results table (results.md) to stdout."""
     from umarvel.eval.mbeir.runner import RESULTS_MD, run_mbeir_eval  # lazy: keeps the CLI start-up free of torch
+    from umarvel.eval.preflight import start_mbeir_run  # lazy: keeps the CLI start-up free of torch
 
-    result = run_mbeir_eval(config_from_args(args))
+    cfg = config_from_args(args)
+    with start_mbeir_run(cfg, overwrite=args.overwrite):  # checks + the output folder, before the model loads
+        result = run_mbeir_eval(cfg, check_images=not args.skip_image_check)
     if result.results is not None:
         sys.stdout.write((Path(result.output) / RESULTS_MD).read_text(encoding="utf-8"))
         sys.stdout.flush()

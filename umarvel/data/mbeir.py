@@ -26,7 +26,7 @@ import numpy as np
 from umarvel.data.records import MODALITIES, Candidate, Query, check_modality
 from umarvel.data.registry import DATASET_IDS, TASK_MODALITIES, Task
 from umarvel.errors import DataError
-from umarvel.utils.io import iter_columns, iter_jsonl
+from umarvel.utils.io import iter_columns, iter_jsonl, open_text
 
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def read_instructions(path: PathLike) -> InstructionTable:
         raise DataError(f"{path}: file not found")
     prompts: dict[InstructionKey, tuple[str, ...]] = {}
     seen: dict[InstructionKey, int] = {}
-    with path.open("r", encoding="utf-8") as fh:
+    with open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             if lineno == 1 or not line.strip():
                 continue

@@ -93,7 +93,10 @@ def check_output_file(path: str | os.PathLike, what: str | None = None) -> Path:
     label = _label(what, path)
     if path.is_dir():
         raise FileAccessError(f"{label}: is a folder; give a file path (e.g. {path / 'out.npy'})")
-    check_output_dir(path.parent, what=f"{what} {path}: folder" if what else f"{path}: folder")
+    anchor = _existing_ancestor(path.parent)
+    if not anchor.is_dir():
+        raise FileAccessError(f"{label}: {anchor} is a file, not a folder, so nothing can be created under it")
+    check_output_dir(path.parent, what=label)
     if path.exists() and not os.access(path, os.W_OK):
         # replaced by rename, which only needs the folder; say so rather than fail
         logger.info("%s is read-only; it will be replaced (the folder is writable)", path)

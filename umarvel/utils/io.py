@@ -43,7 +43,8 @@ def os_error_message(exc: OSError, path: str | os.PathLike | None = None) -> str
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += " (free space or quota exhausted)"
-    elif exc.errno == errno.ENOTDIR:
+    elif exc.errno == errno.ENOTDIR or (exc.errno == errno.EEXIST and where is not None and os.path.exists(where)
+                                         and not os.path.isdir(where)):
         reason += " (a parent of the path is a file, not a folder)"
     elif exc.errno == errno.EISDIR:
         reason += " (expected a file, got a folder)"

@@ -150,9 +150,12 @@ class RunIdentity:
 
     @classmethod
     def build(cls, kind: str, config: Any, *, ignore: Iterable[str] = (),
-              inputs: Mapping[str, str | os.PathLike | None] | None = None) -> "RunIdentity":
-        """From a config dataclass (or mapping) and the input paths to fingerprint."""
+              inputs: Mapping[str, str | os.PathLike | None] | None = None,
+              fingerprints: Mapping[str, str] | None = None) -> "RunIdentity":
+        """From a config dataclass (or mapping), the input paths to fingerprint and fingerprints known
+        already (e.g. ``{"model": encoder.fingerprint()}`` for a model given as an object)."""
         fps = {name: fingerprint_path(p) for name, p in (inputs or {}).items()}
+        fps.update(fingerprints or {})
         return cls(kind, to_plain(config), tuple(ignore), fps)
 
     def determining(self) -> dict[str, Any]:
@@ -468,6 +471,30 @@ def claim_run_dir(folder: str | os.PathLike, identity: RunIdentity, *, overwrite
         raise
 
 
+class NoClaim:
+    """What ranks other than 0 hold instead of a :class:`RunClaim` (release does nothing)."""
+
+    state = "not-rank-0"
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> "NoClaim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def claim_on_rank0(folder: str | os.PathLike, identity: RunIdentity, **kwargs: Any) -> RunClaim | NoClaim:
+    """:func:`claim_run_dir` on global rank 0 (``RANK``, set by torchrun before any process group exists);
+    the other ranks only check that the folder is writable and get a :class:`NoClaim`."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        check_output_dir(folder, kwargs.get("what"))
+        return NoClaim()
+    return claim_run_dir(folder, identity, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------- launchers
 def under_launcher() -> bool:
     """Whether this process is a worker started by torchrun / the DeepSpeed launcher."""
@@ -496,6 +523,7 @@ def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
     return True
 
 
-__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunIdentity", "RunLock", "RunClaim", "claim_run_dir", "read_identity",
+__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunIdentity", "RunLock", "RunClaim", "NoClaim", "claim_run_dir",
+           "claim_on_rank0", "read_identity",
            "identity_changes", "fingerprint_path", "to_plain", "flatten", "describe_holder", "under_launcher",
            "exit_with_parent"]
