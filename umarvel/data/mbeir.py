@@ -430,6 +430,11 @@ def load_mbeir_task(root: PathLike, task: Task, split: str = "test", *,
     if no_qrels:
         logger.warning("%s (%s): %d of %d queries have no qrels line; they score 0 (official scorer)",
                        task.name, split, no_qrels, len(queries))
+    qids = {q.qid for q in queries}
+    stray = [qid for qid in qrels if qid not in qids]
+    if stray:
+        logger.warning("%s (%s): %d qid(s) of %s name no query of %s (e.g. %s); their lines are ignored",
+                       task.name, split, len(stray), root / files.qrels, qpath, ", ".join(stray[:3]))
     rng = instruction_rng(seed, task.name)
     queries = assign_instructions(queries, instructions, modality_of, instruction_mode, rng)
     logger.info("%s (%s): %d queries, pool of %d candidates", task.name, split, len(queries), len(pool))

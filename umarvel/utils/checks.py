@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterable
 
 from umarvel.errors import ConfigError, DataError, EnvError, FileAccessError, ImageLoadError
-from umarvel.utils.io import os_error_message
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +54,11 @@ def _probe_writable(folder: Path, label: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise FileAccessError(f"{label}: cannot write into {folder} ({os_error_message(exc, folder)}); "
+        raise FileAccessError(f"{label}: cannot write into {folder} ({exc.strerror or exc}); "
                               "nothing was written") from None
 
 
-def check_output_dir(path: str | os.PathLike, what: str | None = None, *, create: bool = True) -> Path:
-    """Make sure ``path`` is (or can become) a writable folder; create it when ``create``.
-
-    Raises:
-        FileAccessError: ``path`` is a file, a parent of it is a file, or the folder is not writable.
-    """
-    path = Path(path)
-    label = _label(what, path)
+def _check_dir(path: Path, label: str, create: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise FileAccessError(f"{label}: is a file, not a folder; give a folder path")
     anchor = _existing_ancestor(path)
@@ -76,11 +68,21 @@ def check_output_dir(path: str | os.PathLike, what: str | None = None, *, create
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise FileAccessError(f"{label}: cannot create the folder ({os_error_message(exc, path)})") from None
+            raise FileAccessError(f"{label}: cannot create the folder {path} ({exc.strerror or exc})") from None
         _probe_writable(path, label)
     else:
         _probe_writable(anchor, label)
     return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str | None = None, *, create: bool = True) -> Path:
+    """Make sure ``path`` is (or can become) a writable folder; create it when ``create``.
+
+    Raises:
+        FileAccessError: ``path`` is a file, a parent of it is a file, or the folder is not writable.
+    """
+    path = Path(path)
+    return _check_dir(path, _label(what, path), create)
 
 
 def check_output_file(path: str | os.PathLike, what: str | None = None) -> Path:
@@ -96,10 +98,7 @@ def check_output_file(path: str | os.PathLike, what: str | None = None) -> Path:
     anchor = _existing_ancestor(path.parent)
     if not anchor.is_dir():
         raise FileAccessError(f"{label}: {anchor} is a file, not a folder, so nothing can be created under it")
-    check_output_dir(path.parent, what=label)
-    if path.exists() and not os.access(path, os.W_OK):
-        # replaced by rename, which only needs the folder; say so rather than fail
-        logger.info("%s is read-only; it will be replaced (the folder is writable)", path)
+    _check_dir(path.parent, label, create=True)
     return path
 
 

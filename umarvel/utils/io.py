@@ -48,8 +48,6 @@ def os_error_message(exc: OSError, path: str | os.PathLike | None = None) -> str
         reason += " (a parent of the path is a file, not a folder)"
     elif exc.errno == errno.EISDIR:
         reason += " (expected a file, got a folder)"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        reason += " (no write permission)" if exc.errno != errno.EROFS else ""
     return f"{where}: {reason}" if where is not None else reason
 
 
