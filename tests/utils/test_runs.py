@@ -252,3 +252,48 @@ def test_worker_exits_when_its_launcher_is_killed():
         assert bare_alive
     finally:
         os.kill(bare, signal.SIGKILL)
+
+
+_TORCHRUN_SCRIPT = textwrap.dedent("""
+    import argparse, os, sys, time
+    from umarvel.commands import dispatch
+    def work(args):
+        with open(sys.argv[1], "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(120)
+    dispatch(work, argparse.Namespace(log_level="WARNING"))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_torchrun_worker_exits_when_torchrun_is_killed(tmp_path):
+    """The issue's probe: ``kill -9`` of the torchrun launcher alone must not leave the worker running."""
+    script = tmp_path / "worker.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    pid_file = tmp_path / "worker.pid"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+                                 "--master-port", str(_free_port()), str(script), str(pid_file)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            assert launcher.poll() is None, "torchrun ended early"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 15
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"worker {worker} survived the SIGKILL of torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

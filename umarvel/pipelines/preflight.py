@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from umarvel.model.loading import check_checkpoint_dir
 from umarvel.utils.checks import check_device, check_input_dir, check_input_file, check_positive
 from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, claim_on_rank0
 
@@ -25,10 +24,16 @@ TEACHER_IGNORE = ("reranker", "mbeir_root", "queries", "mined", "output", "pool"
 OVERRIDE_HINT = "rerun with --overwrite to replace its files"
 
 
+def _check_checkpoint(path: str) -> None:
+    from umarvel.model.loading import check_checkpoint_dir  # lazy: `umarvel mine --help` stays free of torch
+
+    check_checkpoint_dir(path)
+
+
 def _model_input(name: str, path: str, given: Any) -> tuple[dict, dict]:
     """``(inputs, fingerprints)`` of the model: its folder, or the fingerprint of a model given as an object."""
     if given is None:
-        check_checkpoint_dir(path)
+        _check_checkpoint(path)
         return {name: path}, {}
     fp = given.fingerprint() if hasattr(given, "fingerprint") else f"object:{type(given).__name__}"
     return {}, {name: fp}
@@ -62,7 +67,7 @@ def start_teacher_run(cfg: Any, *, overwrite: bool = False, reranker: Any = None
     """
     check_device(cfg.device, "device")
     if reranker is None:
-        check_checkpoint_dir(cfg.reranker)
+        _check_checkpoint(cfg.reranker)
     check_input_dir(cfg.mbeir_root, "mbeir_root")
     files = {"queries": Path(cfg.queries), "mined": Path(cfg.mined), "pool": cfg.path(cfg.pool),
              "instructions": cfg.path(cfg.instructions)}
