@@ -29,6 +29,7 @@ from umarvel.model.backbones import get_backbone_spec
 from umarvel.model.embedder import DEFAULT_TEMPERATURE, UMarvelEmbedder
 from umarvel.model.lora import is_lora, load_lora
 from umarvel.version import __version__
+from umarvel.utils.checks import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class UMarvel:
             min_pixels / max_pixels: image budget (official 4*28*28 .. 300*28*28).
             adapter: an extra LoRA adapter folder applied on top of ``path``.
         """
+        check_device(device)  # EnvError for a device this machine does not have, before anything loads
         path = loading.check_checkpoint_dir(path)
         torch_dtype = loading.resolve_dtype(dtype, device)
         base, adapters = path, []

@@ -76,6 +76,9 @@ def error_line(exc: BaseException) -> str:
         msg = last.split(f"{name}: ", 1)[-1] + " (in a data loader worker)"
     if isinstance(exc, OSError) and not isinstance(exc, UMarvelError):
         msg = os_error_message(exc) + "; nothing was lost (completed outputs are kept; rerun to continue)"
+    elif isinstance(exc, UnicodeDecodeError):  # a reader that does not name its file (they should)
+        msg = (f"an input file is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} of a read "
+               "block); --debug shows which reader")
     elif isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         first = msg.strip().splitlines()[0] if msg.strip() else ""
         msg = (f"out of memory ({first[:200]}); lower the batch size (--batch-size, train.per_device_batch_size "
@@ -101,7 +104,7 @@ def dispatch(func: CommandFn, args: argparse.Namespace, debug: bool | None = Non
     except KeyboardInterrupt:
         sys.stderr.write(f"umarvel: {_rank_prefix()}interrupted; completed outputs are kept (rerun to resume)\n")
         return INTERRUPTED
-    except (UMarvelError, OSError, MemoryError, RuntimeError) as exc:
+    except (UMarvelError, OSError, MemoryError, RuntimeError, UnicodeDecodeError) as exc:
         if isinstance(exc, RuntimeError) and not isinstance(exc, UMarvelError) \
                 and type(exc).__name__ != "OutOfMemoryError":
             raise  # a bug: keep the traceback

@@ -35,6 +35,7 @@ from umarvel import dist
 from umarvel.config import save_resolved
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
 from umarvel.errors import CheckpointError, ConfigError
+from umarvel.utils.io import current_umask
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def save_training_checkpoint(out_dir: Path, step: int, reranker, optimizer, sche
     """Write ``checkpoint-<step>`` atomically (temp folder + rename); prune to the newest ``keep``."""
     final = out_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out_dir))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: follow the umask like mkdir
     try:
         reranker.backbone.save_pretrained(str(tmp / "adapter"))
         torch.save(_trainable_state(reranker), tmp / "trainable.pt")
@@ -335,6 +337,7 @@ def _save_final(out_dir: Path, cfg: RerankTrainConfig, loaded, reranker, history
     from umarvel.utils.io import atomic_write_json
 
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: follow the umask like mkdir
     try:
         reranker.backbone.save_pretrained(str(tmp))
         loaded.tokenizer.save_pretrained(str(tmp))

@@ -36,9 +36,11 @@ logger = logging.getLogger(__name__)
 
 #: What a training run writes into its folder (removed by ``overwrite``).
 TRAIN_OUTPUTS = ("checkpoints", "adapter", "merged", "tb", ".adapter.tmp")
-#: Keys that do not change the trained weights, plus the paths whose *content* is compared instead.
+#: Keys that do not change the trained weights, the length of the run (a finished or interrupted run may be
+#: extended: ``train.max_steps`` / ``num_epochs`` raised, the schedule follows the new length), and the paths
+#: whose *content* is compared instead.
 STAGE_IGNORE = (
-    "train.output_dir", "train.resume", "train.report_to", "train.logging_steps", "train.save_steps",
+    "train.max_steps", "train.num_epochs", "train.output_dir", "train.resume", "train.report_to", "train.logging_steps", "train.save_steps",
     "train.save_total_limit", "train.merge_at_end", "train.device", "train.chunk_size", "train.chunk_tokens",
     "train.grad_cache", "model.attn_implementation", "model.gradient_checkpointing", "data.num_workers",
     "init_from", "data.path", "data.root", "data.pool", "data.instructions", "data.negatives", "data.scores",

@@ -444,8 +444,8 @@ def claim_run_dir(folder: str | os.PathLike, identity: RunIdentity, *, overwrite
         else:
             changes, ignored = identity_changes(previous, identity)
             if ignored:
-                logger.info("%s: settings that do not change the result differ from the recorded run: %s",
-                            folder, "; ".join(ignored))
+                logger.info("%s: settings allowed to differ from the recorded run changed: %s", folder,
+                            "; ".join(ignored))
             if overwrite:
                 state = "replaced"
             elif not changes:
