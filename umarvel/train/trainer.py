@@ -544,8 +544,8 @@ def run_stage(cfg: StageConfig, callbacks: list[Callback] | tuple = (), *, overw
     """Train one stage end to end (the ``umarvel train`` command).
 
     Before the model loads, :func:`umarvel.train.preflight.start_stage_run` checks the config, the data and
-    its images, and claims ``train.output_dir`` (lock + run identity; ``overwrite`` starts a different
-    recorded run over); the claim is released when the run ends.
+    its images, and claims ``train.output_dir`` (lock + run identity; ``overwrite`` discards the run the
+    folder holds and starts over); the claim is released when the run ends.
     """
     claim = start_stage_run(cfg, overwrite=overwrite, check_images=check_images)
     ok = False
