@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Problems named in a scan error (the rest are counted).
 SHOWN_PROBLEMS = 3
+#: Images checked per block of the threaded scan (bounds the pending futures on multi-million sets).
+SCAN_BLOCK = 8192
 SKIP_HINT = "--skip-image-check skips this scan"
 
 
@@ -213,8 +215,14 @@ def scan_images(refs: Iterable[tuple[str, str]], *, what: str = "", workers: int
     if not paths:
         return 0
     t0 = time.perf_counter()
+    problems: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
-        problems = [(p, r) for p, r in zip(paths, pool.map(_image_problem, paths, chunksize=256)) if r]
+        for start in range(0, len(paths), SCAN_BLOCK):  # bounded: one future per image of a block only
+            block = paths[start:start + SCAN_BLOCK]
+            problems += [(p, r) for p, r in zip(block, pool.map(_image_problem, block)) if r]
+            if len(paths) > 4 * SCAN_BLOCK and (start // SCAN_BLOCK) % 32 == 31:
+                logger.info("checked %d / %d images (%d problems so far)", start + len(block), len(paths),
+                            len(problems))
     logger.info("checked %d image(s)%s in %.1fs: %d problem(s)", len(paths), f" of the {what}" if what else "",
                 time.perf_counter() - t0, len(problems))
     if problems:
