@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches
+from umarvel.data.collate import (EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches,
+                                  sequential_batches)
 from umarvel.data.formatting import INFERENCE_STYLE, UMARVEL_TOKENS, PromptStyle, format_string, query_text_with_instruction
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget, load_image
 from umarvel.data.processor import (BUNDLED_PROCESSOR_DIR, build_hf_processor, has_processor_files,
@@ -28,8 +30,9 @@ from umarvel.model import loading
 from umarvel.model.backbones import get_backbone_spec
 from umarvel.model.embedder import DEFAULT_TEMPERATURE, UMarvelEmbedder
 from umarvel.model.lora import is_lora, load_lora
-from umarvel.version import __version__
 from umarvel.utils.checks import check_device
+from umarvel.utils.compat import DEFAULT, check_compat, is_official
+from umarvel.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class EncodeSettings:
     attention: str = "bidirectional"
     positions: str = "1d"
     dtype: str = "float32"
+    compat: str = DEFAULT
 
     def as_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -83,6 +87,11 @@ def validate_item(item: Any, index: int, role: str) -> tuple[str | None, Any, st
 class UMarvel:
     """A U-MARVEL embedding model ready to encode queries and candidates.
 
+    ``compat="official"`` (docs/decisions.md, "Compatibility mode") reproduces the official evaluation
+    numerics: a batch without padding runs causal (D5), and batches are formed in input order with the given
+    ``batch_size`` (no length sorting, no token budget), the last one completed with the first items as
+    accelerate's ``even_batches`` does (their vectors are discarded). Pass the benchmark's official batch size.
+
     Attributes:
         embedder: the ``UMarvelEmbedder`` nn.Module (for training code).
         tokenizer / image_processor: the checkpoint's tokenizer (with U-MARVEL tokens) and PIL image processor.
@@ -109,7 +118,8 @@ class UMarvel:
                         dtype: str | torch.dtype | None = None, min_pixels: int = MIN_PIXELS,
                         max_pixels: int = MAX_PIXELS, attn_implementation: str = "sdpa",
                         adapter: str | os.PathLike | None = None, style: PromptStyle = INFERENCE_STYLE,
-                        attention: str = "bidirectional", positions: str = "1d") -> "UMarvel":
+                        attention: str = "bidirectional", positions: str = "1d",
+                        compat: str = DEFAULT) -> "UMarvel":
         """Load a checkpoint folder (released 4.x layout, one umarvel saved, or a LoRA adapter folder).
 
         Args:
@@ -118,8 +128,10 @@ class UMarvel:
             dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``; default bf16 on CUDA, fp32 on CPU.
             min_pixels / max_pixels: image budget (official 4*28*28 .. 300*28*28).
             adapter: an extra LoRA adapter folder applied on top of ``path``.
+            compat: ``"default"`` or ``"official"`` (the official evaluation numerics, see the class doc).
         """
         check_device(device)  # EnvError for a device this machine does not have, before anything loads
+        compat = check_compat(compat)
         path = loading.check_checkpoint_dir(path)
         torch_dtype = loading.resolve_dtype(dtype, device)
         base, adapters = path, []
@@ -144,32 +156,37 @@ class UMarvel:
         marker_rows = loading.ensure_token_rows(model, tokenizer)
         meta = loading.read_meta(adapters[-1] if adapters else base) or loading.read_meta(base)
         temperature = meta.get("temperature", loading.official_temperature(base) or DEFAULT_TEMPERATURE)
-        embedder = UMarvelEmbedder(model, spec, temperature=temperature, attention=attention, positions=positions)
+        embedder = UMarvelEmbedder(model, spec, temperature=temperature, attention=attention, positions=positions,
+                                   causal_when_unpadded=is_official(compat))
         for a in adapters:
             load_lora(embedder, a)
         embedder.to(device).eval()
-        settings = EncodeSettings(min_pixels, max_pixels, style, attention, positions, str(torch_dtype).split(".")[-1])
-        logger.info("loaded %s (%s, %s on %s, marker rows: %s, temperature %.4g)", path, spec.model_type,
-                    settings.dtype, device, marker_rows, temperature)
+        settings = EncodeSettings(min_pixels, max_pixels, style, attention, positions, str(torch_dtype).split(".")[-1],
+                                  compat)
+        logger.info("loaded %s (%s, %s on %s, marker rows: %s, temperature %.4g, compat %s)", path, spec.model_type,
+                    settings.dtype, device, marker_rows, temperature, compat)
         return cls(embedder, tokenizer, image_processor, settings, device=device, source=str(path))
 
     @classmethod
     def from_backbone(cls, model: torch.nn.Module, processor_dir: str | os.PathLike = BUNDLED_PROCESSOR_DIR,
                       device: str | torch.device = "cpu", min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                       style: PromptStyle = INFERENCE_STYLE, temperature: float = DEFAULT_TEMPERATURE,
-                      attention: str = "bidirectional", positions: str = "1d") -> "UMarvel":
+                      attention: str = "bidirectional", positions: str = "1d", compat: str = DEFAULT) -> "UMarvel":
         """Wrap an in-memory transformers model (e.g. a randomly initialised one for benchmarks).
 
         The tokenizer and image processor come from ``processor_dir`` (the bundled Qwen2-VL files by default).
         """
+        compat = check_compat(compat)
         spec = get_backbone_spec(model.config.model_type)
         tokenizer = load_tokenizer(processor_dir)
         image_processor = load_image_processor(processor_dir, min_pixels, max_pixels)
         loading.ensure_token_rows(model, tokenizer)
         dtype = next(model.parameters()).dtype
-        embedder = UMarvelEmbedder(model, spec, temperature=temperature, attention=attention, positions=positions)
+        embedder = UMarvelEmbedder(model, spec, temperature=temperature, attention=attention, positions=positions,
+                                   causal_when_unpadded=is_official(compat))
         embedder.to(device).eval()
-        settings = EncodeSettings(min_pixels, max_pixels, style, attention, positions, str(dtype).split(".")[-1])
+        settings = EncodeSettings(min_pixels, max_pixels, style, attention, positions, str(dtype).split(".")[-1],
+                                  compat)
         return cls(embedder, tokenizer, image_processor, settings, device=device, source="<in-memory>")
 
     def save_pretrained(self, path: str | os.PathLike, extra_meta: dict | None = None) -> Path:
@@ -251,25 +268,35 @@ class UMarvel:
         return format_string(text or ""), image
 
     def encode_queries(self, items: Sequence[Mapping], batch_size: int = 32, max_tokens: int | None = None,
-                       show_progress: bool | None = None) -> np.ndarray:
-        """Embed query dicts ``{"text", "image", "instruction"}`` -> float32 (N, D), L2-normalised, in order."""
+                       show_progress: bool | None = None, fill: Sequence[Mapping] | None = None) -> np.ndarray:
+        """Embed query dicts ``{"text", "image", "instruction"}`` -> float32 (N, D), L2-normalised, in order.
+
+        ``fill`` (``compat="official"`` only): the items whose first ones complete a last partial batch
+        (default: the first items of ``items``); for callers that encode one list in several calls.
+        """
         prepared = [self.prepare_query(it, i) for i, it in enumerate(items)]
-        return self._encode(prepared, "query", batch_size, max_tokens, show_progress)
+        head = None if fill is None else [self.prepare_query(it, i) for i, it in enumerate(fill[:batch_size])]
+        return self._encode(prepared, "query", batch_size, max_tokens, show_progress, head)
 
     def encode_candidates(self, items: Sequence[Mapping], batch_size: int = 32, max_tokens: int | None = None,
-                          show_progress: bool | None = None) -> np.ndarray:
-        """Embed candidate dicts ``{"text", "image"}`` -> float32 (N, D), L2-normalised, in order."""
+                          show_progress: bool | None = None, fill: Sequence[Mapping] | None = None) -> np.ndarray:
+        """Embed candidate dicts ``{"text", "image"}`` -> float32 (N, D), L2-normalised, in order (``fill``:
+        see :meth:`encode_queries`)."""
         prepared = [self.prepare_candidate(it, i) for i, it in enumerate(items)]
-        return self._encode(prepared, "candidate", batch_size, max_tokens, show_progress)
+        head = None if fill is None else [self.prepare_candidate(it, i) for i, it in enumerate(fill[:batch_size])]
+        return self._encode(prepared, "candidate", batch_size, max_tokens, show_progress, head)
 
     def encode_prepared(self, loaders: Sequence[Callable[[], EmbedInput]], role: str = "item",
                         batch_size: int = 32, max_tokens: int | None = None, show_progress: bool | None = None,
-                        style: PromptStyle | None = None) -> np.ndarray:
+                        style: PromptStyle | None = None,
+                        fill: Sequence[Callable[[], EmbedInput]] | None = None) -> np.ndarray:
         """Embed inputs given as zero-argument loaders returning :class:`EmbedInput` (run in a thread pool).
 
         The general entry point behind ``encode_queries`` / ``encode_candidates``: callers with their
         own text rules, videos or interleaved content (zero-shot sets) build the ``EmbedInput`` themselves.
-        ``style`` overrides the prompt style (suffix / generation prompt) for this call only.
+        ``style`` overrides the prompt style (suffix / generation prompt) for this call only. With
+        ``compat="official"`` the batches are formed in input order (see the class doc); ``fill`` gives the
+        loaders whose first ones complete a last partial batch (default: ``loaders`` itself).
 
         Returns:
             float32 (N, D), L2-normalised, in input order.
@@ -285,8 +312,8 @@ class UMarvel:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(loaders), desc=f"encode {role}s", unit="item", disable=not show)
-        for idx, batch in _prefetch(self._batches(loaders, tok, batch_size, max_tokens)):
-            out[idx] = self.embed_batch(batch).cpu().numpy()
+        for idx, batch in _prefetch(self._batches(loaders, tok, batch_size, max_tokens, fill)):
+            out[idx] = self.embed_batch(batch)[:len(idx)].cpu().numpy()  # completion rows (official) dropped
             bar.update(len(idx))
         bar.close()
         return out
@@ -302,21 +329,40 @@ class UMarvel:
         return load
 
     def _batches(self, loaders: Sequence[Callable[[], EmbedInput]], tok: EmbeddingTokenizer, batch_size: int,
-                 max_tokens: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-        """Yield ``(indices, collated batch)`` in length-sorted order, chunk by chunk."""
-        chunk = max(batch_size * 16, 512)
+                 max_tokens: int, fill: Sequence[Callable[[], EmbedInput]] | None = None
+                 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """Yield ``(indices, collated batch)`` chunk by chunk: length-sorted batches under a token budget, or
+        (``compat="official"``) consecutive batches in input order, the last one completed by :meth:`_completion`
+        (those extra rows come after ``indices`` in the batch)."""
+        official = is_official(self.settings.compat)
+        chunk = batch_size * -(-512 // batch_size) if official else max(batch_size * 16, 512)  # official: aligned
         with ThreadPoolExecutor(max_workers=self.load_workers) as pool:
             for start in range(0, len(loaders), chunk):
                 inputs = list(pool.map(lambda f: f(), loaders[start:start + chunk]))
                 tokenized: list[TokenizedInput] = tok.tokenize(inputs)
-                lengths = [len(t) for t in tokenized]
-                for idx in plan_batches(lengths, batch_size, max_tokens):
-                    yield [start + i for i in idx], self._collator([tokenized[i] for i in idx])
+                if official:
+                    plan = sequential_batches(len(tokenized), batch_size)
+                else:
+                    plan = plan_batches([len(t) for t in tokenized], batch_size, max_tokens)
+                for idx in plan:
+                    rows = [tokenized[i] for i in idx]
+                    if official and len(idx) < batch_size:
+                        rows += self._completion(fill if fill is not None else loaders, batch_size - len(idx), tok)
+                    yield [start + i for i in idx], self._collator(rows)
+
+    @staticmethod
+    def _completion(head: Sequence[Callable[[], EmbedInput]], need: int,
+                    tok: EmbeddingTokenizer) -> list[TokenizedInput]:
+        """The ``need`` inputs that complete the last batch of an official run: the first inputs again, cycled
+        when there are fewer (accelerate ``even_batches``, the default of the official ``accelerator.prepare``)."""
+        first = list(itertools.islice(itertools.cycle(head[:need]), need))
+        return tok.tokenize([f() for f in first])
 
     def _encode(self, prepared: Sequence[tuple[str, Any]], role: str, batch_size: int, max_tokens: int | None,
-                show_progress: bool | None) -> np.ndarray:
+                show_progress: bool | None, head: Sequence[tuple[str, Any]] | None = None) -> np.ndarray:
         loaders = [self._loader(text, image, f"{role} item {i}") for i, (text, image) in enumerate(prepared)]
-        return self.encode_prepared(loaders, role, batch_size, max_tokens, show_progress)
+        fill = None if head is None else [self._loader(t, im, f"{role} fill item {i}") for i, (t, im) in enumerate(head)]
+        return self.encode_prepared(loaders, role, batch_size, max_tokens, show_progress, fill=fill)
 
     @torch.no_grad()
     def embed_batch(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -6,12 +6,13 @@ import sys
 from typing import Sequence
 
 from umarvel.commands import add_log_level, dispatch, pop_debug
-from umarvel.commands import demo, encode, eval as eval_commands, merge, mine, rerank, teacher, train
+from umarvel.commands import (demo, encode, eval as eval_commands, index, merge, mine, rerank, search, serve, teacher,
+                              train)
 
 #: Every ``umarvel`` subcommand, in ``umarvel --help`` order. Each module's ``add_subparser(subparsers)``
 #: adds its parser with ``set_defaults(func=...)`` and keeps torch out of its import (``umarvel --help``
 #: stays fast). A new command: one module under ``umarvel/commands/`` and one entry here.
-COMMANDS = (demo, encode, train, merge, eval_commands, mine, teacher, rerank)
+COMMANDS = (demo, encode, train, merge, eval_commands, mine, teacher, rerank, index, search, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

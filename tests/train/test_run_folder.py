@@ -13,7 +13,8 @@ from helpers import REPO, make_data, tiny_config
 from umarvel.cli import main
 from umarvel.errors import CheckpointError, ImageLoadError, RunConflictError
 from umarvel.train import checkpoint as ckpt
-from umarvel.train.trainer import run_stage
+from umarvel.train.stage import run_stage
+from umarvel.train.trainer import TrainerCallback
 from umarvel.utils.runs import IDENTITY_FILE, LOCK_FILE, RunLock, read_identity
 
 
@@ -79,8 +80,12 @@ def test_relaunch_rules(tiny_checkpoint, data, tmp_path, monkeypatch, caplog):
 
     # --overwrite starts over: the old checkpoints go, training runs from step 0
     steps = []
-    run_stage(_cfg("nli", tiny_checkpoint, data, out, "lora.r=8"), overwrite=True,
-              callbacks=[lambda tr, ev, info: steps.append(info["step"]) if ev == "step_end" else None])
+
+    class Steps(TrainerCallback):
+        def on_step(self, step, total, loss):
+            steps.append(step)
+
+    run_stage(_cfg("nli", tiny_checkpoint, data, out, "lora.r=8"), overwrite=True, callbacks=[Steps()])
     assert steps == [1, 2] and read_identity(out)["config"]["lora"]["r"] == 8
     assert [h["how"] for h in read_identity(out)["history"]] == ["changed", "replaced"]
 

@@ -51,9 +51,11 @@ def test_config_and_checkpoint_files_follow_the_umask(tmp_path, umask):
 
     umask(0o002)
     save_resolved(StageConfig(stage="s", init_from="x"), tmp_path / "resolved_config.yaml")
-    (tmp_path / "checkpoints" / ".step-000001.tmp").mkdir(parents=True)
-    ckpt.write_state(ckpt.tmp_dir_for(tmp_path, 1), {"global_step": 1})
-    ckpt.publish(tmp_path, 1, keep=2)
+    final = ckpt.checkpoints_dir(tmp_path) / ckpt.step_name(1)
+    with atomic_dir(final) as tmp:  # as the trainer writes a checkpoint
+        ckpt.write_state(tmp, {"global_step": 1})
+    ckpt.point_latest(tmp_path, final, keep=2)
+    assert _mode(final) == 0o775
     assert _mode(tmp_path / "resolved_config.yaml") == 0o664
     assert _mode(tmp_path / "checkpoints" / "latest") == 0o664
     assert _mode(tmp_path / "checkpoints" / "step-000001" / "trainer_state.json") == 0o664

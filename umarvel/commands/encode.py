@@ -26,7 +26,8 @@ def add_subparser(sub) -> None:
     """Register ``umarvel encode``."""
     p = sub.add_parser("encode", help="embed a JSONL file of items with a checkpoint",
                        description="Embed items (one JSON object per line: text, image, instruction, id) "
-                                   "into an (N, D) float32 .npy file, L2-normalised, in input order.")
+                                   "into an (N, D) float32 .npy file, L2-normalised, in input order; "
+                                   "<output>.meta.json records the model, compat mode and settings.")
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--input", required=True, help="items JSONL")
     p.add_argument("--output", required=True, help="output .npy (ids, if any, go to <output>.ids.json)")
@@ -36,6 +37,9 @@ def add_subparser(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compat", choices=("default", "official"), default="default",
+                   help="official: the official numerics (a batch without padding is causal, batches of --batch-size "
+                        "in input order; docs/decisions.md 'Compatibility mode'); recorded in <output>.meta.json")
     p.add_argument("--skip-image-check", action="store_true",
                    help="do not check the referenced images before encoding (huge inputs)")
     p.set_defaults(func=run)
@@ -90,19 +94,21 @@ def read_items(path: str | Path, image_root: str | Path | None, queries: bool) -
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check everything, then encode the input file and write the matrix (and ids) atomically."""
+    """Check everything, then encode the input file and write the matrix (and ids, and
+    ``<output>.meta.json``) atomically."""
     path = check_input_file(args.input, "--input")
     check_output_file(args.output, "--output")
     items, ids, lines = _read(path, args.image_root, args.queries)
     if ids:
         check_output_file(f"{args.output}.ids.json", "--output")
+    check_output_file(f"{args.output}.meta.json", "--output")
     if not args.skip_image_check:
         scan_images(((it["image"], f"{path}:{ln}") for it, ln in zip(items, lines) if it.get("image")),
                     what="input")
     check_device(args.device)
     from umarvel.api import UMarvel  # lazy: keeps the CLI start-up free of torch
 
-    model = UMarvel.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = UMarvel.from_pretrained(args.model, device=args.device, dtype=args.dtype, compat=args.compat)
     fn = model.encode_queries if args.queries else model.encode_candidates
     emb = fn(items, batch_size=args.batch_size)
     with atomic_path(args.output) as tmp:
@@ -110,5 +116,9 @@ def run(args: argparse.Namespace) -> int:
             np.save(fh, emb)
     if ids:
         atomic_write_json(f"{args.output}.ids.json", ids)
-    logger.info("wrote %s: %d x %d", args.output, *emb.shape)
+    atomic_write_json(f"{args.output}.meta.json", {
+        "model": str(args.model), "role": "query" if args.queries else "candidate", "compat": args.compat,
+        "n": int(emb.shape[0]), "dim": int(emb.shape[1]), "batch_size": args.batch_size,
+        "fingerprint": model.fingerprint(), "settings": model.settings.as_dict()})
+    logger.info("wrote %s: %d x %d (compat %s)", args.output, *emb.shape, args.compat)
     return 0

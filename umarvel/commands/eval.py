@@ -32,6 +32,10 @@ def add_mbeir_arguments(p: argparse.ArgumentParser) -> None:
     """The M-BEIR evaluation options: one flag per :class:`MBeirEvalConfig` field, ``--config`` and ``--set``."""
     add_config_flags(p, MBeirEvalConfig, config_file=True,
                      config_help="YAML config (configs/eval/mbeir_local.yaml ...); flags win")
+    p.add_argument("--html", default=None, metavar="PAGE",
+                   help="also write a self-contained page of sample queries per task with their top 5 "
+                        "(thumbnails embedded, positives marked)")
+    p.add_argument("--html-queries", type=int, default=5, help="sample queries per task on the --html page")
     add_run_flags(p, "replace the results of another evaluation in --output (otherwise refused)")
 
 
@@ -62,6 +66,11 @@ def run_mbeir(args: argparse.Namespace) -> int:
     if result.results is not None:
         sys.stdout.write((Path(result.output) / RESULTS_MD).read_text(encoding="utf-8"))
         sys.stdout.flush()
+        if getattr(args, "html", None):
+            from umarvel.index.html import write_mbeir_page  # lazy: only for --html
+
+            write_mbeir_page(args.html, result, cfg.mbeir_root, cfg.split, cfg.protocol,
+                             n_queries=args.html_queries, k=5, seed=cfg.seed)
     return 0
 
 

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             import torch  # lazy: keeps the CLI start-up free of torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype)
+        model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype, compat=options.compat)
         results = run_zeroshot(model, args.data_root, args.output_dir, tasks=args.tasks, cache_dir=args.cache_dir,
                                options=options, model_name=str(args.model))
     sys.stdout.write((Path(args.output_dir) / RESULTS_MD).read_text(encoding="utf-8"))

@@ -41,7 +41,7 @@ def add_subparser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config (unknown keys are errors) and train."""
-    from umarvel.train.trainer import run_stage  # lazy: keeps the CLI start-up free of torch
+    from umarvel.train.stage import run_stage  # lazy: keeps the CLI start-up free of torch
 
     cfg = load_stage_config(args.config, args.overrides)
     state = run_stage(cfg, overwrite=args.overwrite, check_images=not args.skip_image_check)

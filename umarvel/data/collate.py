@@ -207,3 +207,14 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, max_tokens: int | 
     if cur:
         batches.append(cur)
     return batches
+
+
+def sequential_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Consecutive batches in input order, ``batch_size`` items each (the last one may be shorter).
+
+    This is a ``DataLoader(shuffle=False)`` over the items: the batching of the official evaluation scripts,
+    used by ``compat="official"`` so that the same batches (and hence the same unpadded ones, D5) are formed.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    return [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]

@@ -3,7 +3,9 @@
 Conventions (method spec section 1, decisions D5/D6; golden README "Parity conditions"):
 - attention is always bidirectional (also for a batch of one and batches without padding): the
   language model's attention modules get ``is_causal=False`` (read by transformers' sdpa / flash
-  paths) and, when the batch has padding, an explicit additive mask hides pad keys;
+  paths) and, when the batch has padding, an explicit additive mask hides pad keys. With
+  ``causal_when_unpadded`` (``compat="official"``) a batch without padding runs causal instead, as
+  the official SDPA early exit made it (D5);
 - positions are plain 1-D (0.. over each row's real tokens) in all three M-RoPE sections, as the
   released checkpoint was trained (``positions="mrope"`` is offered for ablations);
 - the embedding is the mean of the final-norm hidden states over ``pool_mask`` (non-pad tokens minus
@@ -63,11 +65,13 @@ class UMarvelEmbedder(nn.Module):
         temperature: initial raw temperature tau (logits = cos / tau); 0.05 by default.
         attention: ``"bidirectional"`` (U-MARVEL) or ``"causal"`` (ablations).
         positions: ``"1d"`` (released checkpoint) or ``"mrope"`` (ablations / new backbones).
+        causal_when_unpadded: run a batch without any padding causal (the official numerics, D5;
+            ``compat="official"``); padded batches stay bidirectional. Needs the padded forward.
     """
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, temperature: float = DEFAULT_TEMPERATURE,
                  attention: Literal["bidirectional", "causal"] = "bidirectional",
-                 positions: Literal["1d", "mrope"] = "1d"):
+                 positions: Literal["1d", "mrope"] = "1d", causal_when_unpadded: bool = False):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
@@ -75,6 +79,7 @@ class UMarvelEmbedder(nn.Module):
         self.temperature = nn.Parameter(torch.tensor([float(temperature)]), requires_grad=False)
         self.attention = attention
         self.positions = positions
+        self.causal_when_unpadded = causal_when_unpadded
         self.set_attention(attention)
 
     # -- structure ----------------------------------------------------------------------------
@@ -129,7 +134,9 @@ class UMarvelEmbedder(nn.Module):
                 raise ValueError(f"{int(slots.sum())} visual placeholder tokens but {feats.shape[0]} visual features")
             embeds = embeds.masked_scatter(slots.expand_as(embeds), feats)
         lm = self.spec.language_model(model)
-        if self.attention == "bidirectional":
+        # D5: compat="official" reproduces the SDPA early exit (no padding in the batch -> causal).
+        official_causal = self.causal_when_unpadded and bool(attention_mask.all())
+        if self.attention == "bidirectional" and not official_causal:
             mask = pad_key_mask(attention_mask, embeds.dtype)
         else:
             mask = _causal_mask(attention_mask, embeds.dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from umarvel.data.processor import BUNDLED_PROCESSOR_DIR
+from umarvel.data.processor import BUNDLED_PROCESSOR_DIR, _image_processor_class
 
 
 def tiny_qwen2vl_config(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -46,8 +46,6 @@ def save_tiny_checkpoint(path: str | Path, seed: int = 0, **config_kwargs) -> Pa
     """Write a tiny random checkpoint folder (weights + the bundled Qwen2-VL tokenizer/processor),
     laid out like a released checkpoint: the U-MARVEL tokens are added at load time."""
     from transformers import AutoTokenizer
-
-    from umarvel.data.processor import _image_processor_class
 
     path = Path(path)
     model = build_tiny_qwen2vl(seed=seed, **config_kwargs)

@@ -12,10 +12,10 @@
 3. Retrieve the top ``k`` (100) of each query through :func:`umarvel.eval.mbeir.runner.retrieve` (embedding
    cache + exact search; INFERENCE style, suffix on, D3), in its local pool and/or the global pool; also the
    cosine of each ground-truth doc (``gt_scores``, for the stage-4 margin option).
-4. Write, per scope, ``rerank_data_all_eval_train_{local,global}.jsonl``: one line per union-train row, same
-   order, ``{qid, gt_docs, top100_docs, score, gt_scores}`` (``top100_docs`` is the raw retrieved list, which may
-   hold positives: consumers exclude ``gt_docs``). ``gt_docs`` are the task's train qrels (fallback:
-   ``pos_cand_list``).
+4. Write, per scope, ``rerank_data_all_eval_train_{local,global}.jsonl`` (:mod:`umarvel.data.runfiles`): one line
+   per union-train row, same order, ``{qid, gt_docs, top100_docs, score, gt_scores}`` (``top100_docs`` is the raw
+   retrieved list, which may hold positives: consumers exclude ``gt_docs``). ``gt_docs`` are the task's train qrels
+   (fallback: ``pos_cand_list``).
 5. Draw the distillation subset (:func:`draw_distill_subset`): per task, ``random.sample`` of
    ``floor(fraction * n)`` of its union-train qid occurrences, one ``random.Random(seed)`` consumed in registry
    task order; the union rows whose qid was drawn, one per draw, in union-train order, are written verbatim to
@@ -38,11 +38,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from umarvel.errors import ConfigError, DataError
-from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
+from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, dataset_id_of, instruction_rng,
                                         parse_query, read_instructions, read_pool, read_qrels)
 from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, Task,
                                    list_tasks)
+from umarvel.data.runfiles import MinedRow, mined_file_name, write_mined
 from umarvel.pipelines.preflight import start_mine_run
 from umarvel.utils.checks import scan_images
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl
@@ -54,11 +55,6 @@ DONE_FILE = "mine_done.json"
 SUBSET_FILE = "mbeir_union_up_train_10percent.jsonl"
 SUBSET_INFO = "distill_subset.json"
 PathLike = str | os.PathLike
-
-
-def mined_file_name(scope: str) -> str:
-    """``rerank_data_all_eval_train_{scope}.jsonl`` (the official merged file name)."""
-    return f"rerank_data_all_eval_train_{scope}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -190,8 +186,6 @@ def build_train_pools(pool: Sequence[Candidate], tasks: Sequence[Task]) -> dict[
     out: dict[tuple, list[Candidate]] = {}
     for t in tasks:
         out.setdefault(pool_key(t), [])
-    from umarvel.data.mbeir import dataset_id_of
-
     for c in pool:
         d = dataset_id_of(c.did)
         for key, members in out.items():
@@ -303,6 +297,12 @@ def _read_part(path: Path, settings: dict) -> dict | None:
     return obj["rows"]
 
 
+def _mined_row(qid: str, part: dict) -> MinedRow:
+    """A part entry ``{gt_docs, top100_docs, score, gt_scores}`` as the mined-list row of ``qid``."""
+    return MinedRow(qid, tuple(part["gt_docs"]), tuple(part["top100_docs"]), tuple(part["score"]),
+                    tuple(part["gt_scores"]))
+
+
 def mine(cfg: MineConfig, encoder=None, *, overwrite: bool = False, check_images: bool = True) -> dict[str, Path]:
     """Run the mining of ``cfg`` (see the module doc); returns ``{scope: mined file}`` (+ ``"subset"``).
 
@@ -316,6 +316,10 @@ def mine(cfg: MineConfig, encoder=None, *, overwrite: bool = False, check_images
 
 
 def _mine(cfg: MineConfig, encoder, check_images: bool) -> dict[str, Path]:
+    # lazy: commands.mine imports this module, and `umarvel --help` stays free of torch (tests/cli; measured:
+    # `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with these at the top)
+    from umarvel.api import UMarvel
+    from umarvel.dist import device_for_rank
     from umarvel.eval.cache import EmbeddingCache, concat_cached
     from umarvel.eval.mbeir.runner import encode_records, search_embeddings
 
@@ -330,10 +334,7 @@ def _mine(cfg: MineConfig, encoder, check_images: bool) -> dict[str, Path]:
     if cfg.subset:
         results["subset"] = write_distill_subset(cfg, rows, tasks)
     if encoder is None:
-        from umarvel.api import UMarvel
-        from umarvel.eval.mbeir.runner import resolve_device
-
-        encoder = UMarvel.from_pretrained(cfg.model, device=resolve_device(cfg.device), dtype=cfg.dtype)
+        encoder = UMarvel.from_pretrained(cfg.model, device=device_for_rank(cfg.device), dtype=cfg.dtype)
     fp = encoder.fingerprint()
     cache = EmbeddingCache(cfg.cache_dir or out / "cache")
     by_name = {t.name: t for t in tasks}
@@ -398,9 +399,8 @@ def _mine(cfg: MineConfig, encoder, check_images: bool) -> dict[str, Path]:
 
     for s in cfg.scopes:
         path = out / mined_file_name(s)
-        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-            for q, name in zip(rows.queries, rows.task_of_row):
-                fh.write(json.dumps({"qid": q.qid, **parts[s][name][q.qid]}) + "\n")
+        write_mined(path, (_mined_row(q.qid, parts[s][name][q.qid])
+                           for q, name in zip(rows.queries, rows.task_of_row)))
         results[s] = path
         logger.info("wrote %s (%d rows)", path, len(rows.queries))
     atomic_write_json(out / DONE_FILE, {"config": asdict(cfg), "settings": settings,
@@ -417,6 +417,6 @@ def _image_refs(cfg: MineConfig, rows: TrainRows, pools: dict) -> Iterator[tuple
         yield from ((c.image, f"{cfg.path(cfg.pool)}: candidate {c.did}") for c in members if c.image)
 
 
-__all__ = ["MineConfig", "TrainRows", "SCOPES", "mined_file_name", "task_of", "partition_train_queries",
+__all__ = ["MineConfig", "TrainRows", "SCOPES", "task_of", "partition_train_queries",
            "pool_key", "pool_name", "build_train_pools", "load_gt_docs", "draw_distill_subset",
            "write_distill_subset", "mine"]

@@ -15,6 +15,9 @@
   up to 0.12 in P(yes) on rows with images.
 - Any ``repetition_penalty`` of a checkpoint's ``generation_config`` is NOT applied (one forward, no
   logits processors); the official generate-based scores include it (``Yes``/``No`` occur in the prompt).
+- ``compat="official"`` (:meth:`Reranker.p_yes_generate`): the official number, ``scores[0]`` of greedy
+  ``generate`` with the checkpoint's ``generation_config`` (M-RoPE positions, logits processors such as a
+  repetition penalty included), ``P(yes) = softmax([s_Yes, s_No])[0]``.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from umarvel.model import loading
 from umarvel.model.backbones import BackboneSpec
 from umarvel.model.positions import POSITIONS, Positions, position_ids
 from umarvel.rerank.collate import IGNORE_INDEX, answer_token_ids
+from umarvel.utils.compat import DEFAULT, check_compat
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +110,34 @@ class Reranker(nn.Module):
         """``P(yes) = softmax([logit_Yes, logit_No])[0]`` of a left-padded scoring batch: (B,) float32."""
         return torch.softmax(self.yes_no_logits(**batch, positions=positions), dim=-1)[:, 0]
 
+    def p_yes_generate(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The official P(yes) (D10, ``compat="official"``): the first step of greedy ``generate``.
+
+        ``generate`` runs with the checkpoint's ``generation_config`` (``do_sample=False`` as the official
+        scorer passes it, so only logits processors such as ``repetition_penalty`` act) and computes M-RoPE
+        positions itself; ``P(yes) = softmax([s_Yes, s_No])[0]`` of the processed ``scores[0]``. Only the first
+        token is generated (the official ``max_new_tokens=128`` does not change ``scores[0]``).
+
+        Args:
+            batch: a left-padded scoring batch (``input_ids``, ``attention_mask``, optional ``pixel_values`` /
+                ``image_grid_thw``).
+        Returns:
+            (B,) float32.
+        """
+        hf = self.hf_model
+        kw = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+              if batch.get(k) is not None}
+        if "pixel_values" in kw:
+            kw["pixel_values"] = kw["pixel_values"].to(next(self.spec.visual(hf).parameters()).dtype)
+        ids = kw["input_ids"]
+        mm_types = torch.zeros_like(ids, dtype=torch.int)
+        mm_types[ids == hf.config.image_token_id] = 1
+        mm_types[ids == hf.config.video_token_id] = 2
+        out = hf.generate(**kw, mm_token_type_ids=mm_types, max_new_tokens=1, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+        first = out.scores[0][:, [self.yes_id, self.no_id]].float()
+        return torch.softmax(first, dim=-1)[:, 0]
+
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
              pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
              positions: Positions | None = None, **_: torch.Tensor) -> torch.Tensor:
@@ -157,16 +189,21 @@ class LoadedReranker:
     dtype: torch.dtype
     source: str
     budget: ImageBudget = ImageBudget()
+    compat: str = DEFAULT
 
 
 def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                   adapter: str | os.PathLike | None = None, positions: Positions = "1d",
                   min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                  attn_implementation: str = "sdpa", trainable_adapter: bool = False) -> LoadedReranker:
+                  attn_implementation: str = "sdpa", trainable_adapter: bool = False,
+                  compat: str = DEFAULT) -> LoadedReranker:
     """Load a reranker checkpoint folder (stock or merged), optionally with a LoRA adapter on top.
 
     A LoRA adapter folder given as ``path`` loads its base (``base_model_name_or_path``) first.
+    ``compat="official"``: scoring uses :meth:`Reranker.p_yes_generate` and the official batching
+    (``umarvel.rerank.score.score_pairs``); ``positions`` is then unused.
     """
+    compat = check_compat(compat)
     import json
 
     from peft import PeftModel
@@ -191,7 +228,7 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
     for a in adapters:
         reranker.backbone = PeftModel.from_pretrained(reranker.backbone, str(a), is_trainable=trainable_adapter)
     reranker.to(device).eval()
-    logger.info("loaded reranker %s (%s on %s, positions %s, Yes/No ids %d/%d)", p, torch_dtype, device,
-                positions, yes_id, no_id)
+    logger.info("loaded reranker %s (%s on %s, %s, Yes/No ids %d/%d)", p, torch_dtype, device,
+                "official generate scoring" if compat != DEFAULT else f"positions {positions}", yes_id, no_id)
     return LoadedReranker(reranker, tokenizer, image_processor, torch.device(device), torch_dtype, str(p),
-                          ImageBudget(min_pixels, max_pixels))
+                          ImageBudget(min_pixels, max_pixels), compat)

@@ -1,17 +1,19 @@
 """Resumable training checkpoints: atomic folders, a ``latest`` pointer, pruning.
 
-Layout of ``<output_dir>/checkpoints/step-000123/`` (written into a hidden temp folder, then renamed, so a
-crash never leaves a half-written checkpoint under a real name; ``latest`` is rewritten atomically after the
-rename, so it always names a complete checkpoint):
+One layout for every run of :class:`umarvel.train.trainer.Trainer` (embedding stages and the reranker).
+``<output_dir>/checkpoints/step-000123/`` is written through :func:`umarvel.utils.io.atomic_dir` (a hidden
+temp folder renamed when complete, so a crash never leaves a half-written checkpoint under a real name);
+``latest`` is rewritten atomically after the rename, so it always names a complete checkpoint:
 
-    adapter/              peft adapter + umarvel.json (base_model, temperature, train dtype) + tokenizer:
-                          loadable with ``UMarvel.from_pretrained`` and ``umarvel merge-lora``
+    adapter/              the task's LoRA adapter + tokenizer (embedding stages add umarvel.json: base_model,
+                          temperature, train dtype; loadable with ``UMarvel.from_pretrained`` and
+                          ``umarvel merge-lora``; the reranker's loads with ``load_reranker``)
     trainable.pt          every trainable tensor by name (LoRA weights, temperature)   [non-DeepSpeed]
     optimizer.pt          optimizer + scheduler state                                   [non-DeepSpeed]
     deepspeed/            ``engine.save_checkpoint`` (frozen weights excluded)           [DeepSpeed]
     trainer_state.json    global step, epoch, step in epoch, last loss, world size
     rng_rank{r}.pt        python / numpy / torch / cuda RNG of every rank
-    resolved_config.yaml  the stage config
+    resolved_config.yaml  the run's config
 """
 from __future__ import annotations
 
@@ -42,25 +44,14 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def tmp_dir_for(output_dir: str | os.PathLike, step: int) -> Path:
-    """The hidden temp folder a checkpoint is written into (same filesystem as the final name)."""
-    return checkpoints_dir(output_dir) / f".{step_name(step)}.tmp"
-
-
-def publish(output_dir: str | os.PathLike, step: int, keep: int) -> Path:
-    """Rename the temp folder to its final name, point ``latest`` at it and prune old checkpoints (rank 0)."""
+def point_latest(output_dir: str | os.PathLike, final: Path, keep: int) -> None:
+    """Point ``latest`` at the complete checkpoint ``final`` and prune to the newest ``keep`` (rank 0)."""
     root = checkpoints_dir(output_dir)
-    final = root / step_name(step)
-    tmp = tmp_dir_for(output_dir, step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     atomic_write_text(root / LATEST, final.name + "\n")
     existing = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in existing[:-keep] if keep > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -169,6 +169,8 @@ class TrainSection:
             are length-sorted before chunking, so chunks are length-homogeneous.
         grad_cache: two-pass GradCache step (memory of one chunk, same gradients).
         max_steps: stop after this many optimiser steps (overrides ``num_epochs`` for the schedule).
+        lr_scheduler: a ``transformers.get_scheduler`` name (``cosine``, ``linear``, ``constant_with_warmup``, ...),
+            with ``ceil(warmup_ratio * total steps)`` warmup steps.
         resume: ``auto`` (the run folder's latest checkpoint if any), ``never``, or a checkpoint path.
         deepspeed: a DeepSpeed JSON config (``configs/deepspeed/zero{1,2,3}.json``) or None (plain DDP-style
             gradient all-reduce).
@@ -185,7 +187,7 @@ class TrainSection:
     num_epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.03
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

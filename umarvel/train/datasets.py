@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from umarvel.data.formatting import format_string, query_text_with_instruction, truncate_text
+from umarvel.data.mbeir import parse_query, read_instructions, read_pool
+from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 from umarvel.errors import ConfigError, DataError
-from umarvel.utils.io import open_text, read_json
+from umarvel.utils.io import iter_jsonl, open_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +212,6 @@ class MbeirTrainDataset:
     @classmethod
     def from_files(cls, path: str | Path, pool: str | Path, instructions: str | Path, root: str | Path,
                    truncate: Truncate = _no_truncate, max_examples: int | None = None) -> "MbeirTrainDataset":
-        from umarvel.data.mbeir import parse_query, read_instructions, read_pool
-        from umarvel.utils.io import iter_jsonl
-
         root = Path(root)
         ds = cls(Path(path), truncate=truncate)
         ds.pool = {c.did: c for c in read_pool(pool, root)}
@@ -272,8 +271,6 @@ def _build_cc3m(data, tokenizer) -> Cc3mDataset:
 
 
 def _build_mbeir(data, tokenizer) -> MbeirTrainDataset:
-    from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
-
     if not data.root:
         raise ConfigError("data.root (the M-BEIR root folder) is required for data.kind=mbeir")
     root = Path(data.root)

@@ -1,6 +1,6 @@
 """Before a training stage loads its model: checks, the data, the images, and the run folder.
 
-:func:`start_stage_run` is the one call :func:`umarvel.train.trainer.run_stage` makes before anything heavy:
+:func:`start_stage_run` is the one call :func:`umarvel.train.stage.run_stage` makes before anything heavy:
 
 1. config checks that need the machine: the device exists (``train.device=cuda`` without CUDA is an
    :class:`~umarvel.errors.EnvError`), ``init_from`` is a checkpoint folder, the DeepSpeed file exists;
@@ -35,7 +35,7 @@ from umarvel.utils.runs import RunClaim, RunIdentity, claim_run_dir, to_plain
 logger = logging.getLogger(__name__)
 
 #: What a training run writes into its folder (removed by ``overwrite``).
-TRAIN_OUTPUTS = ("checkpoints", "adapter", "merged", "tb", ".adapter.tmp")
+TRAIN_OUTPUTS = ("checkpoints", "adapter", "merged", "tb", "train_history.json", ".adapter.tmp")
 #: Keys that do not change the trained weights, the length of the run (a finished or interrupted run may be
 #: extended: ``train.max_steps`` / ``num_epochs`` raised, the schedule follows the new length), and the paths
 #: whose *content* is compared instead.
