@@ -32,6 +32,7 @@ from umarvel.model import loading
 from umarvel.model.backbones import get_backbone_spec
 from umarvel.model.embedder import DEFAULT_TEMPERATURE, UMarvelEmbedder
 from umarvel.model.lora import is_lora, load_lora
+from umarvel.utils.checks import check_device
 from umarvel.utils.compat import DEFAULT, check_compat, is_official
 from umarvel.version import __version__
 
@@ -143,6 +144,7 @@ class UMarvel:
             adapter: an extra LoRA adapter folder applied on top of ``path``.
             compat: ``"default"`` or ``"official"`` (the official evaluation numerics, see the class doc).
         """
+        check_device(device)  # EnvError for a device this machine does not have, before anything loads
         compat = check_compat(compat)
         path = loading.check_checkpoint_dir(path)
         torch_dtype = loading.resolve_dtype(dtype, device)

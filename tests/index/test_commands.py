@@ -127,6 +127,30 @@ def test_add_command_and_errors(cli_index, tiny_checkpoint, tmp_path, draw_image
     assert len(Index.load(idx_dir)) == N_PHOTOS + 1
 
 
+def test_index_folder_has_one_writer_and_knows_its_build(cli_index, tiny_checkpoint, photos, tmp_path, capsys,
+                                                        monkeypatch):
+    """Run folders (umarvel.utils.runs): a build records its identity; an unfinished build of another backend
+    is refused before the model loads; an add while another process writes the folder is refused."""
+    import shutil
+
+    from umarvel.utils.runs import LOCK_FILE, RunLock, read_identity
+
+    rec = read_identity(cli_index)
+    assert rec["kind"] == "index" and rec["config"]["backend"] == "flat" and not (cli_index / LOCK_FILE).exists()
+    idx_dir = tmp_path / "copy.idx"
+    shutil.copytree(cli_index, idx_dir)
+    monkeypatch.setattr("umarvel.api.UMarvel.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    capsys.readouterr()
+    with RunLock(idx_dir):
+        assert main(["index", "add", "--index", str(idx_dir), "--input", str(photos), "--device", "cpu"]) == 2
+    assert "is in use by pid" in capsys.readouterr().err
+    (idx_dir / "index.json").unlink()  # as if the build had been killed
+    assert main(["index", "build", "--model", str(tiny_checkpoint), "--input", str(photos), "--output", str(idx_dir),
+                 "--backend", "hnsw", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "backend: flat -> hnsw" in err and "--overwrite" in err and not (idx_dir / LOCK_FILE).exists()
+
+
 def test_a_user_error_is_one_clear_line(tmp_path, tiny_checkpoint):
     """The console script itself: an empty folder -> exit 2, one ERROR line naming it, no traceback."""
     empty = tmp_path / "empty"

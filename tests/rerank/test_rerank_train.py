@@ -174,12 +174,13 @@ class _StopAfter(TrainerCallback):
             raise _Stop
 
 
-def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path):
+def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path, capsys):
     from umarvel.cli import main
     from umarvel.config import load_config
     from umarvel.data.runfiles import read_trec_run, write_trec_run
     from umarvel.rerank.train import RerankTrainConfig, train_reranker
     from umarvel.train import checkpoint as ckpt
+    from umarvel.utils.runs import read_identity
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run = ("train.max_steps=2", "lora.dropout=0.1")  # dropout on: the resumed run must restore the RNG too
@@ -187,6 +188,13 @@ def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path):
     assert (straight / "adapter" / "adapter_config.json").is_file()
     assert (straight / "merged" / "config.json").is_file() and (straight / "resolved_config.yaml").is_file()
     assert ckpt.latest_checkpoint(straight).name == "step-000002"  # save_steps=0: only the final checkpoint
+    # the folder knows its run (umarvel.utils.runs): another config is refused in one line, naming the key
+    assert read_identity(straight)["kind"] == "rerank-train"
+    capsys.readouterr()
+    assert main(_train_args(mbeir, tiny_rerank_ckpt, straight, *run, "train.save_steps=0", "lora.r=8")) == 2
+    err = capsys.readouterr().err
+    assert "umarvel: error: " in err and "lora.r: 4 -> 8" in err and "--overwrite" in err
+    assert ckpt.latest_checkpoint(straight).name == "step-000002" and not (straight / ".lock").exists()
     # interrupted run: killed after the step-1 checkpoint, then resumed through the CLI to finish step 2
     args = _train_args(mbeir, tiny_rerank_ckpt, resumed, *run, "train.save_steps=1")
     with pytest.raises(_Stop):

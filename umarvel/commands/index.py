@@ -5,7 +5,9 @@
 
 ``--input`` is a JSONL of candidates (``id``, ``text``, ``image``, optional ``meta``) or a folder of images
 searched recursively (id = relative path; an optional ``captions.jsonl`` in it adds text). A killed build
-resumes when run again; under ``torchrun`` the encoding is sharded over the ranks.
+resumes when run again; under ``torchrun`` the encoding is sharded over the ranks. The folder has one writer
+at a time (``.lock``), and a build records its identity (``run_identity.json``): an unfinished build of another
+model, input file, backend or dtype is refused unless ``--overwrite`` (:mod:`umarvel.utils.runs`).
 """
 from __future__ import annotations
 
@@ -88,13 +90,15 @@ def run_build(args: argparse.Namespace) -> int:
     from umarvel.api import UMarvel
     from umarvel import dist
     from umarvel.index import Index, read_items
-    from umarvel.index.core import check_new_index
+    from umarvel.index.core import check_new_index, claim_build
 
     params = _backend_params(args)
     check_new_index(args.output, args.backend, params, args.overwrite)
     items = read_items(args.input, image_root=args.image_root, exclude=[args.output])  # errors before the model loads
     device = dist.device_for_rank(args.device)
-    with dist.process_group(device):
+    with claim_build(args.output, args.model, args.input, args.backend, params, args.dtype, args.image_root,
+                     args.overwrite, batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
+                     recall_sample=args.recall_sample), dist.process_group(device):
         model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype)
         index = Index.build(model, items, args.output, backend=args.backend, batch_size=args.batch_size,
                             shard_size=args.shard_size, overwrite=args.overwrite, backend_params=params,
@@ -107,11 +111,12 @@ def run_add(args: argparse.Namespace) -> int:
     """``umarvel index add``."""
     from umarvel import dist
     from umarvel.index import Index, read_items
+    from umarvel.index.core import lock_index
 
     index = Index.load(args.index)
     items = read_items(args.input, image_root=args.image_root, exclude=[args.index])  # errors before the model loads
     device = dist.device_for_rank(args.device)
-    with dist.process_group(device):
+    with lock_index(args.index), dist.process_group(device):
         model = index.load_model(args.model, device=device, dtype=args.dtype)
         n = index.add(model, items, batch_size=args.batch_size, shard_size=args.shard_size,
                       recall_sample=args.recall_sample, source=args.input)

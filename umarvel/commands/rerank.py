@@ -27,6 +27,9 @@ def add_subparser(sub) -> None:
     t = actions.add_parser("train", help="train a reranker LoRA from a YAML config")
     t.add_argument("config", help="reranker YAML (configs/rerank/reranker.yaml)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.learning_rate=1e-5")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in train.output_dir even if it holds a run (its checkpoints, adapter and merged "
+                        "model are removed); without it a run with another config is refused")
     t.set_defaults(func=run_train)
 
     s = actions.add_parser("score", help="P(yes) for the top-k of a retrieval run")
@@ -76,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
     from umarvel.rerank.train import RerankTrainConfig, train_reranker
 
     cfg = load_config(args.config, RerankTrainConfig, args.overrides)
-    out = train_reranker(cfg)
+    out = train_reranker(cfg, overwrite=args.overwrite)
     logger.info("reranker training finished; outputs in %s", out)
     return 0
 

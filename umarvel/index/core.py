@@ -24,13 +24,14 @@ ignored (and rewritten by the next ``add``).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from umarvel.eval.dist_search import RankShardedSearcher
 from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall
 from umarvel.index.items import encode_item, read_items
 from umarvel.utils.io import atomic_path, atomic_write_json, read_json
+from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, RunLock, claim_on_rank0
 from umarvel.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -541,6 +543,39 @@ def check_new_index(path: str | os.PathLike, backend: str, params: Mapping[str, 
     if (Path(path) / INDEX_JSON).is_file() and not overwrite:
         raise DataError(f"{path}: already holds an index; use `umarvel index add` to grow it, or overwrite=True "
                         "(--overwrite) to rebuild it")
+
+
+#: ``index build`` settings that do not change the vectors (input and output paths: the content is compared).
+BUILD_IGNORE = ("model", "input", "output", "batch_size", "shard_size", "device", "recall_sample")
+
+
+def claim_build(path: str | os.PathLike, model: str | os.PathLike, items: str | os.PathLike, backend: str,
+                params: Mapping[str, Any] | None, dtype: str | None, image_root: str | os.PathLike | None,
+                overwrite: bool = False, **ignored: Any) -> RunClaim | NoClaim:
+    """Claim the folder of an ``umarvel index build`` before the model loads (:mod:`umarvel.utils.runs`):
+    one writer (lock, rank 0, held until the returned claim is released), and an unfinished build of another
+    model, input file, backend or dtype is refused unless ``overwrite``. ``ignored``: settings recorded but
+    not compared (:data:`BUILD_IGNORE`). An input folder of images is compared by its item ids (the cache
+    does that), not hashed.
+    """
+    config = {"model": str(model), "input": str(items), "output": str(path), "backend": backend,
+              "backend_params": dict(params or {}), "dtype": dtype,
+              "image_root": str(image_root) if image_root else None, **ignored}
+    inputs = {"model": model, **({"input": items} if Path(items).is_file() else {})}
+    identity = RunIdentity.build("index", config, ignore=BUILD_IGNORE, inputs=inputs)
+    return claim_on_rank0(path, identity, overwrite=overwrite, what="--output",
+                          override_hint="rerun with --overwrite to rebuild it")
+
+
+@contextlib.contextmanager
+def lock_index(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of an index folder for an ``umarvel index add`` (rank 0; nothing on other ranks): a
+    second writer (another add, or a build into it) is refused naming the holder."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with RunLock(path):
+        yield
 
 
 def _check_backend(backend: str, params: Mapping[str, Any] | None) -> None:

@@ -33,7 +33,7 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -44,6 +44,8 @@ from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, Task,
                                    list_tasks)
 from umarvel.data.runfiles import MinedRow, mined_file_name, write_mined
+from umarvel.pipelines.preflight import start_mine_run
+from umarvel.utils.checks import scan_images
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,8 @@ class MineConfig:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 < self.subset_fraction <= 1.0:
             raise ConfigError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ConfigError(f"batch_size and shard_size must be >= 1, got {self.batch_size}, {self.shard_size}")
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -299,12 +303,19 @@ def _mined_row(qid: str, part: dict) -> MinedRow:
                     tuple(part["gt_scores"]))
 
 
-def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
+def mine(cfg: MineConfig, encoder=None, *, overwrite: bool = False, check_images: bool = True) -> dict[str, Path]:
     """Run the mining of ``cfg`` (see the module doc); returns ``{scope: mined file}`` (+ ``"subset"``).
 
     Args:
         encoder: a loaded ``UMarvel`` (default: ``cfg.model`` loaded with INFERENCE style).
+        overwrite: replace the files of another mining run in ``cfg.output`` (otherwise refused).
+        check_images: check every referenced image before encoding anything.
     """
+    with start_mine_run(cfg, overwrite=overwrite, encoder=encoder):  # checks + the output folder (lock, identity)
+        return _mine(cfg, encoder, check_images)
+
+
+def _mine(cfg: MineConfig, encoder, check_images: bool) -> dict[str, Path]:
     # lazy: commands.mine imports this module, and `umarvel --help` stays free of torch (tests/cli; measured:
     # `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with these at the top)
     from umarvel.api import UMarvel
@@ -335,6 +346,8 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
     modality_of = {c.did: c.modality for c in pool}
     table = read_instructions(cfg.path(cfg.instructions))
     gt = load_gt_docs(cfg, rows, tasks)
+    if check_images:  # before anything is encoded
+        scan_images(_image_refs(cfg, rows, pools), what="train queries and pool")
     enc = dict(fingerprint=fp, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
     device = cfg.device or (str(getattr(encoder, "device", "")) or None)
     settings = {"fingerprint": fp, "top_k": cfg.top_k, "instruction": cfg.instruction, "seed": cfg.seed,
@@ -395,6 +408,13 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
                                         "global_pool_size": len(glob) if glob is not None else None,
                                         "pools": {pool_name(k): len(v) for k, v in pools.items()}})
     return results
+
+
+def _image_refs(cfg: MineConfig, rows: TrainRows, pools: dict) -> Iterator[tuple[str, str]]:
+    """``(image, where)`` of the queries and pool candidates about to be encoded."""
+    yield from ((q.image, f"{rows.path}:{line} query {q.qid}") for q, line in zip(rows.queries, rows.lines) if q.image)
+    for members in pools.values():
+        yield from ((c.image, f"{cfg.path(cfg.pool)}: candidate {c.did}") for c in members if c.image)
 
 
 __all__ = ["MineConfig", "TrainRows", "SCOPES", "task_of", "partition_train_queries",

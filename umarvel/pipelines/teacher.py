@@ -32,7 +32,9 @@ from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, list_tasks
 from umarvel.data.runfiles import TEACHER_FILE, TeacherRow, iter_mined, write_teacher
 from umarvel.pipelines.mining import partition_train_queries
+from umarvel.pipelines.preflight import start_teacher_run
 from umarvel.rerank.fusion import teacher_fuse, teacher_weight
+from umarvel.utils.checks import scan_images
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -96,15 +98,23 @@ def _shard_path(out: Path, index: int) -> Path:
     return out / PARTS_DIR / f"shard_{index:05d}.json"
 
 
-def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
+def build_teacher_file(cfg: TeacherConfig, reranker=None, *, overwrite: bool = False,
+                       check_images: bool = True) -> Path:
     """Score and fuse (see the module doc); returns the teacher file path.
 
     Args:
         reranker: a :class:`~umarvel.rerank.model.LoadedReranker` (default: load ``cfg.reranker``).
+        overwrite: replace the files of another teacher run in ``cfg.output`` (otherwise refused).
+        check_images: check the images of the queries and mined candidates before scoring anything.
     Raises:
         DataError: a mined line not aligned with its query row, a query with fewer than ``top_k`` mined
             candidates, or a candidate missing from the pool.
     """
+    with start_teacher_run(cfg, overwrite=overwrite, reranker=reranker):  # checks + the output folder (lock, identity)
+        return _build_teacher_file(cfg, reranker, check_images)
+
+
+def _build_teacher_file(cfg: TeacherConfig, reranker, check_images: bool) -> Path:
     # lazy: commands.teacher imports this module, and `umarvel --help` stays free of torch (tests/cli)
     from umarvel.dist import device_for_rank
     from umarvel.rerank.model import load_reranker
@@ -133,6 +143,10 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
                 "max_pixels": cfg.max_pixels, "seed": cfg.seed, "instruction": cfg.instruction,
                 "mined": hashlib.sha256(Path(cfg.mined).read_bytes()).hexdigest()[:16]}
 
+    if check_images:  # before anything is scored
+        scan_images(((im, f"{cfg.queries}: query {q.qid}") for q in queries if (im := q.image)), what="queries")
+        scan_images(((im, f"{cfg.mined}: candidate {d}") for dids, _ in mined.values() for d in dids
+                     if d in pool and (im := pool[d].image)), what="mined candidates")
     p_yes: dict[str, list[float]] = {}
     shards = [queries[i:i + cfg.shard_queries] for i in range(0, len(queries), cfg.shard_queries)]
     for s, shard in enumerate(shards):

@@ -13,7 +13,9 @@ replicated: the LoRA optimizer state is small).
 
 Output folder (the trainer's layout): ``checkpoints/step-N`` + ``latest`` (resumable), then ``adapter/``
 (final LoRA + tokenizer), with ``save_merged`` ``merged/`` (LoRA merged in the training dtype, D13),
-``train_history.json`` (loss per optimizer step), ``resolved_config.yaml`` and ``tb/``.
+``train_history.json`` (loss per optimizer step), ``resolved_config.yaml`` and ``tb/``; ``run_identity.json``
+and the lock of :mod:`umarvel.utils.runs` (a folder holding another reranker run is refused unless
+``--overwrite``).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from umarvel.model.loading import save_checkpoint
 from umarvel.rerank.data import RerankBatchCollator, RerankTrainDataset, build_train_dataset
 from umarvel.rerank.model import attach_reranker_lora, load_reranker
 from umarvel.train.trainer import LoopConfig, Trainer, TrainerCallback
+from umarvel.utils.checks import check_device
+from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, claim_on_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -245,15 +249,47 @@ def loop_config(cfg: RerankTrainConfig) -> LoopConfig:
                       micro_batch_size=t.per_device_queries * 2, dtype=cfg.model.dtype)
 
 
+#: What a reranker run writes into its folder (removed by ``overwrite``).
+RERANK_OUTPUTS = ("checkpoints", "adapter", "merged", "tb", "train_history.json")
+#: Keys that do not change the trained weights or only extend the run; the input paths are compared by content.
+RERANK_IGNORE = ("train.output_dir", "train.resume", "train.max_steps", "train.num_train_epochs", "train.device",
+                 "train.report_to", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+                 "train.save_merged", "model.attn_implementation", "model.gradient_checkpointing", "data.num_workers",
+                 "model.init_from", "data.mbeir_root", "data.mined", "data.queries", "data.pool", "data.instructions")
+
+
+def rerank_identity(cfg: RerankTrainConfig) -> RunIdentity:
+    """The identity of a reranker run: its config (minus :data:`RERANK_IGNORE`) and the content of its inputs."""
+    d = cfg.data
+    root = Path(d.mbeir_root)
+    files = {f"data.{k}": root / getattr(d, k) for k in ("mined", "queries", "pool", "instructions")}
+    return RunIdentity.build("rerank-train", cfg, ignore=RERANK_IGNORE,
+                             inputs={"model.init_from": cfg.model.init_from, **files})
+
+
+def start_rerank_run(cfg: RerankTrainConfig, *, overwrite: bool = False) -> RunClaim | NoClaim:
+    """Before the reranker loads: the device exists, and rank 0 claims ``train.output_dir`` (lock + run
+    identity, as :func:`umarvel.train.preflight.start_stage_run`): a folder holding another reranker run is
+    refused unless ``overwrite`` (start over) or an explicit ``train.resume=<checkpoint>``."""
+    check_device(cfg.train.device, "train.device")
+    explicit = cfg.train.resume not in ("auto", "never")
+    return claim_on_rank0(cfg.train.output_dir, rerank_identity(cfg), overwrite=overwrite, accept_changes=explicit,
+                          outputs=RERANK_OUTPUTS, what="train.output_dir",
+                          override_hint="rerun with --overwrite to discard it and start over, or with "
+                                        "train.resume=<its checkpoint> to continue from its weights")
+
+
 def train_reranker(cfg: RerankTrainConfig, dataset: RerankTrainDataset | None = None,
-                   callbacks: Sequence[TrainerCallback] = ()) -> Path:
+                   callbacks: Sequence[TrainerCallback] = (), *, overwrite: bool = False) -> Path:
     """Train a reranker LoRA as configured (``umarvel rerank train``); returns the output folder.
 
     ``dataset``: an already built :class:`umarvel.rerank.data.RerankTrainDataset` (tests); by default it
-    is read from ``cfg.data``.
+    is read from ``cfg.data``. The output folder is claimed first (:func:`start_rerank_run`) and released
+    when the run ends.
     """
-    device = dist.device_for_rank(cfg.train.device)
-    with dist.process_group(device):
-        device = torch.device(device)
-        Trainer(RerankTask(cfg, device, dataset), loop_config(cfg), device, callbacks).train()
+    with start_rerank_run(cfg, overwrite=overwrite):
+        device = dist.device_for_rank(cfg.train.device)
+        with dist.process_group(device):
+            device = torch.device(device)
+            Trainer(RerankTask(cfg, device, dataset), loop_config(cfg), device, callbacks).train()
     return Path(cfg.train.output_dir)

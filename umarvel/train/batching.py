@@ -19,6 +19,7 @@ of ``chunk_size``) for parity tests and the benchmark.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -29,7 +30,7 @@ from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokeniz
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import ImageBudget, load_image
 from umarvel.data.packing import PackedCollator, plan_packs
-from umarvel.train.datasets import TrainDataset, TrainExample
+from umarvel.train.datasets import TrainDataset, TrainExample, row_source
 
 
 def example_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -93,7 +94,8 @@ class ExampleSource(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> TrainExample:
         epoch, index = key
-        return self.dataset.example(index, example_rng(self.seed, epoch, index))
+        ex = self.dataset.example(index, example_rng(self.seed, epoch, index))
+        return dataclasses.replace(ex, source=row_source(self.dataset, index)) if not ex.source else ex
 
 
 @dataclass
@@ -125,6 +127,15 @@ class StepBatch:
         return [self.num_queries] * (1 + self.num_columns)
 
 
+def _side_label(ex: TrainExample, k: int) -> str:
+    """``training row FILE:LINE query QID`` / ``... candidate DID of query QID`` (image error messages)."""
+    row = f"training row {ex.source}" if ex.source else "training example"
+    if k < 0:
+        return f"{row} query {ex.query_id}" if ex.query_id else f"{row} query"
+    cid = ex.candidate_ids[k] if k < len(ex.candidate_ids) else None
+    return f"{row} candidate {cid}" if cid else f"{row} candidate {k}"
+
+
 class PairCollator:
     """``list[TrainExample] -> StepBatch`` (runs in DataLoader workers: image loading, tokenisation, padding).
 
@@ -152,14 +163,15 @@ class PairCollator:
         if any(len(e.candidates) != columns for e in examples):
             raise ValueError("all examples of a batch need the same number of candidates")
         sides = [e.query for e in examples] + [e.candidates[k] for k in range(columns) for e in examples]
+        owners = [(e, -1) for e in examples] + [(e, k) for k in range(columns) for e in examples]
         cache: dict[str, object] = {}
         out = []
-        for s in sides:
+        for s, (ex, k) in zip(sides, owners):
             if s.image is None:
                 out.append(EmbedInput(s.text))
                 continue
             if s.image not in cache:
-                cache[s.image] = load_image(s.image, self.budget, what="training example")
+                cache[s.image] = load_image(s.image, self.budget, what=_side_label(ex, k))
             out.append(EmbedInput(s.text, (cache[s.image],)))
         return out
 

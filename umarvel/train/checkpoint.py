@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -80,8 +81,12 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
 
 
 def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states, in types ``torch.load(weights_only=True)`` accepts
+    (numpy's key array as an int64 tensor, its other fields as plain numbers)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -89,7 +94,12 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.int64).astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+    else:
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -100,11 +110,17 @@ def save_rng(folder: Path, rank: int) -> None:
 
 
 def load_rng(folder: Path, rank: int) -> None:
+    """Restore this rank's RNG states (``weights_only=True``: a checkpoint file cannot run code)."""
     f = folder / f"rng_rank{rank}.pt"
     if not f.is_file():
         logger.warning("%s missing (world size changed?); RNG not restored on rank %d", f, rank)
         return
-    set_rng_state(torch.load(f, weights_only=False))
+    try:
+        state = torch.load(f, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{f}: not loadable as plain tensors ({str(exc).splitlines()[0]}); written by an "
+                              "older umarvel? delete it to resume without restoring the RNG") from None
+    set_rng_state(state)
 
 
 def write_state(folder: Path, state: dict) -> None:
@@ -130,6 +146,10 @@ def load_trainable(folder: Path, named_params: list[tuple[str, torch.nn.Paramete
         missing, extra = sorted(names - set(saved))[:3], sorted(set(saved) - names)[:3]
         raise CheckpointError(f"{folder}/trainable.pt does not match the model (missing {missing}, extra {extra}); "
                               "was it written with another LoRA config?")
+    wrong = [f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}" for n, p in named_params if saved[n].shape != p.shape]
+    if wrong:
+        raise CheckpointError(f"{folder}/trainable.pt has other tensor shapes than the model ({'; '.join(wrong[:2])}"
+                              f"{'; ...' if len(wrong) > 2 else ''}): written with another LoRA rank (lora.r)?")
     with torch.no_grad():
         for n, p in named_params:
             p.copy_(saved[n].to(p.device, p.dtype))

@@ -18,6 +18,7 @@ new knobs, a field with a default here (old YAML files stay valid).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -48,6 +49,10 @@ class ModelSection:
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
 
+    def __post_init__(self) -> None:
+        if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
+            raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
+
 
 @dataclass(frozen=True)
 class LoraSection:
@@ -71,6 +76,12 @@ class TemperatureSection:
     learnable: bool = False
     min: float = 1e-3
     max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min <= self.max:
+            raise ValueError(f"need 0 < min <= max, got min={self.min} max={self.max}")
+        if self.init != "carry" and not (math.isfinite(self.init) and self.init > 0.0):
+            raise ValueError(f"init must be a positive number or 'carry', got {self.init}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,14 @@ class DataSection:
     max_examples: int | None = None
     num_workers: int = 2
     group_by_length: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("num_hard_negatives", "hard_negative_skip_top", "num_candidates", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("max_text_tokens", "max_examples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -213,6 +232,27 @@ class TrainSection:
             raise ValueError(f"checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
         if self.save_steps < 1 or self.logging_steps < 1:
             raise ValueError("save_steps and logging_steps must be >= 1")
+        _check_train_numbers(self)
+
+
+def _check_train_numbers(t: "TrainSection") -> None:
+    """Optimiser numbers: a clear ValueError (the config reports it with the key) instead of a later crash."""
+    positive = {"learning_rate": t.learning_rate, "num_epochs": t.num_epochs, "adam_epsilon": t.adam_epsilon,
+                "max_grad_norm": t.max_grad_norm}
+    for key, value in positive.items():
+        if not (math.isfinite(value) and value > 0.0):
+            raise ValueError(f"{key} must be a positive number, got {value}")
+    if not 0.0 <= t.warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0.0):
+        raise ValueError(f"weight_decay must be >= 0, got {t.weight_decay}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), got {getattr(t, key)}")
+    if t.save_total_limit < 0:
+        raise ValueError(f"save_total_limit must be >= 0, got {t.save_total_limit}")
+    if t.chunk_tokens is not None and t.chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 or null, got {t.chunk_tokens}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from umarvel.train.batching import ExampleSource, PairCollator, StepBatch, StepS
 from umarvel.train.config import StageConfig
 from umarvel.train.datasets import build_dataset
 from umarvel.train.objectives import build_objective
+from umarvel.train.preflight import start_stage_run
 from umarvel.train.trainer import LoopConfig, Trainer, TrainerCallback, TrainState
 
 logger = logging.getLogger(__name__)
@@ -237,8 +238,19 @@ def stage_trainer(cfg: StageConfig, model=None, callbacks: Sequence[TrainerCallb
     return Trainer(EmbeddingTask(cfg, device, model), loop_config(cfg), device, callbacks)
 
 
-def run_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainState:
-    """Train one stage end to end (the ``umarvel train`` command)."""
-    device = udist.device_for_rank(cfg.train.device)
-    with udist.process_group(device):
-        return stage_trainer(cfg, callbacks=callbacks).train()
+def run_stage(cfg: StageConfig, callbacks: Sequence[TrainerCallback] = (), *, overwrite: bool = False,
+              check_images: bool = True) -> TrainState:
+    """Train one stage end to end (the ``umarvel train`` command).
+
+    Before the model loads, :func:`umarvel.train.preflight.start_stage_run` checks the config, the data and
+    its images, and claims ``train.output_dir`` (lock + run identity; ``overwrite`` discards the run the
+    folder holds and starts over); the claim is released when the run ends.
+    """
+    claim = start_stage_run(cfg, overwrite=overwrite, check_images=check_images)
+    try:
+        device = udist.device_for_rank(cfg.train.device)
+        with udist.process_group(device):
+            return stage_trainer(cfg, callbacks=callbacks).train()
+    finally:
+        if claim is not None:
+            claim.release()

@@ -454,7 +454,7 @@ class Trainer:
             self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
         else:
             ckpt.load_trainable(path, self.named_trainable)
-            opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+            opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
         ckpt.load_rng(path, self.rank)

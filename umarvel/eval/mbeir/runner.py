@@ -31,7 +31,7 @@ import time
 from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from umarvel.data.registry import (
     Task, get_task, resolve_tasks,
 )
 from umarvel.eval.search import make_searcher
+from umarvel.utils.checks import scan_images
 from umarvel.utils.compat import DEFAULT, is_official
 from umarvel.utils.io import atomic_write_json
 
@@ -346,7 +347,7 @@ def _default_search_device(encoder: Any) -> Any:
 
 
 def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache | None = None,
-                   model_name: str | None = None) -> MBeirEvalResult:
+                   model_name: str | None = None, check_images: bool = True) -> MBeirEvalResult:
     """Evaluate ``encoder`` on M-BEIR (``cfg.protocol``) and write the outputs into ``cfg.output``.
 
     Every rank reads the data and encodes its share of each cache entry (torchrun); rank 0 then
@@ -357,6 +358,7 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         cfg: the run settings.
         cache: an existing cache object (default: ``EmbeddingCache(cfg.resolved_cache_dir())``).
         model_name: the ``model`` written into results.json (default: ``cfg.model`` resolved).
+        check_images: check every referenced image (exists, readable header) before encoding anything.
     Raises:
         DataError: missing files of requested tasks, malformed records, unknown positive ids (unless
             ``allow_missing``), an empty pool or query file, a missing image file.
@@ -409,6 +411,9 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
                             where=f"{t.name} ({cfg.split}) against the global pool")
         data[t.name] = d
 
+    if check_images:  # before anything is encoded (each rank checks its share)
+        scan_images(_image_refs(root, cfg.split, tasks, data, pools, pool_files), what="M-BEIR queries and pools",
+                    shard=(dist.get_rank(), dist.get_world_size()))
     # Encode (every rank takes its share of each entry; cache entries are shared across protocols).
     fp = encoder.fingerprint()
     batch_size = OFFICIAL_BATCH_SIZE if is_official(cfg.compat) else cfg.batch_size
@@ -471,6 +476,17 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
     return result
 
 
+def _image_refs(root: Path, split: str, tasks: Sequence[Task], data: Mapping[str, TaskData],
+                pools: Mapping[str, list[Candidate]], pool_files: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+    """``(image, "file: query|candidate id")`` of every record about to be encoded."""
+    for t in tasks:
+        where = root / t.files(split).queries
+        yield from ((q.image, f"{where}: query {q.qid}") for q in data[t.name].queries if q.image)
+    for n, rel in pool_files.items():
+        recs = data[n].pool if n in data else pools[n]
+        yield from ((c.image, f"{root / rel}: candidate {c.did}") for c in recs if c.image)
+
+
 # ---------------------------------------------------------------------------------- model + torchrun
 def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
     """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in
@@ -479,7 +495,7 @@ def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
                                    compat=cfg.compat)
 
 
-def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
+def run_mbeir_eval(cfg: MBeirEvalConfig, *, check_images: bool = True) -> MBeirEvalResult:
     """Load the model and evaluate (the commands' entry point); torchrun-aware.
 
     The resolved config written next to the results records the device and dtype actually used.
@@ -490,7 +506,7 @@ def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
         resolved = dataclasses.replace(cfg, device=str(device), dtype=str(encoder.settings.dtype),
                                        cache_dir=str(cfg.resolved_cache_dir().resolve()),
                                        search_device=cfg.search_device or str(device))
-        return evaluate_mbeir(encoder, resolved)
+        return evaluate_mbeir(encoder, resolved, check_images=check_images)
 
 
 __all__ = [

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from umarvel.errors import DataError
-from umarvel.utils.io import read_json
+from umarvel.utils.io import open_text, read_json
 from umarvel.eval.zeroshot.types import MissingSetData, ZSItem
 
 
@@ -68,11 +68,8 @@ def load_torch_plain(path: Path) -> Any:
 
 def read_text_first_line(path: Path) -> str:
     """First line of a UTF-8 text file, without the newline."""
-    try:
-        with path.open("r", encoding="utf-8") as fh:
-            return fh.readline().rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    with open_text(path) as fh:
+        return fh.readline().rstrip("\r\n")
 
 
 def official_order(items: Sequence[ZSItem], key: Callable[[ZSItem], str]) -> tuple[tuple[ZSItem, ...], list[int]]:

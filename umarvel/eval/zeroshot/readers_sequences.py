@@ -13,6 +13,7 @@ from umarvel.errors import DataError
 from umarvel.eval.zeroshot import instructions as ins
 from umarvel.eval.zeroshot._io import expect, load_json, load_plain_pickle, official_order, require_dir, require_file
 from umarvel.eval.zeroshot.types import RetrievalSet, ZSItem
+from umarvel.utils.io import open_text
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def read_msvd(root: str | Path) -> RetrievalSet:
     list_path = require_file(name, base / "test_list.txt")
     cap_path = require_file(name, base / "raw-captions.pkl")
     clip_dir = require_dir(name, base / "YouTubeClips")
-    vids = [v.strip() for v in list_path.read_text(encoding="utf-8").splitlines() if v.strip()]
+    with open_text(list_path) as fh:
+        vids = [v.strip() for v in fh.read().splitlines() if v.strip()]
     caps = load_plain_pickle(cap_path)
     expect(isinstance(caps, dict), cap_path, "expected a dict video id -> captions")
     pairs = []
@@ -179,7 +181,7 @@ def read_msrvtt(root: str | Path) -> RetrievalSet:
     csv_path = require_file(name, base / "annotations" / "MSRVTT_JSFUSION_test.csv")
     vid_dir = require_dir(name, base / "videos")
     pairs = []
-    with csv_path.open("r", encoding="utf-8", newline="") as fh:
+    with open_text(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"video_id", "sentence"} <= set(reader.fieldnames):
             raise DataError(f"{csv_path}:1: header needs 'video_id' and 'sentence', got {reader.fieldnames}")
