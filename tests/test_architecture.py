@@ -170,3 +170,41 @@ def test_checker_catches_upward_imports_and_cycles(tmp_path):
     assert any("umarvel.data.x (layer 1) imports umarvel.eval.search" in b for b in bad)
     assert any("umarvel.eval.m imports umarvel.rerank.model (forbidden" in b for b in bad)
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def function_level_imports_without_reason(path: Path) -> list[str]:
+    """``umarvel`` imports inside functions of ``path`` whose function gives no ``# lazy:`` reason.
+
+    Imports belong at module top; a function may import lazily only with a measured reason (keeping the CLI
+    and ``import umarvel`` free of torch, say), written as a ``# lazy: ...`` comment on one of its imports.
+    """
+    src = path.read_text(encoding="utf-8")
+    lines = src.splitlines()
+    bad = []
+    for fn in ast.walk(ast.parse(src)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        imports = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        ours = [n for n in imports
+                if (n.module if isinstance(n, ast.ImportFrom) else n.names[0].name or "").startswith("umarvel")]
+        has_reason = any("# lazy" in lines[i] for n in imports for i in range(n.lineno - 1, n.end_lineno))
+        if ours and not has_reason:
+            bad.extend(f"{path.relative_to(PKG.parent)}:{n.lineno}" for n in ours)
+    return bad
+
+
+def test_imports_at_module_top_unless_a_reason_is_given():
+    bad = [b for p in sorted(PKG.rglob("*.py")) for b in function_level_imports_without_reason(p)]
+    assert not bad, "function-level umarvel imports without a '# lazy: <reason>' comment:\n" + "\n".join(bad)
+
+
+def test_lazy_import_checker(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from umarvel.api import UMarvel\n\n\ndef g():\n"
+                   "    import torch  # lazy: keeps the CLI start-up free of torch\n    from umarvel import dist\n")
+    original = PKG
+    try:
+        globals()["PKG"] = tmp_path / "pkg"
+        assert function_level_imports_without_reason(src) == ["m.py:2"]
+    finally:
+        globals()["PKG"] = original

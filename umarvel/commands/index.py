@@ -73,7 +73,7 @@ def add_subparser(sub) -> None:
 
 def _backend_params(args: argparse.Namespace) -> dict:
     """The faiss options given on the command line (only those set), checked against the backend."""
-    from umarvel.errors import ConfigError
+    from umarvel.errors import ConfigError  # lazy: keeps the CLI start-up free of torch
 
     names = {"ivf": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_construction", "ef_search")}
     given = {k: getattr(args, k) for k in ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
@@ -87,7 +87,7 @@ def _backend_params(args: argparse.Namespace) -> dict:
 
 def run_build(args: argparse.Namespace) -> int:
     """``umarvel index build``."""
-    from umarvel.api import UMarvel
+    from umarvel.api import UMarvel  # lazy: keeps the CLI start-up free of torch
     from umarvel import dist
     from umarvel.index import Index, read_items
     from umarvel.index.core import check_new_index, claim_build
@@ -109,7 +109,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_add(args: argparse.Namespace) -> int:
     """``umarvel index add``."""
-    from umarvel import dist
+    from umarvel import dist  # lazy: keeps the CLI start-up free of torch
     from umarvel.index import Index, read_items
     from umarvel.index.core import lock_index
 

@@ -75,7 +75,7 @@ def meta_path(scores_path: str | Path) -> Path:
 
 def run_train(args: argparse.Namespace) -> int:
     """Load the reranker config (strict) and train."""
-    from umarvel.config import load_config
+    from umarvel.config import load_config  # lazy: keeps the CLI start-up free of torch
     from umarvel.rerank.train import RerankTrainConfig, train_reranker
 
     cfg = load_config(args.config, RerankTrainConfig, args.overrides)
@@ -86,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _records(args: argparse.Namespace):
     """Queries (with instructions), pool and qrels path for ``score``."""
-    from umarvel.data import mbeir as R
+    from umarvel.data import mbeir as R  # lazy: keeps the CLI start-up free of torch
     from umarvel.data.registry import MBEIR_INSTRUCTIONS, get_task
 
     root = Path(args.mbeir_root)
@@ -111,7 +111,7 @@ def _records(args: argparse.Namespace):
 
 def run_score(args: argparse.Namespace) -> int:
     """Score the top-k of a run and write ``{qid: [p_yes]}`` and its meta sidecar atomically."""
-    from umarvel.data.runfiles import read_trec_run
+    from umarvel.data.runfiles import read_trec_run  # lazy: keeps the CLI start-up free of torch
     from umarvel.rerank.model import load_reranker
     from umarvel.rerank.score import score_run
     from umarvel.utils.io import atomic_write_json
@@ -135,7 +135,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def load_rerank_results(scores_path: str | Path):
     """A :class:`~umarvel.rerank.fusion.RerankResults` from a score file, its meta, run and qrels."""
-    from umarvel.data.mbeir import read_qrels
+    from umarvel.data.mbeir import read_qrels  # lazy: keeps the CLI start-up free of torch
     from umarvel.data.registry import get_task
     from umarvel.data.runfiles import read_trec_run
     from umarvel.rerank.fusion import RerankedQuery, RerankResults
@@ -162,7 +162,7 @@ def load_rerank_results(scores_path: str | Path):
 
 def run_fuse(args: argparse.Namespace) -> int:
     """Fuse one run, or choose the weight on validation score files."""
-    from umarvel.rerank.fusion import DEFAULT_FUSION_WEIGHT, DEFAULT_GRID, choose_weight, fuse_results
+    from umarvel.rerank.fusion import DEFAULT_FUSION_WEIGHT, DEFAULT_GRID, choose_weight, fuse_results  # lazy: keeps the CLI start-up free of torch
 
     if args.choose_weight:
         if not args.val_scores:

@@ -55,7 +55,7 @@ def add_subparser(sub) -> None:
 
 def read_queries(args: argparse.Namespace) -> list[dict]:
     """The queries of the command line or of ``--queries`` (checked; ``task`` resolved to an instruction)."""
-    from umarvel.errors import ConfigError, DataError, ImageLoadError
+    from umarvel.errors import ConfigError, DataError, ImageLoadError  # lazy: keeps the CLI start-up free of torch
     from umarvel.index.tasks import task_instruction
     from umarvel.utils.io import iter_jsonl
 
@@ -96,7 +96,7 @@ def read_queries(args: argparse.Namespace) -> list[dict]:
 
 def format_table(query: dict, hits: list) -> str:
     """The human-readable listing of one query's hits."""
-    from umarvel.index.html import snippet
+    from umarvel.index.html import snippet  # lazy: keeps the CLI start-up free of torch
 
     head = " | ".join(f"{k}: {query[k]}" for k in ("id", "text", "image", "instruction") if query.get(k))
     lines = [f"query {head}"]
@@ -110,7 +110,7 @@ def format_table(query: dict, hits: list) -> str:
 
 def _broadcast(obj):
     """Rank 0's object on every rank (identity without a process group)."""
-    from umarvel.dist import is_dist
+    from umarvel.dist import is_dist  # lazy: keeps the CLI start-up free of torch
 
     if not is_dist():
         return obj
@@ -123,7 +123,7 @@ def _broadcast(obj):
 
 def run(args: argparse.Namespace) -> int:
     """Encode the queries, search, print / write the hits."""
-    from umarvel.errors import ConfigError
+    from umarvel.errors import ConfigError  # lazy: keeps the CLI start-up free of torch
     from umarvel.index.tasks import format_task_list
 
     if args.list_tasks:
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(args: argparse.Namespace, queries: list[dict], results: list) -> None:
     """stdout (table or JSON lines), ``--output`` JSONL and ``--html`` page."""
-    from umarvel.utils.io import write_jsonl
+    from umarvel.utils.io import write_jsonl  # lazy: keeps the CLI start-up free of torch
 
     records = [{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(queries, results)]
     if args.json:

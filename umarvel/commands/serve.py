@@ -32,7 +32,7 @@ def add_subparser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the index and model, then serve until interrupted."""
-    from umarvel.errors import ConfigError
+    from umarvel.errors import ConfigError  # lazy: keeps the CLI start-up free of torch
     from umarvel import dist
     from umarvel.index import Index
     from umarvel.index.server import SearchApp, make_server

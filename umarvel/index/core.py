@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from umarvel.api import UMarvel
 from umarvel.data.images import open_image
 from umarvel.dist import barrier, get_rank, get_world_size, is_dist
 from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
@@ -453,8 +454,6 @@ class Index:
                    dtype: str | None = None) -> Any:
         """``UMarvel.from_pretrained`` of the index's model (or ``model_path``) with the recorded encode
         settings (dtype, pixel budget, attention, positions), checked against the index's fingerprint."""
-        from umarvel.api import UMarvel
-
         path = model_path or self.model_path
         if not path:
             raise CheckpointError(f"{self.path}: no model recorded in {INDEX_JSON}; pass a model (--model)")

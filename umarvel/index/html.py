@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 
 from umarvel.data.mbeir import parse_candidate, read_qrels, read_queries
 from umarvel.data.registry import MBEIR_TASK_ORDER, get_task
+from umarvel.errors import UMarvelError
 from umarvel.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -362,8 +363,6 @@ def write_demo_retrievals(output: Path, mbeir_root: Path, evals: Path, stages: S
                           protocol: str = "global") -> Path | None:
     """``<output>/retrievals.html`` of ``umarvel demo``: the same test queries after each stage (evaluation
     folders ``<evals>/<key>_test/<protocol>``); a failure is logged, never fatal to the demo."""
-    from umarvel.errors import UMarvelError
-
     try:
         return write_stage_page(Path(output) / "retrievals.html", mbeir_root, "test",
                                 [(label, Path(evals) / f"{key}_test" / protocol) for label, key in stages])

@@ -318,7 +318,7 @@ def mine(cfg: MineConfig, encoder=None, *, overwrite: bool = False, check_images
 def _mine(cfg: MineConfig, encoder, check_images: bool) -> dict[str, Path]:
     # lazy: commands.mine imports this module, and `umarvel --help` stays free of torch (tests/cli; measured:
     # `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with these at the top)
-    from umarvel.api import UMarvel
+    from umarvel.api import UMarvel  # lazy: the CLI imports this module for its config (no torch at start-up)
     from umarvel.dist import device_for_rank
     from umarvel.eval.cache import EmbeddingCache, concat_cached
     from umarvel.eval.mbeir.runner import encode_records, search_embeddings

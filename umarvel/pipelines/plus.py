@@ -123,7 +123,7 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
         DataError: a missing run file, or run candidates / queries unknown to the M-BEIR files.
     """
     # lazy: commands.eval_plus imports this module, and `umarvel --help` stays free of torch (tests/cli)
-    from umarvel.dist import device_for_rank
+    from umarvel.dist import device_for_rank  # lazy: the CLI imports this module for its config (no torch at start-up)
     from umarvel.eval.mbeir.runner import CONFIG_FILE, RUNS_DIR, _union_modalities
     from umarvel.rerank.model import load_reranker
     from umarvel.rerank.score import score_run

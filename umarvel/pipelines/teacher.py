@@ -116,7 +116,7 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None, *, overwrite: bool = F
 
 def _build_teacher_file(cfg: TeacherConfig, reranker, check_images: bool) -> Path:
     # lazy: commands.teacher imports this module, and `umarvel --help` stays free of torch (tests/cli)
-    from umarvel.dist import device_for_rank
+    from umarvel.dist import device_for_rank  # lazy: the CLI imports this module for its config (no torch at start-up)
     from umarvel.rerank.model import load_reranker
     from umarvel.rerank.score import pair_from_records, score_pairs
 

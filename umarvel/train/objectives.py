@@ -18,6 +18,7 @@ from torch import Tensor
 from umarvel import dist as udist
 from umarvel.errors import ConfigError
 from umarvel.train import losses as L
+from umarvel.train.distill import DistillObjective
 
 
 class InfoNCEObjective:
@@ -77,8 +78,6 @@ def _same_space(batch) -> bool:
 
 def _distill_objective(loss_cfg):
     """Stage 5 (imported on first use)."""
-    from umarvel.train.distill import DistillObjective
-
     return DistillObjective(loss_cfg)
 
 

@@ -25,8 +25,10 @@ from typing import Iterator
 
 import yaml
 
+from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 from umarvel.errors import ConfigError, EnvError
 from umarvel.model.loading import check_checkpoint_dir
+from umarvel.train.checkpoint import latest_checkpoint
 from umarvel.train.config import StageConfig
 from umarvel.train.datasets import Cc3mDataset, MbeirTrainDataset, prepare_dataset
 from umarvel.utils.checks import check_device, check_input_file, scan_images
@@ -58,8 +60,6 @@ def data_files(cfg: StageConfig) -> dict[str, str | None]:
     d = cfg.data
     files: dict[str, str | None] = {"data.path": d.path, "data.negatives": d.negatives, "data.scores": d.scores}
     if d.kind.startswith("mbeir") and d.root:
-        from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
-
         root = Path(d.root)
         files.update({"data.path": d.path or str(root / MBEIR_UNION_TRAIN_QUERIES),
                       "data.pool": d.pool or str(root / MBEIR_UNION_POOLS["train"]),
@@ -91,8 +91,6 @@ def check_stage_config(cfg: StageConfig) -> None:
 def _recorded_config(output_dir: Path) -> dict | None:
     """A run folder written before run identities existed: the config saved with its newest checkpoint
     (or its merged model), as a recorded identity to compare with."""
-    from umarvel.train.checkpoint import latest_checkpoint
-
     try:
         last = latest_checkpoint(output_dir)
     except Exception:  # noqa: BLE001 - a broken pointer: nothing to compare with

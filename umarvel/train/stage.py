@@ -18,13 +18,20 @@ from typing import Callable, Sequence
 import torch
 
 from umarvel import dist as udist
+from umarvel.api import UMarvel
+from umarvel.config import save_resolved
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import ImageBudget
 from umarvel.data.packing import to_device
 from umarvel.errors import ConfigError
+from umarvel.model.checkpointing import set_activation_checkpointing
+from umarvel.model.loading import resolve_dtype
+from umarvel.model.lora import attach_lora, merge_lora, save_lora, set_lora_compute
 from umarvel.train.batching import ExampleSource, PairCollator, StepBatch, StepSampler
 from umarvel.train.config import StageConfig
 from umarvel.train.datasets import build_dataset
+from umarvel.train.grad_cache import grad_cache_step
+from umarvel.train.losses import initial_temperature
 from umarvel.train.objectives import build_objective
 from umarvel.train.preflight import start_stage_run
 from umarvel.train.trainer import LoopConfig, Trainer, TrainerCallback, TrainState
@@ -58,8 +65,6 @@ class EmbeddingTask:
 
     # ------------------------------------------------------------------------------------------- setup
     def _load_model(self):
-        from umarvel.api import UMarvel
-
         m = self.cfg.model
         return UMarvel.from_pretrained(self.cfg.init_from, device=self.device, dtype=m.dtype,
                                        min_pixels=m.min_pixels, max_pixels=m.max_pixels,
@@ -69,10 +74,6 @@ class EmbeddingTask:
     def _prepare_model(self) -> None:
         """D2 temperature, fresh LoRA (same init on every rank), LoRA compute dtype, activation checkpointing,
         train mode."""
-        from umarvel.model.checkpointing import set_activation_checkpointing
-        from umarvel.model.lora import attach_lora, set_lora_compute
-        from umarvel.train.losses import initial_temperature
-
         cfg = self.cfg
         tau = initial_temperature(cfg.temperature.init, carried=float(self.embedder.temperature.detach()))
         with torch.no_grad():
@@ -166,8 +167,6 @@ class EmbeddingTask:
     def forward_backward(self, batch: StepBatch, model: torch.nn.Module,
                          backward: Callable[[torch.Tensor], None]) -> tuple[torch.Tensor, dict]:
         """Embed, compute the loss, backpropagate (plain or GradCache). Returns the local detached loss."""
-        from umarvel.train.grad_cache import grad_cache_step
-
         metrics: dict = {"samples": batch.num_queries,
                          "padding_ratio": batch.padded_tokens / max(batch.num_tokens, 1)}
         if self.cfg.train.grad_cache:
@@ -192,7 +191,6 @@ class EmbeddingTask:
         """peft adapter + tokenizer + ``umarvel.json`` (base model, temperature, stage, train dtype)."""
         import json
 
-        from umarvel.model.lora import save_lora
 
         save_lora(self.embedder, folder)
         self.model.tokenizer.save_pretrained(str(folder))
@@ -203,10 +201,6 @@ class EmbeddingTask:
 
     def export_merged(self, folder: Path, adapter: Path, step: int) -> None:
         """Merge the LoRA in the training dtype (D13) and save the next stage's ``init_from``."""
-        from umarvel.config import save_resolved
-        from umarvel.model.loading import resolve_dtype
-        from umarvel.model.lora import merge_lora
-
         self.embedder.eval()
         if self.checkpointing:
             hf = self.embedder.hf_model

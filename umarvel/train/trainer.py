@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from umarvel import dist as udist
 from umarvel.config import save_resolved
+from umarvel.config import _plain  # noqa: PLC2701 - the config as plain dicts
 from umarvel.errors import ConfigError, UMarvelError
 from umarvel.log import progress_disabled
 from umarvel.train import checkpoint as ckpt
@@ -511,7 +512,6 @@ class _Reporters:
             try:
                 import wandb
 
-                from umarvel.config import _plain  # noqa: PLC2701 - the config as plain dicts
 
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "umarvel"), name=name,
                                         config=_plain(config), dir=str(output_dir))
