@@ -1,4 +1,4 @@
-"""The U-MARVEL embedding module: bidirectional Qwen2-VL, mean pooling, L2 normalisation.
+"""The U-MARVEL embedding module: a bidirectional Qwen2-VL (or Qwen2.5-VL / Qwen3-VL), mean pooling, L2 normalisation.
 
 Conventions (method spec section 1, decisions D5/D6; golden README "Parity conditions"):
 - attention is always bidirectional (also for a batch of one and batches without padding): the
@@ -111,33 +111,20 @@ class UMarvelEmbedder(nn.Module):
                       video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states of the language model, (B, L, D).
 
-        Vision features are computed once for all images (videos) of the batch and scattered into
-        the ``<|image_pad|>`` (``<|video_pad|>``) positions.
+        The backbone's :meth:`BackboneSpec.embed_inputs` puts the visual features into the ``<|image_pad|>``
+        / ``<|video_pad|>`` positions and returns what else the language model takes (Qwen3-VL: DeepStack).
         """
-        model, cfg = self.hf_model, self.config
-        inner = self.spec.inner(model)
-        embeds = inner.get_input_embeddings()(input_ids)
-        for pix, grid, token_id, fn in (
-                (pixel_values, image_grid_thw, cfg.image_token_id, self.spec.image_features),
-                (pixel_values_videos, video_grid_thw, cfg.video_token_id, self.spec.video_features)):
-            if pix is None:
-                continue
-            visual = self.spec.visual(model)
-            feats = fn(model, pix.to(next(visual.parameters()).dtype), grid).to(embeds.dtype)
-            slots = (input_ids == token_id).unsqueeze(-1)
-            if int(slots.sum()) != feats.shape[0]:
-                raise ValueError(f"{int(slots.sum())} visual placeholder tokens but {feats.shape[0]} visual features")
-            embeds = embeds.masked_scatter(slots.expand_as(embeds), feats)
+        model = self.hf_model
+        embeds, lm_inputs = self.spec.embed_inputs(model, input_ids, pixel_values, image_grid_thw,
+                                                   pixel_values_videos, video_grid_thw)
         lm = self.spec.language_model(model)
         if self.attention == "bidirectional":
             mask = pad_key_mask(attention_mask, embeds.dtype)
         else:
             mask = _causal_mask(attention_mask, embeds.dtype)
-        layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
-        out = lm(inputs_embeds=embeds, attention_mask={t: mask for t in layer_types},
-                 position_ids=position_ids(self.positions, self.spec, model, input_ids, attention_mask,
-                                           image_grid_thw, video_grid_thw),
-                 use_cache=False)
+        pos = position_ids(self.positions, self.spec, model, input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        out = lm(inputs_embeds=embeds, attention_mask=self.spec.lm_attention_mask(lm, mask, embeds),
+                 position_ids=self.spec.lm_position_ids(pos), use_cache=False, **lm_inputs)
         return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor,

@@ -1,6 +1,7 @@
 """The point-wise reranker: a stock causal Qwen2-VL answering ``Yes`` / ``No`` (method spec section 4).
 
-- Model: stock ``Qwen2VLForConditionalGeneration`` with causal attention and NO added tokens
+- Model: stock ``Qwen2VLForConditionalGeneration`` (or Qwen2.5-VL / Qwen3-VL, whichever ``config.json``
+  names; its own forward, DeepStack included) with causal attention and NO added tokens
   (tokenizer loaded with ``add_umarvel_tokens=False``); LoRA (``task_type=CAUSAL_LM``) on every
   language-model linear, vision tower and merger frozen.
 - Training loss: the HF causal-LM loss (shift by one, mean CE over labels != -100), but vocabulary
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget
-from umarvel.data.processor import BUNDLED_PROCESSOR_DIR, has_processor_files, load_image_processor, load_tokenizer
+from umarvel.data.processor import load_tokenizer
 from umarvel.errors import CheckpointError
 from umarvel.model import loading
 from umarvel.model.backbones import BackboneSpec
@@ -161,11 +162,13 @@ class LoadedReranker:
 
 def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                   adapter: str | os.PathLike | None = None, positions: Positions = "1d",
-                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                  min_pixels: int | None = MIN_PIXELS, max_pixels: int | None = MAX_PIXELS,
                   attn_implementation: str = "sdpa", trainable_adapter: bool = False) -> LoadedReranker:
     """Load a reranker checkpoint folder (stock or merged), optionally with a LoRA adapter on top.
 
-    A LoRA adapter folder given as ``path`` loads its base (``base_model_name_or_path``) first.
+    A LoRA adapter folder given as ``path`` loads its base (``base_model_name_or_path``) first. The backbone
+    (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) comes from ``config.json``; the image budget is resolved for it
+    (``ImageBudget.for_backbone``: the 4..300-token defaults keep their token counts on Qwen3-VL).
     """
     import json
 
@@ -182,10 +185,9 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
     if adapter is not None:
         adapters.append(loading.check_checkpoint_dir(adapter))
     model, spec = loading.load_hf_backbone(base, torch_dtype, device, attn_implementation)
-    tok_dir = next((d for d in [*adapters[::-1], base] if has_processor_files(d)), BUNDLED_PROCESSOR_DIR)
+    tok_dir, proc_dir = loading.processor_dirs(Path(base), adapters, spec)
     tokenizer = load_tokenizer(tok_dir, add_umarvel_tokens=False)
-    proc_dir = base if (Path(base) / "preprocessor_config.json").is_file() else BUNDLED_PROCESSOR_DIR
-    image_processor = load_image_processor(proc_dir, min_pixels, max_pixels)
+    image_processor, budget = loading.load_image_processor_for(proc_dir, spec, model, min_pixels, max_pixels)
     yes_id, no_id = answer_token_ids(tokenizer)
     reranker = Reranker(model, spec, yes_id, no_id, positions)
     for a in adapters:
@@ -193,5 +195,4 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
     reranker.to(device).eval()
     logger.info("loaded reranker %s (%s on %s, positions %s, Yes/No ids %d/%d)", p, torch_dtype, device,
                 positions, yes_id, no_id)
-    return LoadedReranker(reranker, tokenizer, image_processor, torch.device(device), torch_dtype, str(p),
-                          ImageBudget(min_pixels, max_pixels))
+    return LoadedReranker(reranker, tokenizer, image_processor, torch.device(device), torch_dtype, str(p), budget)

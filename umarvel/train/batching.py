@@ -26,6 +26,7 @@ import torch
 from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import ImageBudget, load_image
+from umarvel.data.visual import PatchSpec
 from umarvel.train.datasets import TrainDataset, TrainExample
 
 
@@ -129,12 +130,14 @@ class PairCollator:
         tokenizer / image_processor: of the checkpoint. style: suffix / generation-prompt policy.
         budget: image resize budget. mask_instruction: pool without the instruction span.
         chunk_size / chunk_tokens: chunk limits. reference: official layout-order batching (see module doc).
+        patch_spec: the backbone's patch geometry and video layout (``UMarvel.patch_spec``; default: read
+            from ``image_processor``, Qwen2-VL video layout).
     """
 
     def __init__(self, tokenizer, image_processor, style: PromptStyle, budget: ImageBudget = ImageBudget(),
                  mask_instruction: bool = True, chunk_size: int = 32, chunk_tokens: int | None = None,
-                 reference: bool = False):
-        self.tok = EmbeddingTokenizer(tokenizer, style)
+                 reference: bool = False, patch_spec: PatchSpec | None = None):
+        self.tok = EmbeddingTokenizer(tokenizer, style, patch_spec or PatchSpec.from_processor(image_processor))
         self.collator = EmbeddingCollator(tokenizer, image_processor, padding_side="left",
                                           mask_instruction=mask_instruction)
         self.budget = budget

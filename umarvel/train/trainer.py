@@ -154,9 +154,11 @@ class StageTrainer:
     def _collator(self) -> PairCollator:
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
         style = PromptStyle(suffix=d.suffix, image_only_suffix="image", add_generation_prompt=d.add_generation_prompt)
+        spec = self.model.patch_spec
         return PairCollator(self.model.tokenizer, self.model.image_processor, style,
-                            ImageBudget(m.min_pixels, m.max_pixels), mask_instruction=d.mask_instruction,
-                            chunk_size=t.chunk_size, chunk_tokens=t.chunk_tokens)
+                            ImageBudget.for_backbone(m.min_pixels, m.max_pixels, spec.factor),
+                            mask_instruction=d.mask_instruction, chunk_size=t.chunk_size, chunk_tokens=t.chunk_tokens,
+                            patch_spec=spec)
 
     def _build_optimizer(self) -> None:
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, \
