@@ -295,7 +295,7 @@ def run_zeroshot(model, data_root: str | Path, output_dir: str | Path, tasks: st
         "data_root": str(data_root),
         "settings": model.settings.as_dict(),
         "options": asdict(options),
-        "video_specs": {k: asdict(options.video_spec(k)) for k in VIDEO_SPECS},
+        "video_specs": {k: asdict(options.video_spec(k, encoder.patch_spec.factor)) for k in VIDEO_SPECS},
         "tasks": entries,
         "paper_table": table_values(entries, PAPER_COLUMNS),
         "extra_table": table_values(entries, EXTRA_COLUMNS),
