@@ -85,7 +85,8 @@ def _stock_embedding(model, stock, batch, positions: str) -> torch.Tensor:
     """Reference: the stock ``...Model.forward`` with an explicit bidirectional key mask, mean-pooled over pool_mask."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
     b, length = ids.shape
-    mask = torch.zeros(b, 1, length, length).masked_fill(attn[:, None, None, :] == 0, torch.finfo(torch.float32).min)
+    mask = torch.zeros(b, 1, length, length, device=ids.device).masked_fill(attn[:, None, None, :] == 0,
+                                                                      torch.finfo(torch.float32).min)
     if positions == "1d":
         pos = ((attn.cumsum(-1) - 1).clamp(min=0)).unsqueeze(0).expand(3, -1, -1)
     else:
