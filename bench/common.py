@@ -83,3 +83,62 @@ def timed(fn, device: str) -> tuple[float, object]:
     out = fn()
     sync(device)
     return time.perf_counter() - t, out
+
+
+#: Dense bf16 peak of common cards (TFLOP/s, no sparsity), for "achieved vs peak" lines.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def card_name(device: str) -> str:
+    """The accelerator's name ("cpu" on CPU)."""
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
+def card_peak_tflops(device: str) -> float | None:
+    """Dense bf16 peak of the card, or None when unknown (CPU)."""
+    name = card_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def param_counts(hf_model) -> tuple[int, int]:
+    """(language-model parameters without the token embeddings and LoRA, vision-tower parameters)."""
+    lm = hf_model.model.language_model
+    n_lm = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
+    return n_lm, sum(p.numel() for p in hf_model.model.visual.parameters())
+
+
+def peak_mem_gib(device: str) -> float | None:
+    """Peak allocated accelerator memory since the last reset (GiB)."""
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def profile_table(fn, device: str, rows: int = 15) -> str:
+    """Run ``fn`` once under ``torch.profiler``; return the top-kernel table plus a host-sync summary."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    wall = time.perf_counter() - t
+    ka = prof.key_averages()
+    dev_key = "self_device_time_total" if hasattr(ka[0], "self_device_time_total") else "self_cuda_time_total"
+    sort = dev_key if device.startswith("cuda") else "self_cpu_time_total"
+    table = ka.table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    syncs = {e.key: e.count for e in ka if any(s in e.key for s in (
+        "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "aten::item", "aten::_local_scalar_dense",
+        "aten::nonzero"))}
+    launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    self_cpu = sum(e.self_cpu_time_total for e in ka) / 1e6
+    self_dev = sum(getattr(e, dev_key, 0.0) or 0.0 for e in ka) / 1e6
+    summary = (f"wall {wall:.3f}s  self CPU {self_cpu:.3f}s  self device {self_dev:.3f}s  kernel launches {launches}\n"
+               f"host syncs / copies / data-dependent ops: {syncs}")
+    return summary + "\n" + table

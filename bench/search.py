@@ -2,6 +2,8 @@
 
     # CPU (default): 1M x 256 candidates, 1000 queries, top-10, torch vs faiss-cpu on the same vectors
     .venv/bin/python bench/search.py
+    # the same through a flat umarvel Index folder (fp16 vectors on disk; faiss gets the same fp16 values)
+    .venv/bin/python bench/search.py --index
     # GPU: random vectors of the M-BEIR global test size (190,573 x 5,609,079 x 3,584, bf16 = 40 GB)
     python bench/search.py --shape mbeir --device cuda [--scale 0.1] [--k 50]
 
@@ -53,10 +55,14 @@ def bench_cpu(args: argparse.Namespace) -> None:
     print(f"data: {n:,} x {d} candidates, {q:,} queries, top-{k}, {args.threads} threads "
           f"(generated in {time.perf_counter() - t0:.1f}s)")
 
+    label = "umarvel torch"
+    if args.index:
+        cands, ts, label = _flat_index(cands, args)
     t0 = time.perf_counter()
     fs = make_searcher(cands, backend="faiss")
     build = time.perf_counter() - t0
-    ts = make_searcher(cands, backend="torch", device="cpu", q_tile=args.q_tile, c_tile=args.c_tile)
+    if not args.index:
+        ts = make_searcher(cands, backend="torch", device="cpu", q_tile=args.q_tile, c_tile=args.c_tile)
     fs.search(queries[:8], k), ts.search(queries[:8], k)  # warm-up
 
     # interleaved repeats (faiss, torch, faiss, torch, ...), best of each: fairer on a shared machine
@@ -71,10 +77,41 @@ def bench_cpu(args: argparse.Namespace) -> None:
     (_, tf, sf, idf), (_, tt, st, idt) = rows
     print(f"{'backend':<20}{'seconds':>10}{'queries/s':>12}")
     print(f"{'faiss IndexFlatIP':<20}{tf:>10.3f}{q / tf:>12.1f}   (+{build:.2f}s index build)")
-    print(f"{'umarvel torch':<20}{tt:>10.3f}{q / tt:>12.1f}")
+    print(f"{label:<20}{tt:>10.3f}{q / tt:>12.1f}")
     print(f"ratio torch/faiss: {tt / tf:.3f}  (target <= 1.25)")
     print(f"ids identical: {(idf == idt).mean():.5f}; agree within tie tolerance {args.tol:g}: "
           f"{agreement(idf, sf, idt, st, args.tol):.5f}; max |score diff| {np.abs(sf - st).max():.2e}")
+
+
+class _IndexSearch:
+    """``search(queries, k)`` through a flat :class:`umarvel.Index` (what ``umarvel search`` runs)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def search(self, queries, k):
+        return self.index.search_arrays(queries, k, device="cpu")
+
+
+def _flat_index(cands: np.ndarray, args: argparse.Namespace):
+    """Write ``cands`` as a flat index folder (fp16) in a temporary folder; return the fp32 values of the
+    stored fp16 vectors (for faiss), the index searcher and its label."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from umarvel import Index
+
+    tmp = tempfile.mkdtemp(prefix="bench_index_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    items = [{"id": str(i), "text": "x"} for i in range(len(cands))]
+    index = Index.from_vectors(cands.astype(np.float16), items, f"{tmp}/idx")
+    stored = np.asarray(index.vectors, dtype=np.float32)
+    searcher = _IndexSearch(index)
+    index.searcher("cpu")  # the resident fp32 copy, built once as faiss builds its index once
+    print(f"flat index folder written in {time.perf_counter() - t0:.1f}s ({index})")
+    return stored, searcher, "umarvel Index (flat)"
 
 
 def exact_reference(queries: torch.Tensor, cands: torch.Tensor, k: int, rows: int = 1 << 20):
@@ -183,6 +220,8 @@ def main() -> None:
     p.add_argument("--q-tile", type=int, default=None)
     p.add_argument("--c-tile", type=int, default=None)
     p.add_argument("--tol", type=float, default=1e-5, help="cpu: score tolerance for id agreement")
+    p.add_argument("--index", action="store_true",
+                   help="cpu: search through a flat umarvel Index folder (fp16 on disk) instead of the bare searcher")
     p.add_argument("--profile", action="store_true", help="mbeir: time GEMMs and per-tile topk separately")
     p.add_argument("--check", action="store_true",
                    help="mbeir: compare 256 queries with a chunked fp32 top-k of the same vectors")

@@ -6,6 +6,9 @@
 #
 #   sh scripts/eval_mbeir_global.sh MODEL MBEIR_ROOT OUTPUT_DIR [extra args of vtools_eval_mbeir_model.py]
 #
+# Add --compat official to reproduce the published numbers with the official evaluation numerics
+# (docs/decisions.md, "Compatibility mode"); results.json records the mode.
+#
 # GPUS_PER_NODE=N (N > 1) launches N ranks with torchrun (encoding sharded, rank 0 searches).
 # PYTHON / TORCHRUN override the interpreter / launcher (default: the repo's .venv when present).
 set -eu

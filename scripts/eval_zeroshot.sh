@@ -5,7 +5,9 @@
 #   sh scripts/eval_zeroshot.sh MODEL DATA_ROOT OUTPUT_DIR [--tasks circo,msrvtt,...] [more options]
 #
 # Extra options go to `umarvel eval zeroshot` (see `python -m umarvel.commands.eval_zeroshot --help`), e.g.
-# --device cuda --batch-size 64 --cache-dir DIR. Sets absent under DATA_ROOT are skipped with a line saying so.
+# --device cuda --batch-size 64 --cache-dir DIR, or --compat official to reproduce the published numbers with
+# the official evaluation numerics (docs/decisions.md, "Compatibility mode"; results.json records the mode).
+# Sets absent under DATA_ROOT are skipped with a line saying so.
 # Writes OUTPUT_DIR/metrics/<task>.json, OUTPUT_DIR/results.json, OUTPUT_DIR/results.md and, for CIRCO test,
 # OUTPUT_DIR/circo_test_submission.json. Python: $UMARVEL_PYTHON, else the repository's .venv
 # (create it with `bash scripts/setup_env.sh`).

@@ -4,7 +4,7 @@
     python scripts/vtools_eval_mbeir_model.py --model PATH --mbeir-root DIR --output DIR \
         [--tasks a,b] [--split test|val] [--instruction random|first] [--seed N] [--batch-size N] \
         [--protocol local|global] [--device D] [--dtype T] [--cache-dir DIR] [--backend torch|faiss] \
-        [--allow-missing] [--config configs/eval/mbeir_local.yaml [--set key=value ...]]
+        [--allow-missing] [--compat default|official] [--config configs/eval/mbeir_local.yaml [--set key=value ...]]
 
 Same options as ``umarvel eval mbeir``; works under ``torchrun`` (encoding sharded over ranks, rank 0
 searches and writes). Outputs: results.json, results.md, config.yaml, run.json, runs/<task>_<split>.trec.

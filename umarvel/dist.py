@@ -1,29 +1,39 @@
-"""Rank/world helpers and THE cross-GPU gather (conventions section 8, pattern 3).
+"""Everything distributed in one place: launcher environment, process group, device per rank, the gather.
 
-Every cross-device negative in umarvel goes through :func:`all_gather_with_grad`: each rank scores its B
-local queries against the N = B * world candidates gathered here, with targets offset by
-:func:`local_slice_offset`; DDP's gradient averaging then gives exactly the gradient of the global mean loss
-(no ``loss * world_size``). ``tests/utils/test_dist_gather.py`` proves equality with a single-process run.
+- Launcher view (torch-free, valid before any process group exists): :func:`env_rank`,
+  :func:`env_world_size`, :func:`env_local_rank` read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by
+  ``torchrun``.
+- Process group: :func:`init_from_env` (idempotent; ``nccl`` on CUDA, ``gloo`` on CPU, only when
+  ``WORLD_SIZE > 1``), :func:`process_group` (the same as a context manager that also destroys what it
+  created), :func:`shutdown`. :func:`device_for_rank` gives each rank its own GPU.
+- Group view: :func:`is_dist`, :func:`get_rank`, :func:`get_world_size`, :func:`barrier`,
+  :func:`broadcast_object`, :func:`all_gather_object`, :func:`rank_zero_only`; all are identities / no-ops
+  when no process group is initialised.
+- THE cross-GPU gather (conventions section 8, pattern 3): every cross-device negative in umarvel goes
+  through :func:`all_gather_with_grad`: each rank scores its B local queries against the N = B * world
+  candidates gathered here, with targets offset by :func:`local_slice_offset`; averaging the gradients over
+  ranks (what DDP and the trainer's all-reduce do) then gives exactly the gradient of the global mean loss
+  (no ``loss * world_size``). ``tests/utils/test_dist_gather.py`` proves equality with a single-process run.
+
+The gather is a ``torch.autograd.Function`` over the public collectives ``dist.all_gather`` (forward) and
+``dist.all_reduce`` (backward), the pattern the torch docs give for a differentiable gather; it works on
+every backend (gloo has no reduce-scatter). ``torch.distributed.nn.functional.all_gather`` is deprecated
+since torch 2.13 and the functional collectives live in a private module, so neither is used.
 
 Equal sizes are required: every rank must pass the same shape. Unequal first dimensions raise a clear
 ``ValueError`` on every rank (the check is one tiny all_gather of the shape; pass ``check_shapes=False`` to
 skip it). Padding was rejected on purpose: padded rows would have to be masked out of every loss and the
-label offsets would depend on the other ranks' sizes, and HF's distributed sampler already gives every rank
-the same number of examples.
-
-Everything here is a no-op / identity when ``torch.distributed`` is not initialised.
-
-Gather paths: torch's ``all_gather_single_autograd`` (torch >= 2.13; its backward is a reduce-scatter) or
-the local ``_AllGatherWithGrad`` fallback (torch 2.11 on the GPU machine). Both are tested for parity.
-Shutdown: end every process with ``barrier(); dist.destroy_process_group()``; on torch 2.13 + gloo a process
-can still abort at interpreter exit afterwards (observed about 1 run in 5 in the 2-process test with the
-functional path), after all work is done.
+label offsets would depend on the other ranks' sizes, and the samplers give every rank the same number of
+examples.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
 import logging
-from typing import Any, Callable, Literal, TypeVar
+import os
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,13 +41,77 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-try:  # torch >= 2.13 (absent on the GPU machine's torch 2.11)
-    from torch.distributed._functional_collectives import all_gather_single_autograd as _fc_gather
-except ImportError:  # pragma: no cover - depends on the installed torch
-    _fc_gather = None
-
 F = TypeVar("F", bound=Callable[..., Any])
-GatherImpl = Literal["auto", "functional", "autograd_function"]
+
+#: Collective timeout. Long on purpose: rank 0 alone writes merged checkpoints and searches the 5.6M global
+#: pool while the other ranks wait in a barrier.
+TIMEOUT = datetime.timedelta(hours=12)
+
+
+# ------------------------------------------------------------------------------ launcher environment
+def env_rank() -> int:
+    """Global rank from the launcher's environment (``RANK``; 0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    """World size from the launcher's environment (``WORLD_SIZE``; 1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_local_rank() -> int:
+    """Rank on this node (``LOCAL_RANK``; 0 when not launched by torchrun): the GPU index of this process."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device_for_rank(device: str | None = None) -> str:
+    """The device this process should use.
+
+    ``None`` / ``"auto"`` -> ``cuda`` when available, else ``cpu``; a bare ``cuda`` becomes
+    ``cuda:<LOCAL_RANK>`` under torchrun (``WORLD_SIZE > 1``) so that each rank has its own GPU; anything
+    else (``cpu``, ``cuda:1``) is returned unchanged.
+    """
+    dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and env_world_size() > 1:
+        dev = f"cuda:{env_local_rank()}"
+    return dev
+
+
+# ------------------------------------------------------------------------------ process group
+def init_from_env(device: str | torch.device = "cpu", timeout: datetime.timedelta = TIMEOUT) -> bool:
+    """Initialise the default process group from the torchrun environment when ``WORLD_SIZE > 1``.
+
+    Backend ``nccl`` for a CUDA ``device`` (made this process's current device first), ``gloo`` otherwise.
+    Nothing happens when a group already exists or the run is single-process.
+
+    Returns:
+        True when this call created the process group.
+    """
+    if env_world_size() <= 1 or is_dist():
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    logger.info("process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group if there is one."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str | torch.device = "cpu") -> Iterator[bool]:
+    """:func:`init_from_env` for the block; destroys the group on exit if it created it. Yields :func:`is_dist`."""
+    created = init_from_env(device)
+    try:
+        yield is_dist()
+    finally:
+        if created:
+            shutdown()
 
 
 def is_dist() -> bool:
@@ -71,14 +145,37 @@ def rank_zero_only(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s (picklable) ``obj`` on every rank; ``obj`` itself when not distributed."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Gather a picklable object from every rank (rank order); ``[obj]`` when not distributed."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean of ``t`` over ranks (a new tensor; ``t`` itself when not distributed)."""
+    if not is_dist():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out / get_world_size()
+
+
+# ------------------------------------------------------------------------------ the gather
 def local_slice_offset(batch_size: int, group: Any = None) -> int:
     """Index of this rank's first row in a tensor gathered by :func:`all_gather_with_grad` (``rank * B``)."""
     return get_rank(group) * batch_size
-
-
-def functional_gather_available() -> bool:
-    """Whether torch provides ``all_gather_single_autograd`` (torch 2.13 yes, torch 2.11 no)."""
-    return _fc_gather is not None
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -117,16 +214,12 @@ def _check_same_shape(t: Tensor, group: Any) -> None:
         )
 
 
-def all_gather_with_grad(
-    t: Tensor, group: Any = None, impl: GatherImpl = "auto", check_shapes: bool = True
-) -> Tensor:
+def all_gather_with_grad(t: Tensor, group: Any = None, check_shapes: bool = True) -> Tensor:
     """Concatenate ``t`` over ranks along dim 0 in rank order, with gradients to the local slice.
 
     Args:
         t: (B, ...) local tensor; the same shape on every rank.
         group: process group (default world).
-        impl: ``"functional"`` (torch's ``all_gather_single_autograd``), ``"autograd_function"`` (the local
-            fallback) or ``"auto"`` (functional when torch has it).
         check_shapes: verify equal shapes first (one tiny collective) for a clear error instead of a hang.
 
     Returns:
@@ -137,22 +230,4 @@ def all_gather_with_grad(
         return t
     if check_shapes:
         _check_same_shape(t, group)
-    if impl == "auto":
-        impl = "functional" if _fc_gather is not None else "autograd_function"
-    if impl == "functional":
-        if _fc_gather is None:
-            raise RuntimeError(f"torch {torch.__version__} has no all_gather_single_autograd")
-        out = _fc_gather(t.contiguous(), 0, group if group is not None else dist.group.WORLD)
-        return out.wait() if hasattr(out, "wait") else out
-    if impl == "autograd_function":
-        return _AllGatherWithGrad.apply(t, group)
-    raise ValueError(f"unknown gather impl {impl!r}")
-
-
-def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
-    """Gather a picklable object from every rank (rank order); ``[obj]`` when not distributed."""
-    if not is_dist():
-        return [obj]
-    out: list[Any] = [None] * get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
+    return _AllGatherWithGrad.apply(t, group)

@@ -1,4 +1,17 @@
-"""Exception hierarchy: every error a user can cause names the file, line, item or key at fault."""
+"""Exception hierarchy: every error a user can cause names the file, line, item or key at fault.
+
+One class per kind of problem; the CLI (:func:`umarvel.commands.dispatch`) prints any of them as one line
+``umarvel: error: ...`` with exit code 2 (``--debug`` adds the traceback)::
+
+    UMarvelError
+    ├── ConfigError          a config file / override / flag is invalid
+    │   └── RunConflictError  the output folder holds another run (other config) or is in use (lock)
+    ├── DataError            an input record or file is malformed (file:line, id)
+    │   └── ImageLoadError   an image is missing, unreadable or corrupt
+    ├── CheckpointError      a checkpoint folder is missing, unsupported or inconsistent
+    ├── EnvError             the machine cannot do what was asked (no CUDA for --device cuda, ...)
+    └── FileAccessError      a file or folder cannot be read or written (permission, not a folder, disk full)
+"""
 
 
 class UMarvelError(Exception):
@@ -7,6 +20,10 @@ class UMarvelError(Exception):
 
 class ConfigError(UMarvelError, ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, missing value)."""
+
+
+class RunConflictError(ConfigError):
+    """The output folder belongs to another run (a different config) or another process is writing it."""
 
 
 class DataError(UMarvelError, ValueError):
@@ -19,3 +36,12 @@ class ImageLoadError(DataError):
 
 class CheckpointError(UMarvelError, ValueError):
     """A checkpoint folder is missing, unsupported or inconsistent."""
+
+
+class EnvError(UMarvelError, RuntimeError):
+    """The environment cannot run the request: a device that is not there, a missing optional package."""
+
+
+class FileAccessError(UMarvelError, OSError):
+    """A file or folder cannot be read or written (permission denied, a file where a folder is expected,
+    disk full); the message names the path and says what was kept."""

@@ -34,6 +34,49 @@ def test_encode_command_writes_vectors_and_ids(tiny_checkpoint, sample_images, t
     np.testing.assert_allclose(emb, ref, atol=1e-6)
 
 
+def test_encode_command_compat_official_is_recorded(tiny_checkpoint, tmp_path):
+    """--compat official: batch of one unpadded -> causal vectors, labelled in <output>.meta.json."""
+    from umarvel import UMarvel
+
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps({"text": t}) for t in ("a red ball", "two dogs on a long beach")) + "\n")
+    out = {}
+    for compat in ("default", "official"):
+        path = tmp_path / f"{compat}.npy"
+        assert main(["encode", "--model", str(tiny_checkpoint), "--input", str(items), "--output", str(path),
+                     "--batch-size", "1", "--compat", compat]) == 0
+        meta = json.loads((tmp_path / f"{compat}.npy.meta.json").read_text())
+        assert meta["compat"] == meta["settings"]["compat"] == compat and meta["n"] == 2
+        out[compat] = np.load(path)
+    ref = UMarvel.from_pretrained(tiny_checkpoint, compat="official").encode_candidates(
+        [{"text": "a red ball"}, {"text": "two dogs on a long beach"}], batch_size=1)
+    np.testing.assert_allclose(out["official"], ref, atol=1e-6)
+    assert np.abs(out["official"] - out["default"]).max() > 1e-3  # causal vs bidirectional
+
+
+def test_eval_commands_take_compat(tmp_path):
+    import argparse
+
+    from umarvel.commands.eval import add_mbeir_arguments, config_from_args
+    from umarvel.commands.eval_plus import configure
+    from umarvel.commands.eval_zeroshot import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_mbeir_arguments(p)
+    args = p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o", "--compat", "official"])
+    assert config_from_args(args).compat == "official"
+    assert config_from_args(p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o"])).compat == "default"
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("model: m\nmbeir_root: r\noutput: o\ncompat: official\n")
+    assert config_from_args(p.parse_args(["--config", str(cfg)])).compat == "official"
+    z = argparse.ArgumentParser()
+    add_arguments(z)
+    assert z.parse_args(["--model", "m", "--data-root", "d", "--output-dir", "o", "--compat", "official"]).compat == "official"
+    e = argparse.ArgumentParser()
+    configure(e)
+    assert e.parse_args(["--run", "r", "--reranker", "x", "--output", "o", "--compat", "official"]).compat == "official"
+
+
 def test_encode_command_reports_bad_line(tiny_checkpoint, tmp_path):
     import pytest
 

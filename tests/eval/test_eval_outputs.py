@@ -1,14 +1,11 @@
-"""TREC run files, results.json schema and results.md (local and global side by side)."""
+"""results.json schema and results.md (local and global side by side)."""
 import json
 
-import numpy as np
 import pytest
 
 from umarvel.errors import DataError
 from umarvel.eval.metrics import score_task
-from umarvel.eval.outputs import (
-    build_results, read_results_json, render_results_md, validate_results, write_results, write_trec_run,
-)
+from umarvel.eval.outputs import build_results, read_results_json, render_results_md, validate_results, write_results
 from umarvel.data.registry import get_task
 
 
@@ -29,7 +26,9 @@ def _results(protocol, shift=0.0, reranked=None):
 
 def test_build_results_schema_and_order():
     res = _results("local")
-    assert list(res) == ["protocol", "model", "split", "instruction_mode", "instruction_seed", "tasks", "average"]
+    assert list(res) == ["protocol", "model", "split", "instruction_mode", "instruction_seed", "compat", "tasks",
+                         "average"]
+    assert res["compat"] == "default"
     assert [t["name"] for t in res["tasks"]] == ["mscoco_task0", "fashioniq_task7", "cirr_task7"]  # paper order
     assert set(res["tasks"][0]) == {"name", "dataset", "task_id", "metric", "value", "recall", "num_queries",
                                     "pool_size"}
@@ -45,26 +44,13 @@ def test_build_results_schema_and_order():
     (lambda r: r["tasks"][0].pop("pool_size"), "exactly the keys"),
     (lambda r: r["tasks"][0].update(recall={1: 3.0}), "recall"),
     (lambda r: r.update(average=float("nan")), "finite"),
+    (lambda r: r.update(compat="paper"), "'compat' must be one of"),
 ])
 def test_schema_violations_rejected(mutate, match):
     res = _results("local")
     mutate(res)
     with pytest.raises(DataError, match=match):
         validate_results(res, "r")
-
-
-def test_trec_run_file(tmp_path):
-    path = tmp_path / "run.trec"
-    ids = np.array([[90000003, 90000001, -1], [90000002, 90000003, 90000001]])
-    scores = np.array([[0.9, 0.5, 0.0], [0.8, 0.7, 0.1]])
-    assert write_trec_run(path, ["9:1", "9:2"], ids, scores, "mbeir_mscoco_task0_local") == 5
-    lines = path.read_text().splitlines()
-    assert lines[0] == "9:1 Q0 9:3 1 0.900000 mbeir_mscoco_task0_local"
-    assert lines[2] == "9:2 Q0 9:2 1 0.800000 mbeir_mscoco_task0_local"
-    with pytest.raises(DataError, match="run_id"):
-        write_trec_run(path, ["9:1", "9:2"], ids, scores, "bad id")
-    with pytest.raises(DataError, match="need \\(Q, K\\)"):
-        write_trec_run(path, ["9:1"], ids, scores, "r")
 
 
 def test_results_md_pairs_sibling_folders(tmp_path):
@@ -78,6 +64,21 @@ def test_results_md_pairs_sibling_folders(tmp_path):
         assert "| 1 | mscoco_task0 | MSCOCO | R@5 | 100.00 | 90.00 |" in md
         assert md.index("mscoco_task0") < md.index("fashioniq_task7") < md.index("cirr_task7")
     assert read_results_json(tmp_path / "global" / "results.json")["protocol"] == "global"
+
+
+def test_results_are_labelled_with_their_compat_mode_and_modes_never_pair(tmp_path):
+    official = _results("global")
+    official["compat"] = "official"
+    write_results(tmp_path / "local", _results("local"))
+    write_results(tmp_path / "global", official)
+    md = (tmp_path / "global" / "results.md").read_text()
+    assert "- compat: official (the official evaluation numerics" in md and "Local" not in md
+    assert "- compat: default" in (tmp_path / "local" / "results.md").read_text()
+    with pytest.raises(DataError, match="compat"):
+        render_results_md([_results("local"), official])
+    old = _results("local")
+    del old["compat"]  # written before the mode existed: read as default
+    assert validate_results(old, "r") is old
 
 
 def test_results_md_refuses_mismatched_pair():

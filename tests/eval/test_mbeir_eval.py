@@ -110,13 +110,16 @@ def test_hit_rate_on_hand_made_padded_rankings():
 
 # --------------------------------------------------------------------------- independent recompute
 def _brute_force(model, tree, names, pool_names):
-    """API-encode everything, fp16 round trip (what the cache stores), float64 score matrix, stable
-    argsort, set-based hit rate as in the official scorer: {task: ({k: percent}, ranked dids, scores)}."""
+    """API-encode everything, fp16 round trip (what the cache stores) re-normalised (what the search does),
+    float64 score matrix, stable argsort, set-based hit rate as in the official scorer:
+    {task: ({k: percent}, ranked dids, scores)}."""
     table = read_instructions(tree / MBEIR_INSTRUCTIONS)
     union = read_pool_modalities(tree / MBEIR_UNION_POOLS["test"])
     data = {n: load_mbeir_task(tree, get_task(n), "test", instructions=table, seed=2023, global_modalities=union)
             for n in sorted(set(names) | set(pool_names))}
-    f16 = lambda x: x.astype(np.float16).astype(np.float64)  # noqa: E731
+    def f16(x):
+        y = x.astype(np.float16).astype(np.float64)
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
     pool_ids = [c.did for n in pool_names for c in data[n].pool]
     pool = f16(np.concatenate([model.encode_candidates([c.to_encode_item() for c in data[n].pool])
                                for n in pool_names]))
@@ -404,3 +407,32 @@ def test_absent_tasks_skipped_by_default_error_when_named(tree, caplog, monkeypa
         select_tasks(tree, ["cirr_task7", "visualnews_task0"], "test")
     with pytest.raises(ConfigError, match="unknown task"):
         select_tasks(tree, ["cirr_task9"], "test")
+
+
+def test_official_compat_encodes_in_the_official_batches_and_labels_results(tree, tiny_checkpoint, tiny_model,
+                                                                            tmp_path):
+    """compat="official": file order, batches of 16 (the last completed with the first items), the official
+    model (causal when unpadded); results.json / run.json / results.md say so; the modes never share a cache."""
+    from umarvel import UMarvel
+    from umarvel.eval.mbeir.runner import OFFICIAL_BATCH_SIZE
+
+    official = UMarvel.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", compat="official")
+    names = ["nights_task4", "cirr_task7"]
+    cfg = _cfg(tiny_checkpoint, tree, tmp_path / "official" / "local", tasks=names, compat="official")
+    res = evaluate_mbeir(official, cfg)
+    assert res.results["compat"] == "official"
+    assert json.loads((tmp_path / "official" / "local" / "run.json").read_text())["compat"] == "official"
+    assert "- compat: official" in (tmp_path / "official" / "local" / "results.md").read_text()
+    table = read_instructions(tree / MBEIR_INSTRUCTIONS)
+    union = read_pool_modalities(tree / MBEIR_UNION_POOLS["test"])
+    for n in names:
+        d = load_mbeir_task(tree, get_task(n), "test", instructions=table, seed=2023, global_modalities=union)
+        want_q = official.encode_queries([q.to_encode_item() for q in d.queries], batch_size=OFFICIAL_BATCH_SIZE)
+        want_p = official.encode_candidates([c.to_encode_item() for c in d.pool], batch_size=OFFICIAL_BATCH_SIZE)
+        np.testing.assert_allclose(res.query_embeddings[n].vectors.astype(np.float32), want_q, atol=1e-3)
+        np.testing.assert_allclose(res.pools[n].vectors.astype(np.float32), want_p, atol=1e-3)
+    default = evaluate_mbeir(tiny_model, _cfg(tiny_checkpoint, tree, tmp_path / "default" / "local", tasks=names,
+                                              cache_dir=str(tmp_path / "official" / "cache")))
+    assert default.encode_stats["reused"] == 0 and default.results["compat"] == "default"
+    with pytest.raises(ConfigError, match="compat"):
+        evaluate_mbeir(tiny_model, cfg)

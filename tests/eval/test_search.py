@@ -191,3 +191,58 @@ def test_block_topk_equals_topk(block):
     torch.testing.assert_close(v.sort(dim=1, descending=True).values, ref)
     torch.testing.assert_close(scores.gather(1, i), v)
     assert all(len(set(row.tolist())) == 9 for row in i)
+
+
+def near_tie_fp16(seed: int = 522, d: int = 16, rest: int = 30):
+    """A query and fp32 unit candidates 0 and 1 ranked 0 > 1 in fp32 by ~1.4e-4, whose float16 copies rank
+    1 > 0 as plain inner products (the fp16 rounding changes the norms more than the margin), plus ``rest``
+    far candidates. Returns ``(q fp32 (1, d), fp32 candidates (2 + rest, d), their float16 copies)``."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=d)
+    q /= np.linalg.norm(q)
+    u1 = rng.normal(size=d)
+    u1 /= np.linalg.norm(u1)
+    w = rng.normal(size=d)
+    for b in (u1, q):
+        w -= w.dot(b / np.linalg.norm(b)) * b / np.linalg.norm(b)
+    w -= w.dot(u1) * u1
+    w /= np.linalg.norm(w)
+    u2 = u1 * np.cos(0.01) + w * np.sin(0.01)
+    far = unit(4 * rest, d, seed + 1)
+    far = far[(far @ q) < 0.2][:rest]
+    c32 = np.vstack([u1, u2, far]).astype(np.float32)
+    return q[None].astype(np.float32), c32, c32.astype(np.float16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_fp16_near_tie_is_ordered_as_fp32_after_renormalisation(backend):
+    """The fp16 cache round trip reorders a near-tie of plain inner products; normalize=True (what the
+    evaluation searches with) re-normalises in fp32 and restores the fp32 order."""
+    q, c32, c16 = near_tie_fp16()
+    fp32 = (c32 @ q[0]).astype(np.float64)
+    raw16 = c16.astype(np.float32) @ q[0]
+    assert fp32[0] > fp32[1] and raw16[1] > raw16[0]          # the construction: fp16 flips the raw order
+    _, plain = search(q, c16, 2, backend=backend, device="cpu")
+    assert plain[0].tolist() == [1, 0]
+    scores, ids = search(q, c16, 2, backend=backend, device="cpu", normalize=True)
+    assert ids[0].tolist() == [0, 1]
+    # cosines of the stored (fp16-rounded) directions: within the fp16 direction error of the fp32 cosines
+    np.testing.assert_allclose(scores[0], fp32[:2], atol=1e-4)
+    np.testing.assert_allclose(scores[0], raw16[:2] / np.linalg.norm(c16[:2].astype(np.float32), axis=1), atol=1e-6)
+
+
+def test_renormalised_search_paths_agree():
+    """normalize=True: pruned / unpruned / resident / certified torch paths and faiss give one ranking."""
+    q, c32, _ = near_tie_fp16()
+    rng = np.random.default_rng(3)
+    pool = np.vstack([c32, unit(200, 16, 9) * rng.uniform(0.5, 2.0, size=(200, 1))]).astype(np.float16)
+    queries = np.vstack([q, unit(9, 16, 4)]).astype(np.float32) * 3.0
+    ref = brute(queries / np.linalg.norm(queries, axis=1, keepdims=True),
+                pool.astype(np.float32) / np.linalg.norm(pool.astype(np.float32), axis=1, keepdims=True), 5)[1]
+    runs = [dict(prune=True), dict(prune=False, c_tile=64), dict(resident=True),
+            dict(dtype=torch.float16, select="certified", margin=2)]
+    for kw in runs:
+        _, ids = make_searcher(pool, device="cpu", normalize=True, **kw).search(queries, 5)
+        np.testing.assert_array_equal(ids, ref, err_msg=str(kw))
+    _, ids = make_searcher(pool, backend="faiss", normalize=True).search(queries, 5)
+    np.testing.assert_array_equal(ids, ref)

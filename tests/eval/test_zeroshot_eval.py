@@ -23,7 +23,7 @@ from umarvel.data.registry import Task, get_task, list_tasks
 from umarvel.eval.zeroshot.fixtures import FIXTURE_SIZES, write_zeroshot_fixture
 from umarvel.eval.zeroshot.readers import read_set
 from umarvel.eval.zeroshot.runner import (EXTRA_COLUMNS, PAPER_COLUMNS, RESULTS_JSON, RESULTS_MD, SUBMISSION_FILE,
-                                          table_values)
+                                          SUFFIX_STYLE, table_values)
 from umarvel.eval.zeroshot.tasks import resolve_zeroshot_names
 
 pytestmark = pytest.mark.slow
@@ -107,17 +107,17 @@ def test_script_usage_error():
 
 # ------------------------------------------------------------------------------------------ brute force
 def _fp16(x: np.ndarray) -> np.ndarray:
-    """The cache stores float16: round the API embeddings the same way."""
-    return np.asarray(x, dtype=np.float16).astype(np.float32)
+    """The cache stores float16 and the runner re-normalises in fp32: do the same to the API embeddings."""
+    y = np.asarray(x, dtype=np.float16).astype(np.float32)
+    return y / np.linalg.norm(y, axis=1, keepdims=True)
 
 
 def _brute_hit_rate(scores: np.ndarray, positives: list[list[int]], k: int) -> float:
-    """Share (percent) of rows whose best positive has fewer than k non-positives scoring >= it."""
+    """Share (percent) of rows whose best positive ranks in the top k of a stable descending sort."""
     hits = 0
     for r, pos in enumerate(positives):
-        best = max(scores[r, p] for p in pos)
-        before = sum(1 for j in range(scores.shape[1]) if j not in pos and scores[r, j] >= best)
-        hits += before < k
+        order = sorted(range(scores.shape[1]), key=lambda j: -scores[r, j])  # stable: ties by position
+        hits += any(j in pos for j in order[:k])
     return 100.0 * hits / len(positives)
 
 
@@ -133,13 +133,17 @@ def test_metrics_equal_brute_force_from_api_embeddings(first_run, tiny_model, zs
     model = tiny_model
     bs = 32  # the command's default batch size: same batches, same numbers
 
-    # Flickr30K: suffix style (prompt1), instruction on the texts, both directions
+    # Flickr30K: suffix style (prompt1, image-only suffix "image"), instruction on the texts, both directions
     fl = read_set("flickr30k", zs_root)
     texts = _fp16(model.encode_prepared([(lambda t=t: EmbedInput(t.final_text())) for t in fl.texts],
-                                        batch_size=bs, style=INFERENCE_STYLE))
+                                        batch_size=bs, style=SUFFIX_STYLE))
     images = _fp16(model.encode_prepared(
         [(lambda p=i.image: EmbedInput("", (load_image(p, model.budget),))) for i in fl.images],
+        batch_size=bs, style=SUFFIX_STYLE))
+    sentence = _fp16(model.encode_prepared(  # the M-BEIR "image and sentence" suffix is not what Flickr uses
+        [(lambda p=i.image: EmbedInput("", (load_image(p, model.budget),))) for i in fl.images],
         batch_size=bs, style=INFERENCE_STYLE))
+    assert not np.allclose(sentence, images, atol=1e-3)
     # the run encoded exactly these inputs (right text rule, suffix style, image budget)
     np.testing.assert_allclose(_cached(out, "flickr30k_texts"), texts, atol=1e-3, rtol=0)
     np.testing.assert_allclose(_cached(out, "flickr30k_images"), images, atol=1e-3, rtol=0)
@@ -184,7 +188,7 @@ def test_metrics_equal_brute_force_from_api_embeddings(first_run, tiny_model, zs
         hits = 0
         for r, gal in enumerate(gc.galleries):
             sc = [float(gq[r] @ gcand[j]) for j in gal]
-            hits += sum(x >= sc[0] for x in sc[1:]) < k
+            hits += sum(x > sc[0] for x in sc[1:]) < k  # the target (first) wins ties
         assert entries["genecis_change_object"]["metrics"][f"R@{k}"] == pytest.approx(100.0 * hits / len(gc.galleries))
 
 
@@ -248,3 +252,41 @@ def test_table_values_average_only_complete_groups():
     assert vals["Sugar-Crepe Add"] is None  # add_obj failed: no partial mean
     assert vals["MSVD R@1"] == 12.5 and vals["CIRCO mAP@5"] is None
     assert set(table_values([], EXTRA_COLUMNS)) == {"COCO 5K T2I", "COCO 5K I2T", "VIST R@1"}
+
+
+# ------------------------------------------------------------------------------------------ compat="official"
+def test_official_compat_run_is_labelled_and_uses_the_official_batches(tiny_checkpoint, zs_root, tmp_path,
+                                                                        first_run):
+    """--compat official: official batch sizes and order (MSVD videos one at a time: unpadded, hence causal),
+    the Urban1K Python-set prompt, results labelled; the default run's numbers stay labelled default."""
+    from umarvel import UMarvel
+    from umarvel.eval.zeroshot.runner import NO_SUFFIX_STYLE, ZeroShotOptions, item_record, make_loader, run_zeroshot
+
+    _, default_res = first_run
+    assert default_res["compat"] == "default"
+    out = tmp_path / "official"
+    rc = zeroshot_main(["--log-level", "WARNING", "--model", str(tiny_checkpoint), "--data-root", str(zs_root),
+                        "--output-dir", str(out), "--tasks", "msvd,urban1k,ccneg", "--compat", "official"])
+    assert rc == 0
+    res = json.loads((out / RESULTS_JSON).read_text())
+    assert res["compat"] == "official" and res["settings"]["compat"] == "official"
+    assert "compat `official`" in (out / RESULTS_MD).read_text()
+    assert json.loads((out / "metrics" / "msvd.json").read_text())["compat"] == "official"
+    official = UMarvel.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", compat="official")
+    # MSVD videos: batch 1 -> causal; the cached vectors are the official model's, not the default ones
+    ms = read_set("msvd", zs_root, "official")
+    loaders = [make_loader(item_record(it, "official"), official.budget, MSVD_VIDEO, "v") for it in ms.candidates]
+    want = _fp16(official.encode_prepared(loaders, batch_size=1, style=NO_SUFFIX_STYLE))
+    np.testing.assert_allclose(_cached(out, "msvd_candidates"), want, atol=1e-3, rtol=0)
+    (default_entry,) = (first_run[0] / "cache").glob("zeroshot_msvd_candidates-*")
+    default_vecs = np.load(default_entry / "vectors.npy").astype(np.float32)
+    assert np.abs(default_vecs - _cached(out, "msvd_candidates")).max() > 1e-2  # causal vs bidirectional
+    # Urban1K images: the official Python-set prompt; the official batches of 4 in file order
+    ub = read_set("urban1k", zs_root, "official")
+    assert item_record(ub.images[0], "official")["text"].startswith("{'<instruction_start>")
+    loaders = [make_loader(item_record(it, "official"), official.budget, None, "u") for it in ub.images]
+    want = _fp16(official.encode_prepared(loaders, batch_size=4, style=NO_SUFFIX_STYLE))
+    np.testing.assert_allclose(_cached(out, "urban1k_images"), want, atol=1e-3, rtol=0)
+    # the model and the options must agree on the mode
+    with pytest.raises(ConfigError, match="compat"):
+        run_zeroshot(official, zs_root, tmp_path / "bad", tasks="msvd", options=ZeroShotOptions())

@@ -7,7 +7,7 @@ import torch
 
 from umarvel.errors import DataError
 from umarvel.eval.zeroshot.metrics import (bidirectional_recall, circo_map_at_k, gallery_scores, genecis_recall,
-                                           hits_at_k, pair_accuracy, ranked_topk, recall_at_k)
+                                           pair_accuracy, ranked_topk, recall_from_scores)
 
 
 def test_circo_map_with_several_ground_truths():
@@ -32,20 +32,36 @@ def test_circo_normalises_by_min_k_ngt():
     assert out["mAP@5"] == pytest.approx(100.0)          # 4 hits / min(5, 4)
 
 
-def test_ranking_ties_put_ground_truth_last():
+def test_ranking_ties_follow_position_like_a_stable_torch_sort():
     s = np.array([[1.0, 1.0, 1.0, 0.0]])
-    assert ranked_topk(s, 3, positives=[[0]]).tolist() == [[1, 2, 0]]
-    assert ranked_topk(s, 2).tolist() == [[0, 1]]
-    assert circo_map_at_k(s, [[0]], ks=(1, 2, 3)) == pytest.approx({"mAP@1": 0.0, "mAP@2": 0.0, "mAP@3": 100 / 3})
+    assert ranked_topk(s, 3).tolist() == [[0, 1, 2]]
+    ref = torch.sort(torch.tensor(s), dim=1, descending=True, stable=True).indices[:, :3]
+    assert ranked_topk(s, 3).tolist() == ref.tolist()
+    # the ground truth at position 0 ties the others and ranks first; at position 2 it ranks third
+    assert circo_map_at_k(s, [[0]], ks=(1, 2, 3)) == pytest.approx({"mAP@1": 100.0, "mAP@2": 100.0, "mAP@3": 100.0})
+    assert circo_map_at_k(s, [[2]], ks=(1, 2, 3)) == pytest.approx({"mAP@1": 0.0, "mAP@2": 0.0, "mAP@3": 100 / 3})
+    assert ranked_topk(s, 2, exclude=[[0]]).tolist() == [[1, 2]]
 
 
 def test_genecis_recall_within_gallery():
     galleries = [np.array([0.9, 0.1, 0.2, 0.3]),      # target first -> rank 1
                  np.array([0.5, 0.6, 0.1]),           # rank 2
                  np.array([0.2, 0.3, 0.4, 0.5, 0.6]),  # rank 5
-                 np.array([0.7, 0.7, 0.1])]            # tie with a distractor -> rank 2 (ties fail)
+                 np.array([0.7, 0.7, 0.1])]            # tie with a distractor: the target comes first -> rank 1
     out = genecis_recall(galleries)
-    assert out == pytest.approx({"R@1": 25.0, "R@2": 75.0, "R@3": 75.0})
+    assert out == pytest.approx({"R@1": 50.0, "R@2": 75.0, "R@3": 75.0})
+
+
+def test_genecis_gallery_holding_its_own_target_is_a_hit_as_in_the_official_sort():
+    """One GeneCIS change_object gallery lists its own target again: identical vectors, an exact tie. The
+    official ``score.sort(descending=True)`` puts position 0 (the target) first, so it is a hit at 1."""
+    q = np.array([[0.6, 0.8]])
+    c = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])   # candidate 2 is the target, also in its own gallery
+    scores = gallery_scores(q, c, [(2, 0, 2, 1)])
+    assert scores[0][0] == scores[0][2]
+    official = torch.tensor(scores[0]).sort(descending=True).indices  # the official call, on a small gallery
+    assert int(official[0]) == 0
+    assert genecis_recall(scores, ks=(1,)) == {"R@1": 100.0}
 
 
 def test_gallery_scores_picks_each_query_gallery():
@@ -92,24 +108,43 @@ def test_i2t_counts_any_caption():
 
 def test_recall_ties_and_exclusion():
     s = np.array([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9]])
-    assert hits_at_k(s, [[0], [2]], ks=(1, 2))[1].tolist() == [False, False]   # ties count against
-    assert hits_at_k(s, [[0], [2]], ks=(1, 2))[2].tolist() == [True, True]
+    # ties rank by position: positive 0 before candidate 1 (hit at 1), positive 2 after candidate 1 (rank 2)
+    assert ranked_topk(s, 2).tolist() == [[0, 1], [1, 2]]
+    assert recall_from_scores(s, [[0], [2]], ks=(1, 2)) == {"R@1": 50.0, "R@2": 100.0}
+    assert recall_from_scores(s[:1], [[0]], ks=(1,)) == {"R@1": 100.0}
+    assert recall_from_scores(s[1:], [[2]], ks=(1,)) == {"R@1": 0.0}
+    stable = torch.sort(torch.tensor(s), dim=1, descending=True, stable=True).indices
+    assert [int(stable[0, 0]) == 0, int(stable[1, 0]) == 2] == [True, False]
     # excluding the rival candidate makes both hits at 1
-    assert recall_at_k(s, [[0], [2]], ks=(1,), exclude=[[1], [1]]) == {"R@1": 100.0}
-    # several positives: the best one counts
-    assert recall_at_k(s, [[0, 1], [0, 2]], ks=(1,)) == {"R@1": 50.0}
+    assert recall_from_scores(s, [[0], [2]], ks=(1,), exclude=[[1], [1]]) == {"R@1": 100.0}
+    # several positives: the best-ranked one counts
+    assert recall_from_scores(s, [[0, 1], [0, 2]], ks=(1,)) == {"R@1": 50.0}
+    assert recall_from_scores(s, [[1], [1, 2]], ks=(1,)) == {"R@1": 50.0}
+    assert recall_from_scores(s, [[0], [2]], ks=(5,)) == {"R@5": 100.0}  # k beyond the candidates
     with pytest.raises(DataError):
-        recall_at_k(s, [[0]], ks=(1,))
+        recall_from_scores(s, [[0]], ks=(1,))
     with pytest.raises(DataError):
-        recall_at_k(s, [[0], []], ks=(1,))
+        recall_from_scores(s, [[0], []], ks=(1,))
 
 
-def test_recall_chunking_matches_unchunked():
+def test_recall_matches_brute_force_ranks():
     rng = np.random.default_rng(0)
     s = rng.normal(size=(50, 30))
     pos = [[int(rng.integers(30))] for _ in range(50)]
-    a = hits_at_k(s, pos, ks=(1, 5, 10), chunk=7)
-    b = hits_at_k(s, pos, ks=(1, 5, 10), chunk=1000)
     ranks = np.array([(s[i] > s[i, p[0]]).sum() for i, p in enumerate(pos)])
-    for k in (1, 5, 10):
-        assert (a[k] == b[k]).all() and (a[k] == (ranks < k)).all()
+    got = recall_from_scores(torch.tensor(s), pos, ks=(1, 5, 10))
+    assert got == pytest.approx({f"R@{k}": 100.0 * float((ranks < k).mean()) for k in (1, 5, 10)})
+
+
+def test_recall_with_many_ties_matches_the_position_rank_formula():
+    # rank(p) = #{j: s_j > s_p} + #{j < p: s_j == s_p}; a query hits iff its best-ranked positive has rank < k
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 4, size=(60, 12)).astype(np.float64)
+    pos = [sorted({int(x) for x in rng.integers(12, size=int(rng.integers(1, 4)))}) for _ in range(60)]
+
+    def rank(i: int, p: int) -> int:
+        return int((s[i] > s[i, p]).sum() + (s[i, :p] == s[i, p]).sum())
+
+    best = np.array([min(rank(i, p) for p in ps) for i, ps in enumerate(pos)])
+    got = recall_from_scores(s, pos, ks=(1, 2, 5))
+    assert got == pytest.approx({f"R@{k}": 100.0 * float((best < k).mean()) for k in (1, 2, 5)})

@@ -54,7 +54,7 @@ def test_circo(root):
     assert [ids[i] for i in s.positives[0]] == ["12", "13", "14"] and ids[s.targets[0]] == "12"
     assert [ids[i] for i in s.positives[1]] == ["16"]
     assert q0.final_text() == ("<instruction_start>I'm looking for a similar everyday image with the described "
-                               "changes.<instruction_end> has a dog.")
+                               "changes.<instruction_end> has a dog")  # caption raw, as the official script
     t = read_set("circo_test", root)
     assert t.positives == ((),) and t.queries[0].id == "7" and t.targets == ()
 
@@ -80,9 +80,7 @@ def test_flickr_lamra_layout_instruction_without_space_and_suffix(root):
     t = s.texts[6]
     assert t.text == "a photo number 1 caption 1" and t.instruction == ins.CAPTION_TO_IMAGE
     assert t.final_text() == ("<instruction_start>Find me an everyday image that matches the given caption."
-                              "<instruction_end>a photo number 1 caption 1.")
-    with pytest.raises(DataError, match="without a space"):
-        t.as_encode_dict()
+                              "<instruction_end>A photo number 1 caption 1.")  # format_string(caption), no space
 
 
 def test_coco_karpathy_layout_keeps_five_test_captions(root):
@@ -95,23 +93,25 @@ def test_coco_karpathy_layout_keeps_five_test_captions(root):
 
 def test_sharegpt4v_and_urban1k_sides(root):
     sg = read_set("sharegpt4v", root)
-    assert sg.texts[2].instruction == ins.CAPTION_TO_IMAGE and sg.texts[2].instruction_sep == " "
-    assert sg.texts[2].as_encode_dict() == {"text": "A long detailed caption 2.", "image": None,
-                                            "instruction": ins.CAPTION_TO_IMAGE}
+    assert sg.texts[2].instruction == ins.CAPTION_TO_IMAGE and sg.texts[2].instruction_sep == ""
+    assert sg.texts[2].final_text() == ("<instruction_start>Find me an everyday image that matches the given "
+                                        "caption.<instruction_end>A long detailed caption 2.")
     assert sg.images[2].instruction is None
     ub = read_set("urban1k", root)
     assert [Path(i.image).name for i in ub.images] == ["1.jpg", "2.jpg", "10.jpg"]
     assert [t.text for t in ub.texts] == ["Urban scene 1.", "Urban scene 2.", "Urban scene 10."]
     assert ub.images[0].instruction == ins.IMAGE_TO_CAPTION_EVERYDAY and ub.texts[0].instruction is None
-    # plain string, not the official Python-set literal "{'...'}"
-    assert ub.images[0].final_text() == ("<instruction_start>Find an image caption describing the following "
-                                         "everyday image.<instruction_end>.")
+    # plain string by default; the official Python-set literal "{'...'}" with compat="official"
+    plain = "<instruction_start>Find an image caption describing the following everyday image.<instruction_end>"
+    assert ub.images[0].final_text() == plain
+    assert ub.images[0].final_text("official") == "{'" + plain + "'}"
+    assert ub.texts[0].final_text("official") == "Urban scene 1."
 
 
 def test_visdial_dialog_text(root):
     s = read_set("visdial", root)
     assert s.queries[0].text == "Q: is it sunny? A: yes. Q: how many people? A: 2."
-    assert s.queries[1].text == "Q: what color is the car? A: red."
+    assert s.queries[1].text == "Q: what color is the car?? A: red."  # as the official script joins it
     assert s.queries[0].instruction == ins.DIALOG_TO_IMAGE and s.positives == ((0,), (1,))
     assert s.candidates[1].image.endswith("VisualDialog_val2018_000000284024.jpg")
 
@@ -158,12 +158,10 @@ def test_video_sets(root):
                                                                           "a cat sleeps"]
     assert msvd.positives == ((0,), (0,), (1,)) and msvd.candidates[0].video.endswith("YouTubeClips/vidA_1_5.avi")
     assert msvd.queries[0].final_text() == ("<instruction_start>Find an everyday video match with caption."
-                                            "<instruction_end>a man runs.")
+                                            "<instruction_end>a man runs")
     vt = read_set("msrvtt", root)
     assert vt.video_spec == "msrvtt" and [c.id for c in vt.candidates] == ["video7001", "video7002"]
     assert vt.queries[1].text == "cars race on a track" and vt.candidates[1].video.endswith("videos/video7002.mp4")
-    with pytest.raises(DataError, match="video"):
-        vt.candidates[0].as_encode_dict()
 
 
 def test_missing_files_give_skipped(tmp_path):
@@ -192,3 +190,52 @@ def test_malformed_annotations_name_the_file(tmp_path):
         read_set("flickr30k", root)
     with pytest.raises(DataError, match="unknown zero-shot set"):
         read_set("nope", root)
+
+
+def test_circo_found_in_circos_own_readme_layout(tmp_path):
+    """CIRCO's README layout: COCO2017_unlabeled/annotations/image_info_unlabeled2017.json + unlabeled2017/."""
+    root = write_zeroshot_fixture(tmp_path, ["circo"])
+    base = root / "circo"
+    (base / "COCO2017_unlabeled" / "annotations").mkdir(parents=True)
+    (base / "annotations" / "image_info_unlabeled2017.json").rename(
+        base / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
+    (base / "images" / "unlabeled2017").rename(base / "COCO2017_unlabeled" / "unlabeled2017")
+    s = read_set("circo", root)
+    assert not isinstance(s, Skipped) and len(s.candidates) == 6
+    assert s.candidates[0].image == str(base / "COCO2017_unlabeled" / "unlabeled2017" / "000000000011.jpg")
+    assert Path(s.queries[0].image).is_file()
+    shutil.rmtree(base / "COCO2017_unlabeled")
+    missing = read_set("circo", root)
+    assert isinstance(missing, Skipped) and missing.missing == base / "annotations" / "image_info_unlabeled2017.json"
+
+
+def test_genecis_and_vist_candidates_in_the_official_order(tmp_path, root):
+    """Candidates are listed as the official datasets list them (sorted id strings), which decides the
+    official batches; galleries / positives / exclusions follow the reordering."""
+    base = tmp_path / "genecis"
+    for iid in (9, 10, 100, 2):
+        (base / "val2017").mkdir(parents=True, exist_ok=True)
+        (base / "val2017" / f"{iid:012d}.jpg").write_bytes(b"")
+    ann = [{"reference": {"val_image_id": 2}, "target": {"val_image_id": 9},
+            "gallery": [{"val_image_id": 10}, {"val_image_id": 100}], "condition": "donut"}]
+    (base / "annotations").mkdir(parents=True)
+    (base / "annotations" / "change_object.json").write_text(json.dumps(ann))
+    s = read_set("genecis_change_object", tmp_path)
+    assert [c.id for c in s.candidates] == ["000000000010", "000000000100", "000000000009"]  # "10" < "100" < "9"
+    assert [s.candidates[i].id for i in s.galleries[0]] == ["000000000009", "000000000010", "000000000100"]
+    assert s.queries[0].final_text() == (f"<instruction_start>{ins.GENECIS_CHANGE}<instruction_end> Donut.")
+    v = read_set("vist", root)
+    ids = [c.id for c in v.candidates]
+    assert ids == sorted(ids)
+    assert ids[v.positives[1][0]] == "205" and sorted(ids[i] for i in v.exclude[1]) == ["104", "201", "202", "203"]
+
+
+def test_official_compat_reader_quirks(root):
+    """compat="official": VIST's 4th caption / image dropped; the last caption stays raw in both modes."""
+    default = read_set("vist", root).queries[0]
+    official = read_set("vist", root, compat="official").queries[0]
+    assert [k for k, _ in default.segments].count("image") == 4
+    assert [k for k, _ in official.segments].count("image") == 3
+    assert official.segments[-1] == default.segments[-1] == ("text", "s1 sentence 4")
+    with pytest.raises(Exception, match="compat"):
+        read_set("vist", root, compat="paper")

@@ -299,3 +299,27 @@ def test_save_and_reload_keeps_the_backbone_and_the_vectors(models, backbone, tm
     again = UMarvel.from_pretrained(tmp_path / "saved")
     assert type(again.embedder.spec) is type(model.embedder.spec)
     np.testing.assert_allclose(again.encode_queries(items), model.encode_queries(items), atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_packed_row_equals_the_padded_batch(models, backbone, attention):
+    """The packed forward goes through the same hooks: per-sequence positions, DeepStack at the packed row's
+    visual positions, and (Qwen3-VL) no mask, so the block-diagonal packed attention is all there is."""
+    from umarvel.data.packing import PackedCollator
+
+    model, stock = models[backbone]
+    assert model.embedder.supports_packing
+    tokenized = model._tok.tokenize(_inputs(model, "mixed"))
+    padded = model._collator(tokenized)
+    packed = PackedCollator(model.tokenizer, model.image_processor)(tokenized)
+    assert packed["input_ids"].shape[0] == 1 and "pixel_values_videos" in packed
+    model.embedder.set_attention(attention)
+    try:
+        with torch.no_grad():
+            a, b = model.embedder(**padded), model.embedder(**packed)
+    finally:
+        model.embedder.set_attention("bidirectional")
+    torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+    if attention == "bidirectional":
+        torch.testing.assert_close(b, _stock_embedding(model, stock, padded, "1d"), atol=ATOL, rtol=0)

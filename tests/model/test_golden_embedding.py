@@ -109,3 +109,50 @@ def test_official_single_query_is_causal_and_we_are_not(golden_model):
         golden_model.embedder.set_attention("bidirectional")
     assert np.abs(causal - arrays["embeddings"]).max() <= 1e-5
     assert np.abs(arrays["embeddings"] - arrays["embeddings_bidirectional"]).max() > 1e-2
+
+
+# ---------------------------------------------------------------------- compat="official" (D5)
+@pytest.fixture(scope="module")
+def official_model(golden_model):
+    """The same checkpoint loaded with ``compat="official"`` (marker rows overwritten as in ``golden_model``)."""
+    from umarvel import UMarvel
+
+    model = UMarvel.from_pretrained(GOLDEN_TINY / "checkpoint", device="cpu", dtype="float32", compat="official")
+    rows = np.load(GOLDEN_TINY / "expected" / "added_token_embeddings.npy")
+    with torch.no_grad():
+        model.embedder.hf_model.get_input_embeddings().weight[151658:151660] = torch.from_numpy(rows[1:])
+    return model
+
+
+def test_official_compat_batch_of_one_is_causal_like_the_fixture(official_model, golden_model):
+    """compat="official": the unpadded batch of one reproduces the official (causal) vector; the default the
+    bidirectional one."""
+    role, items, arrays, _ = _batch("C_single_query")
+    assert role == "query" and official_model.settings.compat == "official"
+    got = official_model.encode_queries(items, batch_size=1)
+    assert np.abs(got - arrays["embeddings"]).max() <= 1e-5
+    assert (np.sum(got * arrays["embeddings"], axis=1) >= 0.99999).all()
+    default = golden_model.encode_queries(items, batch_size=1)
+    assert golden_model.settings.compat == "default"
+    assert np.abs(default - arrays["embeddings_bidirectional"]).max() <= 1e-5
+    assert np.abs(got - default).max() > 1e-2  # the two modes really differ here
+    assert official_model.fingerprint() != golden_model.fingerprint()
+
+
+@pytest.mark.parametrize("name", ["A_queries", "B_candidates"])
+def test_official_compat_padded_official_batches_stay_bidirectional(official_model, name):
+    """The official batch of five (input order, padded) is bidirectional in both modes."""
+    role, items, arrays, _ = _batch(name)
+    fn = official_model.encode_queries if role == "query" else official_model.encode_candidates
+    got = fn(items, batch_size=len(items))
+    assert np.abs(got - arrays["embeddings"]).max() <= 1e-5
+
+
+def test_official_compat_last_batch_completed_with_the_first_items(official_model):
+    """accelerate's even_batches: item 4 alone would be an unpadded (causal) batch of one; the official run
+    completes it with items 0.. so it is padded, hence bidirectional, and matches the fixture's padded batch."""
+    role, items, arrays, _ = _batch("A_queries")
+    got = official_model.encode_queries(items, batch_size=4)  # batches [0, 1, 2, 3] and [4, 0, 1, 2]
+    assert np.abs(got - arrays["embeddings"]).max() <= 1e-5
+    alone = official_model.encode_queries(items[4:], batch_size=4, fill=items[4:])  # [4, 4, 4, 4]: no padding
+    assert np.abs(alone[0] - arrays["embeddings"][4]).max() > 1e-3

@@ -10,8 +10,9 @@ import pytest
 
 from umarvel.data.records import Candidate
 from umarvel.data.registry import MBEIR_UNION_TRAIN_QUERIES, get_task
-from umarvel.train.hardneg import iter_mined, select_hard_negatives
-from umarvel.pipelines.mining import (MineConfig, build_train_pools, draw_distill_subset, mine, mined_file_name,
+from umarvel.data.runfiles import iter_mined, mined_file_name
+from umarvel.train.hardneg import select_hard_negatives
+from umarvel.pipelines.mining import (MineConfig, build_train_pools, draw_distill_subset, mine,
                                   partition_train_queries, pool_key)
 from umarvel.utils.io import read_jsonl
 
@@ -77,8 +78,8 @@ def test_mined_lists_match_brute_force(tree, tiny_model, mined):
     pool = read_pool(tree / cfg.pool, tree)
     table = read_instructions(tree / cfg.instructions)
     modality = {c.did: c.modality for c in pool}
-    local = {r.qid: r for _, r in iter_mined(files["local"])}
-    glob = {r.qid: r for _, r in iter_mined(files["global"])}
+    local = {r.qid: r for r in iter_mined(files["local"])}
+    glob = {r.qid: r for r in iter_mined(files["global"])}
     all_pools = build_train_pools(pool, [get_task(n) for n in TASKS])
     glob_cands = [c for members in all_pools.values() for c in members]
     g_vec = tiny_model.encode_candidates([c.to_encode_item() for c in glob_cands])  # fp32, fresh
@@ -113,15 +114,14 @@ def test_mined_files_aligned_and_negatives_exclude_positives(tree, mined):
     union = read_jsonl(tree / MBEIR_UNION_TRAIN_QUERIES)
     for scope in ("local", "global"):
         assert files[scope].name == mined_file_name(scope)
-        lines = list(iter_mined(files[scope]))
-        assert [r.qid for _, r in lines] == [u["qid"] for u in union]
-        for (_, row), u in zip(lines, union):
+        lines = list(iter_mined(files[scope], [u["qid"] for u in union]))
+        for row, u in zip(lines, union):
             assert set(row.gt_docs) == set(u["pos_cand_list"])
             negs = select_hard_negatives(row, 5, frozenset(u["pos_cand_list"]))
             assert negs and not set(negs) & set(u["pos_cand_list"])
             assert set(negs) <= set(row.top_docs)
     # the global pool is larger than any local one, and a global list may leave the task's pool
-    g = [r for _, r in iter_mined(files["global"])]
+    g = list(iter_mined(files["global"]))
     assert any(len({d.split(":")[0] for d in r.top_docs}) > 1 for r in g)
 
 

@@ -16,7 +16,8 @@ from umarvel.data.formatting import TRAIN_STYLE_NO_SUFFIX
 from umarvel.data.images import DISTILL_MAX_PIXELS, MAX_PIXELS, MIN_PIXELS, ImageBudget
 from umarvel.errors import ConfigError, DataError
 from umarvel.train.config import DataSection, LossSection
-from umarvel.train.hardneg import MinedRow, select_hard_negatives
+from umarvel.data.runfiles import MinedRow
+from umarvel.train.hardneg import select_hard_negatives
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -289,20 +290,19 @@ def _stage_cfg(name: str, overrides: list[str]):
 
 
 def test_stage4_runs_end_to_end(e2e, tiny_checkpoint):
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.data.packing import num_sequences
+    from umarvel.train.stage import stage_trainer
 
     base, root, files = e2e
     cfg = _stage_cfg("04_mbeir_hardneg.yaml", [
         f"init_from={tiny_checkpoint}", f"data.root={root}", f"data.negatives={files['global']}",
         "data.num_hard_negatives=2", "train.per_device_batch_size=3", f"train.output_dir={base / 'run4'}"])
-    seen = []
-    trainer = StageTrainer(cfg, callbacks=[lambda tr, ev, info: seen.append((ev, info))])
+    trainer = stage_trainer(cfg)
     state = trainer.train()
-    steps = [i for e, i in seen if e == "step_end"]
-    assert state.global_step == 2 and all(np.isfinite(i["loss"]) for i in steps)
+    assert state.global_step == 2 and all(np.isfinite(i["loss"]) for i in state.history)
     # 3 queries x (positive + 2 negatives), negatives never a positive of their query
-    batch = trainer.collator([trainer.dataset.example(i, random.Random(0)) for i in range(3)])
-    assert batch.num_columns == 3 and sum(x["input_ids"].shape[0] for x in batch.chunks) == 12
+    batch = trainer.task.collator([trainer.task.dataset.example(i, random.Random(0)) for i in range(3)])
+    assert batch.num_columns == 3 and sum(num_sequences(x) for x in batch.chunks) == 12
     assert (base / "run4" / "merged" / "config.json").is_file()
 
 
@@ -327,7 +327,7 @@ def teacher(e2e, tiny_checkpoint):
 def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
     from umarvel.data.mbeir import read_pool
     from umarvel.rerank.score import pair_from_records, score_pairs
-    from umarvel.train.hardneg import iter_mined
+    from umarvel.data.runfiles import iter_mined
     from umarvel.pipelines.mining import partition_train_queries
     from umarvel.utils.io import read_jsonl
 
@@ -336,7 +336,7 @@ def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
     lines = read_jsonl(path)
     subset = read_jsonl(files["subset"])
     assert [x["qid"] for x in lines] == [r["qid"] for r in subset]
-    mined = {r.qid: r for _, r in iter_mined(mined_local)}
+    mined = {r.qid: r for r in iter_mined(mined_local)}
     pool = {c.did: c for c in read_pool(root / cfg.pool, root)}
     rows = partition_train_queries(files["subset"], root)
     weights = {"mscoco_task0": 0.5, "webqa_task1": 1.0}
@@ -372,7 +372,7 @@ def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
 
 
 def test_stage5_runs_end_to_end(e2e, teacher, tiny_checkpoint):
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.train.stage import stage_trainer
 
     base, root, files = e2e
     cfg_t, path, _, _ = teacher
@@ -380,11 +380,9 @@ def test_stage5_runs_end_to_end(e2e, teacher, tiny_checkpoint):
         f"init_from={tiny_checkpoint}", f"data.root={root}", f"data.path={files['subset']}", f"data.scores={path}",
         "data.num_candidates=4", "train.per_device_batch_size=2", f"train.output_dir={base / 'run5'}"])
     assert cfg.model.max_pixels == DISTILL_MAX_PIXELS and cfg.loss.kind == "distill_kl"
-    seen = []
-    state = StageTrainer(cfg, callbacks=[lambda tr, ev, info: seen.append(info)]).train()
-    assert state.global_step == 2
-    assert all(np.isfinite(i["loss"]) and i["loss"] >= 0 and "teacher_top1_agreement" in i
-               for i in seen if "loss" in i)
+    state = stage_trainer(cfg).train()
+    assert state.global_step == 2 and len(state.history) == 2
+    assert all(np.isfinite(i["loss"]) and i["loss"] >= 0 and "teacher_top1_agreement" in i for i in state.history)
     assert (base / "run5" / "merged" / "config.json").is_file()
 
 
@@ -394,7 +392,7 @@ def test_plus_eval_fuses_own_cosines_and_tunes_on_val_only(e2e, teacher, tiny_ch
     from umarvel.pipelines.plus import PlusConfig, evaluate_plus
     from umarvel.eval.mbeir.runner import MBeirEvalConfig, evaluate_mbeir
     from umarvel.eval.outputs import read_results_json
-    from umarvel.rerank.score import read_trec_run
+    from umarvel.data.runfiles import read_trec_run
 
     base, root, _ = e2e
     _, _, _, reranker = teacher
@@ -433,3 +431,40 @@ def test_plus_eval_fuses_own_cosines_and_tunes_on_val_only(e2e, teacher, tiny_ch
             assert after[qid][5:] == [(d, pytest.approx(s, abs=1e-6)) for d, s in ranked[5:]]
     md = (test_out / "results.md").read_text()
     assert "(reranked)" in md
+
+
+def test_plus_eval_official_compat_uses_generate_and_the_official_global_fusion(e2e, tiny_checkpoint):
+    """compat="official": P(yes) = generate's first step (equal to one M-RoPE forward on this checkpoint, which
+    has no repetition penalty), the official global fusion on the global run, results labelled official."""
+    from umarvel.pipelines.plus import PlusConfig, evaluate_plus
+    from umarvel.rerank.fusion import RerankedQuery, official_global_fuse_query
+    from umarvel.rerank.model import load_reranker
+    from umarvel.data.runfiles import read_trec_run
+
+    base, _, _ = e2e
+    run = base / "eval" / "test" / "global"
+    if not (run / "results.json").is_file():
+        pytest.skip("needs the global test run of test_plus_eval_fuses_own_cosines_and_tunes_on_val_only")
+    official = load_reranker(tiny_checkpoint, device="cpu", dtype="float32", compat="official")
+    out = base / "eval" / "test" / "plus_global_official"
+    res = evaluate_plus(PlusConfig(run_dir=str(run), reranker=str(tiny_checkpoint), output=str(out), weight=0.3,
+                                   top_k=5, compat="official"), reranker=official)
+    assert res["compat"] == "official" and "- compat: official" in (out / "results.md").read_text()
+    mrope = load_reranker(tiny_checkpoint, device="cpu", dtype="float32", positions="mrope")
+    with pytest.raises(ConfigError, match="compat"):
+        evaluate_plus(PlusConfig(run_dir=str(run), reranker="x", output=str(base / "bad2"), weight=0.3, top_k=5,
+                                 compat="official"), reranker=mrope)
+    ref_out = base / "eval" / "test" / "plus_global_mrope"
+    evaluate_plus(PlusConfig(run_dir=str(run), reranker=str(tiny_checkpoint), output=str(ref_out), weight=0.3,
+                             top_k=5, positions="mrope"), reranker=mrope)
+    for task in E2E_TASKS:
+        before = read_trec_run(run / "runs" / f"{task}_test.trec")
+        after = read_trec_run(out / "runs" / f"{task}_test.trec")
+        p_off = json.loads((out / "scores" / f"{task}_test.json").read_text())["p_yes"]
+        p_ref = json.loads((ref_out / "scores" / f"{task}_test.json").read_text())["p_yes"]
+        for qid, ranked in before.items():
+            np.testing.assert_allclose(p_off[qid], p_ref[qid], atol=1e-5)
+            q = RerankedQuery.from_lists(qid, [d for d, _ in ranked], [s for _, s in ranked], p_off[qid])
+            expected = official_global_fuse_query(q, 0.3)
+            assert [d for d, _ in after[qid]] == [d for d, _ in expected]
+            assert [s for _, s in after[qid]] == pytest.approx([s for _, s in expected], abs=2e-6)

@@ -8,7 +8,7 @@ import pytest
 
 from umarvel.errors import ConfigError, DataError
 from umarvel.rerank.fusion import (RerankedQuery, RerankResults, choose_weight, fuse_query, fused_recall,
-                                   teacher_fuse, teacher_weight)
+                                   official_global_fuse_query, teacher_fuse, teacher_weight)
 
 
 def _query(seed: int = 0, k: int = 8):
@@ -42,6 +42,25 @@ def test_official_global_bug_is_detected():
     good = dict(fuse_query(RerankedQuery.from_lists("q", dids, cos, p), w))
     buggy = {d: c + w * pp for d, c, pp in zip(dids, cos[::-1], p)}
     assert any(abs(good[d] - buggy[d]) > 1e-6 for d in dids)
+
+
+def test_official_global_fusion_reproduces_the_official_script():
+    """compat="official" on the global protocol: the official script's arithmetic on FAISS L2 distances."""
+    dids, cos, p = _query(4, k=50)
+    w = 0.1
+    # what the official script does with the IndexFlatL2 output (squared L2 of unit vectors, ascending)
+    raw_scores = [2.0 - 2.0 * c for c in cos]
+    raw_score = raw_scores[::-1]
+    final = [1.0 * raw_score[i] + w * p[i] for i in range(len(raw_score))]
+    order = [i for i, _ in sorted(enumerate(final), key=lambda x: x[1], reverse=True)]
+    q = RerankedQuery.from_lists("q", dids, cos, p)
+    got = official_global_fuse_query(q, w)
+    assert [d for d, _ in got] == [dids[i] for i in order]
+    assert [s for _, s in got] == pytest.approx([final[i] for i in order], abs=1e-12)
+    assert fuse_query(q, w, rule="official_global") == got
+    assert [d for d, _ in got] != [d for d, _ in fuse_query(q, w)]  # it is not the cosine fusion
+    with pytest.raises(ConfigError, match="fusion rule"):
+        fuse_query(q, w, rule="l2")
 
 
 def test_weight_zero_keeps_retrieval_order_and_tail_stays_below():

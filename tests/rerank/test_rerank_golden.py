@@ -218,3 +218,61 @@ def test_p_yes_mrope_equals_generate_first_step(golden, reranker):
     assert torch.equal(out.sequences[:, -1], out.logits[0].argmax(-1))
     assert float((p_fwd - p_gen).abs().max()) <= 1e-6
     np.testing.assert_allclose(p_gen.numpy(), arrays["score_p_yes_generate"], atol=1e-5, rtol=0)
+
+
+@needs_golden
+def test_packed_loss_and_p_yes_equal_official(golden, reranker):
+    """Packed rows (no padding; causal attention inside each pair) give the official loss and P(yes)."""
+    from umarvel.data.packing import pack_padded
+
+    arrays, meta, _ = golden
+    recorded = {k: torch.from_numpy(arrays[k]) for k in
+                ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")}
+    packed = pack_padded(recorded)
+    assert packed["input_ids"].shape[1] == int(recorded["attention_mask"].sum())
+    with torch.no_grad():
+        loss = reranker.model.loss(**packed).item()
+        p = reranker.model.p_yes(pack_padded(_score_batch(arrays))).numpy()
+    assert abs(loss - meta["train"]["loss"]) / meta["train"]["loss"] <= 1e-5
+    np.testing.assert_allclose(p, arrays["score_p_yes_forward_1d_positions"], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def official_reranker():
+    from umarvel.rerank.model import load_reranker
+
+    return load_reranker(CHECKPOINT, device="cpu", dtype="float32", compat="official")
+
+
+@needs_golden
+def test_official_compat_p_yes_is_the_generate_path_value(golden, official_reranker):
+    """compat="official": score_pairs gives the fixture's generate-path P(yes) (M-RoPE, first step)."""
+    from umarvel.rerank.score import score_pairs
+
+    arrays, _, inputs = golden
+    assert official_reranker.compat == "official"
+    fx = _fixture(inputs, official_reranker.tokenizer)
+    pairs = fx.score_pairs(inputs["official_files"])
+    got = score_pairs(official_reranker, pairs, batch_size=4)  # the official batch; pair order
+    np.testing.assert_allclose(got, arrays["score_p_yes_generate"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        recorded = official_reranker.model.p_yes_generate(_score_batch(arrays)).numpy()
+    np.testing.assert_allclose(recorded, arrays["score_p_yes_generate"], atol=1e-5, rtol=0)
+    # the default (one forward, 1-D positions) is the other fixture column
+    assert np.abs(got - arrays["score_p_yes_forward_1d_positions"]).max() > 0.05
+
+
+@needs_golden
+def test_official_compat_applies_the_checkpoint_generation_config(golden, official_reranker):
+    """A repetition penalty in the checkpoint's generation_config changes the official scores[0] (D10)."""
+    arrays, _, _ = golden
+    gen = official_reranker.model.hf_model.generation_config
+    before = getattr(gen, "repetition_penalty", None)
+    gen.repetition_penalty = 1.05
+    try:
+        with torch.no_grad():
+            p = official_reranker.model.p_yes_generate(_score_batch(arrays)).numpy()
+    finally:
+        gen.repetition_penalty = before
+    np.testing.assert_allclose(p, arrays["score_p_yes_generate_repetition_penalty_1_05"], atol=1e-5, rtol=0)
+    assert np.abs(p - arrays["score_p_yes_generate"]).max() > 1e-3

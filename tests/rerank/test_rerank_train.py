@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from umarvel.errors import DataError
 from umarvel.rerank.prompts import RerankPair, RerankSide
+from umarvel.train.trainer import TrainerCallback
 
 pytestmark = pytest.mark.slow
 
@@ -124,25 +123,6 @@ def mbeir(tmp_path_factory) -> Path:
     return root
 
 
-def test_read_mined_checks_alignment(mbeir, tmp_path):
-    from umarvel.rerank.data import read_mined, read_union_queries
-
-    queries = read_union_queries(mbeir / "query/union_train/mbeir_union_up_train.jsonl", mbeir)
-    mined = read_mined(mbeir / "mined.jsonl", queries)
-    assert [m.qid for m in mined] == [q.qid for q in queries]
-    lines = (mbeir / "mined.jsonl").read_text().splitlines()
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl:1: qid"):
-        read_mined(bad, queries)
-    bad.write_text("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(DataError, match="mined lines for"):
-        read_mined(bad, queries)
-    bad.write_text(json.dumps({"qid": queries[0].qid, "gt_docs": []}) + "\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'top100_docs'"):
-        read_mined(bad, queries)
-
-
 def test_dataset_pairs_positive_and_mined_negative(mbeir, tiny_rerank_ckpt):
     from umarvel.data.images import ImageBudget
     from umarvel.data.processor import load_tokenizer
@@ -179,21 +159,49 @@ def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
 
 
-def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path):
+class _Stop(Exception):
+    pass
+
+
+class _StopAfter(TrainerCallback):
+    """Kill the run after step ``n`` (and its checkpoint), like a killed job."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        if step == self.n:
+            raise _Stop
+
+
+def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path, capsys):
     from umarvel.cli import main
-    from umarvel.eval.outputs import write_trec_run
-    from umarvel.rerank.train import list_checkpoints
+    from umarvel.config import load_config
+    from umarvel.data.runfiles import read_trec_run, write_trec_run
+    from umarvel.rerank.train import RerankTrainConfig, train_reranker
+    from umarvel.train import checkpoint as ckpt
+    from umarvel.utils.runs import read_identity
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(_train_args(mbeir, tiny_rerank_ckpt, straight, "train.max_steps=2", "train.save_steps=0")) == 0
+    run = ("train.max_steps=2", "lora.dropout=0.1")  # dropout on: the resumed run must restore the RNG too
+    assert main(_train_args(mbeir, tiny_rerank_ckpt, straight, *run, "train.save_steps=0")) == 0
     assert (straight / "adapter" / "adapter_config.json").is_file()
     assert (straight / "merged" / "config.json").is_file() and (straight / "resolved_config.yaml").is_file()
-    # interrupted run: a checkpoint after step 1 only, then a resumed run finishing step 2
-    assert main(_train_args(mbeir, tiny_rerank_ckpt, resumed, "train.max_steps=2", "train.save_steps=1")) == 0
-    assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-1"]
-    for name in ("adapter", "merged"):
-        shutil.rmtree(resumed / name)
-    assert main(_train_args(mbeir, tiny_rerank_ckpt, resumed, "train.max_steps=2", "train.save_steps=1")) == 0
+    assert ckpt.latest_checkpoint(straight).name == "step-000002"  # save_steps=0: only the final checkpoint
+    # the folder knows its run (umarvel.utils.runs): another config is refused in one line, naming the key
+    assert read_identity(straight)["kind"] == "rerank-train"
+    capsys.readouterr()
+    assert main(_train_args(mbeir, tiny_rerank_ckpt, straight, *run, "train.save_steps=0", "lora.r=8")) == 2
+    err = capsys.readouterr().err
+    assert "umarvel: error: " in err and "lora.r: 4 -> 8" in err and "--overwrite" in err
+    assert ckpt.latest_checkpoint(straight).name == "step-000002" and not (straight / ".lock").exists()
+    # interrupted run: killed after the step-1 checkpoint, then resumed through the CLI to finish step 2
+    args = _train_args(mbeir, tiny_rerank_ckpt, resumed, *run, "train.save_steps=1")
+    with pytest.raises(_Stop):
+        train_reranker(load_config(args[2], RerankTrainConfig, args[3:]), callbacks=[_StopAfter(1)])
+    assert ckpt.latest_checkpoint(resumed).name == "step-000001" and not (resumed / "adapter").exists()
+    assert main(args) == 0
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
     history = lambda d: json.loads((d / "train_history.json").read_text())["loss_per_step"]  # noqa: E731
     assert len(history(straight)) == 2 and len(history(resumed)) == 1  # only step 2 ran after the resume
     assert history(resumed)[0] == pytest.approx(history(straight)[1], rel=1e-5)
@@ -223,8 +231,6 @@ def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path):
     assert meta["split"] == "val" and meta["task"] == "mscoco_task0"
     fused = tmp_path / "fused.run"
     assert main(["rerank", "fuse", "--run", str(run), "--scores", str(out), "--weight", "0.5", "--out", str(fused)]) == 0
-    from umarvel.rerank.score import read_trec_run
-
     got = read_trec_run(fused)
     q0 = queries[0].qid
     cos0 = dict(zip(ids[0], cos[0]))

@@ -56,13 +56,13 @@ def test_cli_reports_config_errors(capsys):
 
 
 def test_unknown_kinds(tiny_checkpoint, tmp_path):
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.train.stage import stage_trainer
 
     data = make_data(tmp_path / "toy")
     with pytest.raises(ConfigError, match="unknown data.kind 'nope'"):
-        StageTrainer(tiny_config("nli", tiny_checkpoint, data, tmp_path / "run", "data.kind=nope"))
+        stage_trainer(tiny_config("nli", tiny_checkpoint, data, tmp_path / "run", "data.kind=nope"))
     with pytest.raises(ConfigError, match="unknown loss.kind 'nope'"):
-        StageTrainer(tiny_config("nli", tiny_checkpoint, data, tmp_path / "run", "loss.kind=nope"))
+        stage_trainer(tiny_config("nli", tiny_checkpoint, data, tmp_path / "run", "loss.kind=nope"))
 
 
 def test_bad_nli_line(tmp_path):

@@ -26,19 +26,18 @@ def _cfg(kind, ckpt, root, out, batch):
 
 def _one_step(kind, ckpt, root, out, batch):
     """Build the trainer, run forward/backward (+ the gradient all-reduce) on the first batch."""
-    from umarvel.train.trainer import StageTrainer
+    from umarvel import dist as udist
+    from umarvel.train.stage import stage_trainer
 
-    trainer = StageTrainer(_cfg(kind, ckpt, root, out, batch))
+    trainer = stage_trainer(_cfg(kind, ckpt, root, out, batch))
     torch.manual_seed(5)
     with torch.no_grad():
         for n, p in trainer.named_trainable:
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    batch = next(iter(trainer._loader(0, 0)))
-    loss, _ = trainer.forward_backward(batch)
+    loss, _ = trainer.forward_backward(next(trainer.steps(0, 0)))
     trainer._allreduce_grads()
-    info = trainer._log(loss, {}, 0.0, batch, 1.0)
-    return info["loss"], {n: p.grad.detach().clone() for n, p in trainer.named_trainable}
+    return float(udist.all_reduce_mean(loss)), {n: p.grad.detach().clone() for n, p in trainer.named_trainable}
 
 
 def _worker(rank, port, ckpt, root, out):

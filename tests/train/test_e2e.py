@@ -10,7 +10,8 @@ import torch
 from helpers import make_data, tiny_config
 
 from umarvel.train import checkpoint as ckpt
-from umarvel.train.trainer import StageTrainer, TrainingDiverged
+from umarvel.train.stage import stage_trainer
+from umarvel.train.trainer import TrainerCallback, TrainingDiverged
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +27,10 @@ def test_stage_learns_and_exports(kind, tiny_checkpoint, data, tmp_path):
     cfg = tiny_config(kind, tiny_checkpoint, data, tmp_path / "run", "data.max_examples=8",
                       "train.per_device_batch_size=8", "train.max_steps=8", "train.learning_rate=3e-3",
                       "train.warmup_ratio=0", "lora.dropout=0", "train.chunk_size=5", "train.save_steps=4")
-    state = StageTrainer(cfg).train()
+    state = stage_trainer(cfg).train()
     losses = [h["loss"] for h in state.history]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert json.loads((tmp_path / "run" / "train_history.json").read_text())["loss_per_step"] == losses
     assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:3]), losses
     out = tmp_path / "run"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -53,20 +55,26 @@ class _Stop(Exception):
     pass
 
 
+class StopAfter(TrainerCallback):
+    """Kill the run after step ``n`` (and its checkpoint), like a killed job."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        if step == self.n:
+            raise _Stop
+
+
 def test_resume_reaches_the_same_losses(tiny_checkpoint, data, tmp_path):
     common = ["data.max_examples=16", "train.per_device_batch_size=4", "train.max_steps=6",
               "train.save_steps=3", "train.learning_rate=2e-3", "lora.dropout=0.1", "train.grad_cache=true",
               "train.chunk_size=3", "train.merge_at_end=false"]
-    full = StageTrainer(tiny_config("mbeir", tiny_checkpoint, data, tmp_path / "a", *common)).train()
-
-    def interrupt(trainer, event, info):
-        if event == "step_end" and info["step"] == 3:
-            raise _Stop  # after the step-3 checkpoint, like a killed job
-
+    full = stage_trainer(tiny_config("mbeir", tiny_checkpoint, data, tmp_path / "a", *common)).train()
     cfg = tiny_config("mbeir", tiny_checkpoint, data, tmp_path / "b", *common)
     with pytest.raises(_Stop):
-        StageTrainer(cfg, callbacks=[interrupt]).train()
-    resumed = StageTrainer(cfg)
+        stage_trainer(cfg, callbacks=[StopAfter(3)]).train()
+    resumed = stage_trainer(cfg)
     assert resumed.resumed_from.name == "step-000003"
     state = resumed.train()
     assert [h["step"] for h in state.history] == [4, 5, 6]  # the crossing of the epoch boundary included
@@ -77,14 +85,14 @@ def test_resume_reaches_the_same_losses(tiny_checkpoint, data, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_checkpoint, data, tmp_path, monkeypatch):
     cfg = tiny_config("nli", tiny_checkpoint, data, tmp_path / "run", "train.max_steps=4", "train.save_steps=2")
-    trainer = StageTrainer(cfg)
-    real = trainer.compute_loss
+    trainer = stage_trainer(cfg)
+    real = trainer.task.compute_loss
 
     def poisoned(embs, batch, metrics):
         loss = real(embs, batch, metrics)
         return loss * float("nan") if trainer.state.global_step == 2 else loss
 
-    monkeypatch.setattr(trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(trainer.task, "compute_loss", poisoned)
     before = {n: p.detach().clone() for n, p in trainer.named_trainable}
     with pytest.raises(TrainingDiverged, match=r"non-finite loss .* step 3 .*step-000002"):
         trainer.train()

@@ -20,7 +20,8 @@ from helpers import GOLDEN_TINY, GOLDEN_TRAIN, requires_golden
 
 from umarvel.train.batching import PairCollator
 from umarvel.train.config import load_stage_config
-from umarvel.train.trainer import StageTrainer
+from umarvel.train.stage import stage_trainer
+from umarvel.train.trainer import Trainer
 
 pytestmark = pytest.mark.golden
 
@@ -58,14 +59,14 @@ def _golden_model():
     return model
 
 
-def _trainer(case: str, tmp_path: Path) -> StageTrainer:
+def _trainer(case: str, tmp_path: Path) -> Trainer:
     overrides = _write_inputs(case, tmp_path) + [
         "init_from=unused", "model.dtype=float32", "train.deepspeed=null", "train.per_device_batch_size=3",
         "train.max_steps=1", "train.learning_rate=1e-6", "data.num_workers=0", "loss.mask_duplicates=false",
         "lora.r=4", "lora.alpha=8", "train.merge_at_end=false", f"train.output_dir={tmp_path / 'run'}",
         "train.chunk_size=4"]
     cfg = load_stage_config(REPO / "configs" / "stages" / CASES[case], overrides)
-    return StageTrainer(cfg, model=_golden_model())
+    return stage_trainer(cfg, model=_golden_model())
 
 
 @requires_golden
@@ -74,10 +75,11 @@ def test_golden_batch_and_first_step_loss(case, tmp_path):
     meta = json.loads((GOLDEN_TRAIN / "expected" / case / "meta.json").read_text())
     arrays = np.load(GOLDEN_TRAIN / "expected" / case / "arrays.npz")
     trainer = _trainer(case, tmp_path)
-    examples = [trainer.dataset.example(i, random.Random(0)) for i in range(3)]
+    task = trainer.task
+    examples = [task.dataset.example(i, random.Random(0)) for i in range(3)]
 
-    ref = PairCollator(trainer.model.tokenizer, trainer.model.image_processor, trainer.collator.tok.style,
-                       trainer.collator.budget, mask_instruction=trainer.cfg.data.mask_instruction,
+    ref = PairCollator(task.model.tokenizer, task.model.image_processor, task.collator.tok.style,
+                       task.collator.budget, mask_instruction=task.cfg.data.mask_instruction,
                        chunk_size=32, reference=True)
     rendered = [ref.tok.render(x) for x in ref.inputs(examples)]
     assert rendered == meta["rendered"]
@@ -92,11 +94,11 @@ def test_golden_batch_and_first_step_loss(case, tmp_path):
         np.testing.assert_array_equal(got["image_grid_thw"].numpy(), arrays["image_grid_thw"])
         np.testing.assert_allclose(got["pixel_values"].numpy(), arrays["pixel_values"], atol=1e-6, rtol=0)
 
-    # our length-sorted chunks give the same loss as the official single padded batch
+    # our packed chunks (train.packing, on by default) give the same loss as the official single padded batch
     with torch.no_grad():
-        ours = trainer.collator(examples)
-        assert len(ours.chunks) > 1
-        loss = trainer.compute_loss(torch.cat([trainer._embed(c) for c in ours.chunks]), ours, {})
+        ours = task.collator(examples)
+        assert len(ours.chunks) > 1 and all("cu_seqlens" in c for c in ours.chunks)
+        loss = task.compute_loss(torch.cat([task.embed(trainer.model, c) for c in ours.chunks]), ours, {})
     assert abs(loss.item() - meta["loss"]) / meta["loss"] <= 1e-5
 
     # and so does the first step of the training loop (random batch order, LoRA attached with B = 0)

@@ -21,12 +21,12 @@ ITEMS_Q = [{"text": "a red circle on the left", "instruction": "find the picture
 
 def test_merge_lora_equals_base_plus_adapter(tiny_checkpoint, tmp_path):
     from umarvel.commands.merge import main as merge_main
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.train.stage import stage_trainer
 
     data = make_data(tmp_path / "toy")
     cfg = tiny_config("mbeir", tiny_checkpoint, data, tmp_path / "run", "train.merge_at_end=false",
                       "train.learning_rate=5e-3", "train.max_steps=3")
-    StageTrainer(cfg).train()
+    stage_trainer(cfg).train()
     adapter = tmp_path / "run" / "adapter"
     tau = json.loads((adapter / "umarvel.json").read_text())["temperature"]
     assert tau != pytest.approx(0.05, abs=1e-7)

@@ -1,4 +1,4 @@
-"""Two gloo processes == one process on the concatenated batch (loss and gradients), for both gather paths.
+"""Two gloo processes == one process on the concatenated batch (loss and gradients).
 
 A linear "encoder" stands in for the LoRA parameters and a learnable temperature is included; gradients are
 averaged over ranks as DDP does. Covered: plain InfoNCE, hard negatives (slot-major), the stage-2
@@ -58,11 +58,11 @@ def _reference(case: str):
     return loss.detach(), [p.grad.clone() for p in _params(enc, tau)]
 
 
-def _local_loss(case: str, enc, tau, q, c, hn, ids, impl: str):
+def _local_loss(case: str, enc, tau, q, c, hn, ids):
     """This rank's loss from its slice, gathering candidates with gradients."""
     r = udist.get_rank()
     sl = slice(r * B, (r + 1) * B)
-    gather = lambda t: udist.all_gather_with_grad(t, impl=impl)  # noqa: E731
+    gather = udist.all_gather_with_grad
     q_loc, c_all = enc(q[sl]), gather(enc(c[sl]))
     if case == "plain":
         return L.info_nce(q_loc, c_all, tau())
@@ -88,23 +88,23 @@ def _ddp_average(loss, params):
     return loss / WORLD
 
 
-def _check(case: str, impl: str, cached: bool) -> None:
+def _check(case: str, cached: bool) -> None:
     ref_loss, ref_grads = _reference(case)
     enc, tau, q, c, hn, ids = _setup()
     if cached:  # GradCache: pass-1 leaves are gathered inside the loss
         r = udist.get_rank()
         sl = slice(r * B, (r + 1) * B)
         loss_fn = lambda qe, ce, ne: L.info_nce(  # noqa: E731
-            qe, udist.all_gather_with_grad(ce, impl=impl), tau(),
+            qe, udist.all_gather_with_grad(ce), tau(),
             hard_negatives=L.hard_negatives_from_gathered(
-                udist.all_gather_with_grad(L.gather_ready_hard_negatives(ne.reshape(K, B, D)), impl=impl)))
+                udist.all_gather_with_grad(L.gather_ready_hard_negatives(ne.reshape(K, B, D)))))
         hn_flat = hn[:, sl].reshape(K * B, D_IN)
         loss = grad_cache_step(enc, [[q[sl][:2], q[sl][2:]], [c[sl]], [hn_flat[:4], hn_flat[4:]]], loss_fn)
     else:
-        loss = _local_loss(case, enc, tau, q, c, hn, ids, impl)
+        loss = _local_loss(case, enc, tau, q, c, hn, ids)
         loss.backward()
     loss = _ddp_average(loss, _params(enc, tau))
-    tag = f"{case}/{impl}/cached={cached}"
+    tag = f"{case}/cached={cached}"
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item()), (tag, loss, ref_loss)
     for name, got, ref in zip(("weight", "bias", "tau"), [p.grad for p in _params(enc, tau)], ref_grads):
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), (tag, name, (got - ref).abs().max())
@@ -120,68 +120,28 @@ def _check_unequal_sizes() -> None:
         raise AssertionError("unequal sizes were not rejected")
 
 
-def _check_auto_falls_back_without_functional() -> None:
-    """What torch 2.11 (no all_gather_single_autograd) gets: "auto" picks the autograd.Function."""
-    saved = udist._fc_gather
-    udist._fc_gather = None
-    try:
-        out = udist.all_gather_with_grad(torch.ones(B, D, requires_grad=True))
-        assert type(out.grad_fn).__name__ == "_AllGatherWithGradBackward", out.grad_fn
-        try:
-            udist.all_gather_with_grad(torch.ones(B, D), impl="functional")
-        except RuntimeError as exc:
-            assert "all_gather_single_autograd" in str(exc)
-        else:
-            raise AssertionError("impl='functional' without torch support did not raise")
-    finally:
-        udist._fc_gather = saved
-
-
-def _worker(rank: int, port: int, impls: list[str]) -> None:
+def _worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
         assert udist.is_dist() and udist.get_world_size() == WORLD and udist.get_rank() == rank
         assert udist.local_slice_offset(B) == rank * B
-        for impl in impls:
-            for case in ("plain", "hardneg", "bidirectional_masked"):
-                _check(case, impl, cached=False)
-            _check("hardneg", impl, cached=True)
+        for case in ("plain", "hardneg", "bidirectional_masked"):
+            _check(case, cached=False)
+        _check("hardneg", cached=True)
         _check_unequal_sizes()
-        _check_auto_falls_back_without_functional()
         dist.barrier()
     finally:
         dist.destroy_process_group()
     # Every check passed. Skip the interpreter teardown: on torch 2.13 + gloo a process sometimes still aborts
-    # in C++ destructors after destroy_process_group ("terminate called without an active exception", seen in
-    # about 1 run in 5 with the functional collectives), which would fail this test for no fault of the code.
+    # in C++ destructors after destroy_process_group ("terminate called without an active exception"), which
+    # would fail this test for no fault of the code.
     os._exit(0)
 
 
-def _spawn(impls: list[str]) -> None:
-    spawn_and_wait(_worker, (free_port(), impls), WORLD, TIMEOUT_S, "2-process gloo test")
-
-
-def _impls() -> list[str]:
-    impls = ["autograd_function"]
-    if udist.functional_gather_available():
-        impls.append("functional")
-    return impls
-
-
 def test_two_process_gather_equals_single_process():
-    """Both gather paths (the functional one where this torch has it) in one pair of processes."""
-    _spawn(_impls())
-
-
-def test_functional_path_present_on_this_torch():
-    # torch 2.13 (the dev env) has it; on torch 2.11 only the fallback runs and this documents it.
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    if (major, minor) >= (2, 13):
-        assert udist.functional_gather_available()
-    else:
-        pytest.skip(f"torch {torch.__version__}: functional all_gather_single_autograd not expected")
+    spawn_and_wait(_worker, (free_port(),), WORLD, TIMEOUT_S, "2-process gloo test")
 
 
 def test_single_process_identity():
@@ -192,3 +152,22 @@ def test_single_process_identity():
     calls = []
     assert udist.rank_zero_only(lambda: calls.append(1) or "done")() == "done" and calls == [1]
     udist.barrier()  # no-op
+    assert udist.broadcast_object({"b": 2}) == {"b": 2}
+    assert udist.all_reduce_mean(t) is t
+
+
+def test_launcher_environment_and_device_for_rank(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert (udist.env_rank(), udist.env_world_size(), udist.env_local_rank()) == (0, 1, 0)
+    assert udist.device_for_rank("cpu") == "cpu" and udist.device_for_rank("cuda") == "cuda"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert udist.device_for_rank(None) == udist.device_for_rank("auto") == expected
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert (udist.env_rank(), udist.env_world_size(), udist.env_local_rank()) == (3, 4, 1)
+    assert udist.device_for_rank("cuda") == "cuda:1" and udist.device_for_rank("cuda:0") == "cuda:0"
+    from umarvel.log import is_main_process
+
+    assert not is_main_process()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from umarvel.commands import add_log_level, dispatch, eval_plus, eval_zeroshot
+from umarvel.commands import add_log_level, dispatch, eval_plus, eval_zeroshot, pop_debug
 from umarvel.commands.flags import add_config_flags, config_from_flags
 from umarvel.eval.mbeir.config import MBeirEvalConfig
 
@@ -32,6 +32,18 @@ def add_mbeir_arguments(p: argparse.ArgumentParser) -> None:
     """The M-BEIR evaluation options: one flag per :class:`MBeirEvalConfig` field, ``--config`` and ``--set``."""
     add_config_flags(p, MBeirEvalConfig, config_file=True,
                      config_help="YAML config (configs/eval/mbeir_local.yaml ...); flags win")
+    p.add_argument("--html", default=None, metavar="PAGE",
+                   help="also write a self-contained page of sample queries per task with their top 5 "
+                        "(thumbnails embedded, positives marked)")
+    p.add_argument("--html-queries", type=int, default=5, help="sample queries per task on the --html page")
+    add_run_flags(p, "replace the results of another evaluation in --output (otherwise refused)")
+
+
+def add_run_flags(p: argparse.ArgumentParser, overwrite_help: str) -> None:
+    """``--overwrite`` and ``--skip-image-check`` (run-folder and pre-work checks, not part of the config)."""
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="do not check every referenced image before encoding (huge sets)")
 
 
 def config_from_args(args: argparse.Namespace) -> MBeirEvalConfig:
@@ -46,11 +58,19 @@ def config_from_args(args: argparse.Namespace) -> MBeirEvalConfig:
 def run_mbeir(args: argparse.Namespace) -> int:
     """Run one M-BEIR evaluation; rank 0 prints the results table (results.md) to stdout."""
     from umarvel.eval.mbeir.runner import RESULTS_MD, run_mbeir_eval  # lazy: keeps the CLI start-up free of torch
+    from umarvel.eval.preflight import start_mbeir_run  # lazy: keeps the CLI start-up free of torch
 
-    result = run_mbeir_eval(config_from_args(args))
+    cfg = config_from_args(args)
+    with start_mbeir_run(cfg, overwrite=args.overwrite):  # checks + the output folder, before the model loads
+        result = run_mbeir_eval(cfg, check_images=not args.skip_image_check)
     if result.results is not None:
         sys.stdout.write((Path(result.output) / RESULTS_MD).read_text(encoding="utf-8"))
         sys.stdout.flush()
+        if getattr(args, "html", None):
+            from umarvel.index.html import write_mbeir_page  # lazy: only for --html
+
+            write_mbeir_page(args.html, result, cfg.mbeir_root, cfg.split, cfg.protocol,
+                             n_queries=args.html_queries, k=5, seed=cfg.seed)
     return 0
 
 
@@ -59,7 +79,8 @@ def mbeir_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     parser = argparse.ArgumentParser(prog=prog, description=_MBEIR_DESCRIPTION)
     add_log_level(parser)
     add_mbeir_arguments(parser)
-    return dispatch(run_mbeir, parser.parse_args(argv))
+    argv, debug = pop_debug(argv)
+    return dispatch(run_mbeir, parser.parse_args(argv), debug=debug)
 
 
 def add_mbeir_parser(eval_subparsers) -> None:

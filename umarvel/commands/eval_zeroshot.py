@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     add_config_flags(p, ZeroShotOptions)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another zero-shot run in --output-dir (otherwise refused)")
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="do not check every referenced image before the model loads (huge sets)")
 
 
 def add_zeroshot_parser(eval_subparsers) -> argparse.ArgumentParser:
@@ -48,16 +52,20 @@ def run(args: argparse.Namespace) -> int:
     from umarvel.eval.zeroshot.runner import RESULTS_MD, run_zeroshot  # lazy: keeps the CLI start-up free of torch
     from umarvel.eval.zeroshot.tasks import resolve_zeroshot_names  # lazy: keeps the CLI start-up fast (0.09 s)
 
-    resolve_zeroshot_names(args.tasks)  # reject unknown task names before loading the model
-    options = config_from_flags(args, ZeroShotOptions)
-    device = args.device
-    if device is None:
-        import torch  # lazy: keeps the CLI start-up free of torch
+    from umarvel.eval.preflight import start_zeroshot_run  # lazy: keeps the CLI start-up free of torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype)
-    results = run_zeroshot(model, args.data_root, args.output_dir, tasks=args.tasks, cache_dir=args.cache_dir,
-                           options=options, model_name=str(args.model))
+    tasks = resolve_zeroshot_names(args.tasks)  # reject unknown task names before loading the model
+    options = config_from_flags(args, ZeroShotOptions)
+    with start_zeroshot_run(args.model, args.data_root, args.output_dir, tasks, options=options, device=args.device,
+                            dtype=args.dtype, overwrite=args.overwrite, check_images=not args.skip_image_check):
+        device = args.device
+        if device is None:
+            import torch  # lazy: keeps the CLI start-up free of torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype, compat=options.compat)
+        results = run_zeroshot(model, args.data_root, args.output_dir, tasks=args.tasks, cache_dir=args.cache_dir,
+                               options=options, model_name=str(args.model))
     sys.stdout.write((Path(args.output_dir) / RESULTS_MD).read_text(encoding="utf-8"))
     failed = [e["name"] for e in results["tasks"] if e["status"] == "error"]
     if failed:

@@ -6,7 +6,6 @@ import logging
 import sys
 
 from umarvel.commands import run_standalone
-from umarvel.train.merge import merge_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +29,8 @@ def add_subparser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from umarvel.train.merge import merge_adapter  # lazy: keeps the CLI start-up free of torch
+
     out = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, device=args.device)
     print(out)
     return 0

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from umarvel.commands import run_standalone
+from umarvel.commands import positive_int, run_standalone
 from umarvel.pipelines.mining import MineConfig, mine
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset-seed", type=int, default=d.subset_seed)
     p.add_argument("--instruction", choices=["random", "first"], default=d.instruction)
     p.add_argument("--seed", type=int, default=d.seed, help="instruction seed (D7)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUTPUT/cache)")
     p.add_argument("--backend", default=d.backend, choices=["torch", "faiss", "faiss-ivf", "faiss-hnsw"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another mining run in --output (otherwise refused)")
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="do not check every referenced image before encoding (huge sets)")
 
 
 def add_subparser(sub) -> None:
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                      subset=args.subset, subset_fraction=args.subset_fraction, subset_seed=args.subset_seed,
                      instruction=args.instruction, seed=args.seed, batch_size=args.batch_size, device=args.device,
                      dtype=args.dtype, cache_dir=args.cache_dir, backend=args.backend)
-    for name, path in mine(cfg).items():
+    for name, path in mine(cfg, overwrite=args.overwrite, check_images=not args.skip_image_check).items():
         logger.info("%s: %s", name, path)
     return 0
 

@@ -27,6 +27,9 @@ def add_subparser(sub) -> None:
     t = actions.add_parser("train", help="train a reranker LoRA from a YAML config")
     t.add_argument("config", help="reranker YAML (configs/rerank/reranker.yaml)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.learning_rate=1e-5")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in train.output_dir even if it holds a run (its checkpoints, adapter and merged "
+                        "model are removed); without it a run with another config is refused")
     t.set_defaults(func=run_train)
 
     s = actions.add_parser("score", help="P(yes) for the top-k of a retrieval run")
@@ -76,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
     from umarvel.rerank.train import RerankTrainConfig, train_reranker
 
     cfg = load_config(args.config, RerankTrainConfig, args.overrides)
-    out = train_reranker(cfg)
+    out = train_reranker(cfg, overwrite=args.overwrite)
     logger.info("reranker training finished; outputs in %s", out)
     return 0
 
@@ -108,8 +111,9 @@ def _records(args: argparse.Namespace):
 
 def run_score(args: argparse.Namespace) -> int:
     """Score the top-k of a run and write ``{qid: [p_yes]}`` and its meta sidecar atomically."""
+    from umarvel.data.runfiles import read_trec_run
     from umarvel.rerank.model import load_reranker
-    from umarvel.rerank.score import read_trec_run, score_run
+    from umarvel.rerank.score import score_run
     from umarvel.utils.io import atomic_write_json
 
     if args.top_k < 1:
@@ -133,8 +137,8 @@ def load_rerank_results(scores_path: str | Path):
     """A :class:`~umarvel.rerank.fusion.RerankResults` from a score file, its meta, run and qrels."""
     from umarvel.data.mbeir import read_qrels
     from umarvel.data.registry import get_task
+    from umarvel.data.runfiles import read_trec_run
     from umarvel.rerank.fusion import RerankedQuery, RerankResults
-    from umarvel.rerank.score import read_trec_run
 
     mp = meta_path(scores_path)
     if not mp.is_file():
@@ -172,9 +176,8 @@ def run_fuse(args: argparse.Namespace) -> int:
         return 0
     if not (args.run and args.scores and args.out):
         raise ConfigError("fuse needs --run, --scores and --out (or --choose-weight)")
-    from umarvel.eval.outputs import write_trec_run
+    from umarvel.data.runfiles import read_trec_run, write_trec_run
     from umarvel.rerank.fusion import RerankedQuery, RerankResults
-    from umarvel.rerank.score import read_trec_run
 
     run = read_trec_run(args.run)
     scores = json.loads(Path(args.scores).read_text())

@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="teacher YAML (configs/teacher/teacher.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. top_k=50")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another teacher run in the output folder (otherwise refused)")
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="do not check the referenced images before scoring (huge sets)")
 
 
 def add_subparser(sub) -> None:
@@ -37,7 +41,8 @@ def add_subparser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the config (strict) and build the teacher file."""
     cfg = load_config(args.config, TeacherConfig, args.overrides)
-    logger.info("teacher file: %s", build_teacher_file(cfg))
+    path = build_teacher_file(cfg, overwrite=args.overwrite, check_images=not args.skip_image_check)
+    logger.info("teacher file: %s", path)
     return 0
 
 

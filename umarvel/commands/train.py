@@ -19,23 +19,32 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="stage YAML (configs/stages/0N_*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.learning_rate=1e-4 data.path=/data/nli.csv")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in train.output_dir even if it holds a run (its checkpoints, adapter and "
+                        "merged model are removed); without it a run with another config is refused")
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="do not check every referenced image before training (huge sets)")
 
 
 def add_subparser(sub) -> None:
     """Register ``umarvel train``."""
     p = sub.add_parser("train", help="train one stage from a YAML config",
                        description="Train one U-MARVEL stage. Resumes from the run folder's last checkpoint "
-                                   "(train.resume=auto); writes adapter/ and merged/ at the end.")
+                                   "(train.resume=auto) when the folder holds a run of the same config "
+                                   "(run_identity.json); another config is refused (--overwrite, "
+                                   "train.resume=<checkpoint> or a new train.output_dir). Config, data and "
+                                   "images are checked before the model loads; writes adapter/ and merged/ "
+                                   "at the end.")
     _add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config (unknown keys are errors) and train."""
-    from umarvel.train.trainer import run_stage  # lazy: keeps the CLI start-up free of torch
+    from umarvel.train.stage import run_stage  # lazy: keeps the CLI start-up free of torch
 
     cfg = load_stage_config(args.config, args.overrides)
-    state = run_stage(cfg)
+    state = run_stage(cfg, overwrite=args.overwrite, check_images=not args.skip_image_check)
     logger.info("stage %s finished at step %d; outputs in %s", cfg.stage, state.global_step, cfg.train.output_dir)
     return 0
 

@@ -188,9 +188,15 @@ class EmbeddingCollator:
         instr = instruction_mask(ids, self.start_id, self.end_id)
         pool = attn * (1 - instr) if self.mask_instruction else attn.clone()
         batch = {"input_ids": ids, "attention_mask": attn, "instruction_mask": instr, "pool_mask": pool}
-        parts = [p for x in items for p in (x.patches or [image_patches(im, self.patch_spec) for im in x.images])]
-        batch.update(visual_batch(parts, [x.video for x in items if x.video is not None]))
+        batch.update(self.visuals(items))
         return batch
+
+    def visuals(self, items: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
+        """Patches of all images (videos) of ``items`` in order (``umarvel.data.visual.visual_batch``):
+        ``pixel_values`` (patches, 1176) + ``image_grid_thw`` (n_images, 3), ``pixel_values_videos`` +
+        ``video_grid_thw``; absent when none."""
+        parts = [p for x in items for p in (x.patches or [image_patches(im, self.patch_spec) for im in x.images])]
+        return visual_batch(parts, [x.video for x in items if x.video is not None])
 
 
 def plan_batches(lengths: Sequence[int], max_batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -211,3 +217,14 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, max_tokens: int | 
     if cur:
         batches.append(cur)
     return batches
+
+
+def sequential_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Consecutive batches in input order, ``batch_size`` items each (the last one may be shorter).
+
+    This is a ``DataLoader(shuffle=False)`` over the items: the batching of the official evaluation scripts,
+    used by ``compat="official"`` so that the same batches (and hence the same unpadded ones, D5) are formed.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    return [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]

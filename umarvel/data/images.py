@@ -99,7 +99,8 @@ def open_image(image: ImageLike, what: str = "") -> Image.Image:
             raise ImageLoadError(f"{label}cannot convert the given PIL image to RGB ({exc})") from None
     path = Path(image)
     if not path.is_file():
-        raise ImageLoadError(f"{label}image file not found: {path}")
+        what_is = "is a folder, not an image file" if path.is_dir() else "image file not found"
+        raise ImageLoadError(f"{label}{what_is}: {path}")
     try:
         with Image.open(path) as im:
             im.load()

@@ -26,7 +26,7 @@ import numpy as np
 from umarvel.data.records import MODALITIES, Candidate, Query, check_modality
 from umarvel.data.registry import DATASET_IDS, TASK_MODALITIES, Task
 from umarvel.errors import DataError
-from umarvel.utils.io import iter_columns, iter_jsonl
+from umarvel.utils.io import iter_columns, iter_jsonl, open_text
 
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def read_instructions(path: PathLike) -> InstructionTable:
         raise DataError(f"{path}: file not found")
     prompts: dict[InstructionKey, tuple[str, ...]] = {}
     seen: dict[InstructionKey, int] = {}
-    with path.open("r", encoding="utf-8") as fh:
+    with open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             if lineno == 1 or not line.strip():
                 continue
@@ -430,6 +430,11 @@ def load_mbeir_task(root: PathLike, task: Task, split: str = "test", *,
     if no_qrels:
         logger.warning("%s (%s): %d of %d queries have no qrels line; they score 0 (official scorer)",
                        task.name, split, no_qrels, len(queries))
+    qids = {q.qid for q in queries}
+    stray = [qid for qid in qrels if qid not in qids]
+    if stray:
+        logger.warning("%s (%s): %d qid(s) of %s name no query of %s (e.g. %s); their lines are ignored",
+                       task.name, split, len(stray), root / files.qrels, qpath, ", ".join(stray[:3]))
     rng = instruction_rng(seed, task.name)
     queries = assign_instructions(queries, instructions, modality_of, instruction_mode, rng)
     logger.info("%s (%s): %d queries, pool of %d candidates", task.name, split, len(queries), len(pool))

@@ -48,6 +48,7 @@ from umarvel.demo.benchmark import DemoBenchmark, chance_recall, make_demo_bench
 from umarvel.demo.plan import DemoPlan, DemoResult, StagePlan, StageResult
 from umarvel.demo.progress import Job, Progress
 from umarvel.errors import ConfigError
+from umarvel.train.trainer import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -152,37 +153,6 @@ def environment_info(threads: int) -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
-@contextlib.contextmanager
-def _capture_rerank_steps(progress: Progress, total: int) -> Iterator[None]:
-    """Feed the reranker loop's ``step i/n loss x`` log records into the progress display.
-
-    The reranker training loop reports its steps only through its logger; this handler reads the record's
-    arguments (step, total, loss). In a non-verbose run the lines themselves are not printed.
-    """
-
-    class _Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if str(record.msg).startswith("step %d/%d loss") and isinstance(record.args, tuple):
-                step, n, loss = record.args[:3]
-                progress.update(step / max(n, 1), f"step {step}/{n} loss {loss:.3f}")
-
-    lg = logging.getLogger("umarvel.rerank.train")
-    handler = _Handler(logging.INFO)
-    old_level = lg.level
-    lg.addHandler(handler)
-    if lg.getEffectiveLevel() > logging.INFO:  # quiet run: let INFO reach the handler, not the console
-        lg.setLevel(logging.INFO)
-        old_propagate, lg.propagate = lg.propagate, False
-    else:
-        old_propagate = lg.propagate
-    try:
-        yield
-    finally:
-        lg.removeHandler(handler)
-        lg.setLevel(old_level)
-        lg.propagate = old_propagate
-
-
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate_checkpoint(checkpoint: str | Path, bench: DemoBenchmark, out_dir: Path, *, split: str = "test",
                         protocols: tuple[str, ...] = PROTOCOLS, device: str = "cpu", dtype: str | None = "float32",
@@ -211,6 +181,16 @@ def pool_sizes(results: dict) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------ the run
+class _ProgressCallback(TrainerCallback):
+    """Feeds a training run's steps (stage or reranker) into the demo's progress display."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        self.progress.update(step / max(total, 1), f"step {step}/{total} loss {loss:.3f}")
+
+
 class DemoRun:
     """One demo run into ``output`` (see the module doc).
 
@@ -291,18 +271,12 @@ class DemoRun:
     def train_stage(self, key: str, yaml_name: str, init_from: Path) -> Path:
         """Train one embedding stage with its real YAML + the demo overrides; returns its merged checkpoint."""
         from umarvel.train.config import load_stage_config
-        from umarvel.train.trainer import run_stage
+        from umarvel.train.stage import run_stage
 
         shutil.rmtree(self.runs / key, ignore_errors=True)
         cfg = load_stage_config(configs_dir() / "stages" / yaml_name, self._stage_overrides(key, init_from))
-        total = cfg.train.max_steps
         t0 = time.perf_counter()
-
-        def on_event(trainer, event: str, info: dict) -> None:
-            if event == "step_end":
-                self.progress.update(info["step"] / total, f"step {info['step']}/{total} loss {info['loss']:.3f}")
-
-        state = run_stage(cfg, callbacks=[on_event])
+        state = run_stage(cfg, callbacks=[_ProgressCallback(self.progress)])
         losses = [h["loss"] for h in state.history]
         head = max(1, len(losses) // 10)
         self.result.training[key] = {
@@ -350,11 +324,11 @@ class DemoRun:
                      f"train.learning_rate={r.learning_rate}", f"train.per_device_queries={r.queries_per_step}",
                      "train.gradient_accumulation_steps=1", f"train.max_steps={r.steps}", "train.bf16=false",
                      "train.device=cpu", "train.save_steps=0", f"train.logging_steps={max(1, r.steps // 20)}",
-                     "train.resume=never", f"train.seed={42 + self.plan.seed}"]
+                     "train.resume=never", "train.report_to=[]",
+                     f"train.seed={42 + self.plan.seed}"]
         cfg = load_config(configs_dir() / "rerank" / "reranker.yaml", RerankTrainConfig, overrides)
         t0 = time.perf_counter()
-        with _capture_rerank_steps(self.progress, r.steps):
-            train_reranker(cfg)
+        train_reranker(cfg, callbacks=[_ProgressCallback(self.progress)])
         hist = json.loads((out / "train_history.json").read_text())["loss_per_step"]
         head = max(1, len(hist) // 10)
         self.result.training["rerank"] = {
@@ -501,6 +475,8 @@ class DemoRun:
                 self.progress.close()
         self.result.total_seconds = time.perf_counter() - t_start
         write_report(self.result, self.output)  # final timings included
+        from umarvel.index.html import write_demo_retrievals  # retrievals.html: the test queries after each stage
+        write_demo_retrievals(self.output, self.bench.mbeir, self.evals, [(r.label, r.key) for r in self.result.stages])
         return self.result
 
 

@@ -8,6 +8,10 @@ Layout of one entry, ``<root>/<name>-<key16>/``::
     shard_00000.npy ...  float16 (<= shard_size, D) vectors while encoding (each written atomically)
     vectors.npy          float16 (N, D), the shards consolidated once all are present (shards then removed)
 
+The vectors are stored in float16: a unit vector's norm then deviates by up to ~1e-3 relative, so consumers
+re-normalise them in fp32 before scoring (``umarvel.eval.search`` ``normalize=True`` in the M-BEIR runner,
+``umarvel.eval.search.unit_rows_fp32`` in the zero-shot runner) and near-ties rank as they would in fp32.
+
 ``key = sha256(fingerprint, settings, name, source identity)``: a different checkpoint fingerprint or
 preprocessing setting therefore always lands in a different directory and is never reused. If a manifest
 under the same key nevertheless disagrees (hand-edited / corrupted entry, or the ids changed while the
@@ -32,7 +36,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from umarvel import dist
 from umarvel.errors import DataError
+from umarvel.eval import DEFAULT_SHARD_SIZE
 from umarvel.log import progress_disabled
 from umarvel.utils.io import atomic_path, atomic_write_json
 
@@ -42,7 +48,6 @@ MANIFEST = "manifest.json"
 IDS = "ids.json"
 VECTORS = "vectors.npy"
 FORMAT_VERSION = 1
-DEFAULT_SHARD_SIZE = 16384
 
 
 def _sha256(obj: Any) -> str:
@@ -62,24 +67,6 @@ def source_identity(source: str | os.PathLike | None, ids: Sequence[str], items:
             raise DataError(f"{p}: cannot stat cache source ({exc.strerror})") from None
         return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return {"content_sha256": _sha256([list(ids), list(items)])}
-
-
-def _dist_info() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` when torch.distributed is not initialised."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    """``torch.distributed.barrier()`` when initialised."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 @dataclass
@@ -218,7 +205,7 @@ class EmbeddingCache:
         expect = {"format_version": FORMAT_VERSION, "key": key, "name": name, "fingerprint": fingerprint,
                   "settings": json.loads(json.dumps(settings, default=repr)), "source": src,
                   "n_items": len(ids), "ids": ids, "ids_sha256": _sha256(ids)}
-        rank, world = _dist_info()
+        rank, world = dist.get_rank(), dist.get_world_size()
         man = self._read_manifest(d)
         if man is not None:
             self._check_manifest(man, expect, d / MANIFEST)
@@ -227,19 +214,19 @@ class EmbeddingCache:
                 logger.info("cache hit %s: %d items reused (%s)", name, len(ids), d)
                 return CachedEmbeddings(ids, [d], [d / VECTORS], 0, len(ids))
             shard_size = int(man["shard_size"])
-        _barrier()  # every rank has read the old manifest before rank 0 (re)writes it
+        dist.barrier()  # every rank has read the old manifest before rank 0 (re)writes it
         if rank == 0 and man is None:
             self._write_manifest(d, expect, shard_size, dim=None, done=[], status="encoding")
-        _barrier()
+        dist.barrier()
         n_shards = (len(ids) + shard_size - 1) // shard_size
         done = self._done_shards(d, n_shards, shard_size, len(ids))
         todo = [s for s in range(n_shards) if s not in done and s % world == rank]
         n_reused = sum(self._shard_len(s, shard_size, len(ids)) for s in done)
         n_enc = self._encode_shards(d, name, items, todo, shard_size, encode_fn, expect, done)
-        _barrier()
+        dist.barrier()
         if rank == 0:
             self._consolidate(d, expect, n_shards, shard_size)
-        _barrier()
+        dist.barrier()
         total_enc = n_enc if world == 1 else len(ids) - n_reused
         self.stats["encoded"] += n_enc
         self.stats["reused"] += n_reused
@@ -294,7 +281,7 @@ class EmbeddingCache:
         from tqdm import tqdm
 
         n, n_enc = len(items), 0
-        single = _dist_info()[1] == 1
+        single = dist.get_world_size() == 1
         for s in tqdm(todo, desc=f"encode {name}", unit="shard", disable=progress_disabled() or not todo):
             lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
             vecs = encode_fn(list(items[lo:hi]))

@@ -1,9 +1,10 @@
-"""Evaluation outputs: TREC run files, ``results.json`` (fixed schema) and ``results.md``.
+"""Evaluation outputs: ``results.json`` (fixed schema) and ``results.md`` (TREC runs: :mod:`umarvel.data.runfiles`).
 
-``results.json`` schema (exactly these keys; ``"reranked"`` optional)::
+``results.json`` schema (exactly these keys; ``"reranked"`` and ``"compat"`` optional, ``"compat"`` always
+written; a file without it was made before the compatibility mode existed, i.e. ``"default"``)::
 
     {"protocol": "local"|"global", "model": str, "split": str, "instruction_mode": "random"|"first",
-     "instruction_seed": int,
+     "instruction_seed": int, "compat": "default"|"official",
      "tasks": [{"name", "dataset", "task_id", "metric", "value", "recall": {"1","5","10","50"},
                 "num_queries", "pool_size"}],
      "average": float}
@@ -20,13 +21,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from umarvel.errors import DataError
-from umarvel.data.mbeir import INSTRUCTION_MODES, unhash_did
+from umarvel.data.mbeir import INSTRUCTION_MODES
 from umarvel.eval.metrics import TaskResult, average
 from umarvel.data.registry import MBEIR_TASK_ORDER, list_tasks
-from umarvel.utils.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from umarvel.utils.compat import COMPAT_MODES, DEFAULT
+from umarvel.utils.io import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,64 +34,24 @@ PROTOCOLS: tuple[str, ...] = ("local", "global")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 _TOP_KEYS = ("protocol", "model", "split", "instruction_mode", "instruction_seed", "tasks", "average")
-_OPTIONAL_TOP_KEYS = ("reranked",)
+_OPTIONAL_TOP_KEYS = ("reranked", "compat")
 _TASK_KEYS = ("name", "dataset", "task_id", "metric", "value", "recall", "num_queries", "pool_size")
 
 PathLike = str | os.PathLike
 
 
-# ------------------------------------------------------------------------------------------ TREC run
-def _did_str(did: Any) -> str | None:
-    """A retrieved id as a did string (hashed ints unhashed); ``None`` for padding (-1, "", None)."""
-    if did is None or (isinstance(did, str) and did == ""):
-        return None
-    if isinstance(did, (int, np.integer)) and not isinstance(did, bool):
-        return None if did < 0 else unhash_did(int(did))
-    return str(did)
-
-
-def write_trec_run(path: PathLike, qids: Sequence[str], retrieved: np.ndarray | Sequence[Sequence],
-                   scores: np.ndarray | Sequence[Sequence], run_id: str) -> int:
-    """Write a TREC run file, one line ``qid Q0 did rank score run_id`` per retrieved candidate.
-
-    Args:
-        qids: (Q,) query ids.
-        retrieved: (Q, K) ranked dids (strings or hashed ints; -1 / "" entries are padding, skipped).
-        scores: (Q, K) similarity scores aligned with ``retrieved``.
-        run_id: run name, written in column 6 (no whitespace).
-
-    Returns the number of lines written.
-    """
-    ret = np.asarray(retrieved, dtype=object)
-    sc = np.asarray(scores, dtype=np.float64)
-    if ret.ndim != 2 or sc.shape != ret.shape or ret.shape[0] != len(qids):
-        raise DataError(f"TREC run {path}: need (Q, K) ids and scores for {len(qids)} queries, "
-                        f"got ids {ret.shape} and scores {sc.shape}")
-    if not run_id or any(ch.isspace() for ch in run_id):
-        raise DataError(f"TREC run {path}: run_id must be a non-empty word, got {run_id!r}")
-    n = 0
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for qid, row, srow in zip(qids, ret, sc):
-            rank = 0
-            for did, score in zip(row, srow):
-                did_s = _did_str(did)
-                if did_s is None:
-                    continue
-                rank += 1
-                fh.write(f"{qid} Q0 {did_s} {rank} {score:.6f} {run_id}\n")
-                n += 1
-    return n
-
-
 # ------------------------------------------------------------------------------------- results.json
 def build_results(*, protocol: str, model: str, split: str, instruction_mode: str, instruction_seed: int,
-                  tasks: Sequence[TaskResult], reranked: bool | None = None) -> dict:
-    """The ``results.json`` object; tasks sorted in registry (paper) order, average unweighted."""
+                  tasks: Sequence[TaskResult], reranked: bool | None = None, compat: str = DEFAULT) -> dict:
+    """The ``results.json`` object; tasks sorted in registry (paper) order, average unweighted.
+
+    ``compat``: the mode the numbers were computed in (``"official"``: the official numerics), always written.
+    """
     order = {t.name: i for i, t in enumerate(list_tasks())}
     ordered = sorted(tasks, key=lambda r: order.get(r.name, len(order)))
     out: dict[str, Any] = {
         "protocol": protocol, "model": model, "split": split, "instruction_mode": instruction_mode,
-        "instruction_seed": int(instruction_seed), "tasks": [r.to_json() for r in ordered],
+        "instruction_seed": int(instruction_seed), "compat": compat, "tasks": [r.to_json() for r in ordered],
         "average": average(ordered),
     }
     if reranked is not None:
@@ -150,6 +110,8 @@ def validate_results(obj: Any, where: str) -> dict:
         _fail(where, "'instruction_seed' must be an integer")
     if "reranked" in obj and not isinstance(obj["reranked"], bool):
         _fail(where, "'reranked' must be true or false")
+    if "compat" in obj and obj["compat"] not in COMPAT_MODES:
+        _fail(where, f"'compat' must be one of {list(COMPAT_MODES)}, got {obj['compat']!r}")
     if not isinstance(obj["tasks"], list) or not obj["tasks"]:
         _fail(where, "'tasks' must be a non-empty list")
     for i, entry in enumerate(obj["tasks"]):
@@ -169,9 +131,14 @@ def read_results_json(path: PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------------------- results.md
+def compat_of(res: Mapping[str, Any]) -> str:
+    """The compatibility mode of a results object (``"default"`` for files written before it existed)."""
+    return str(res.get("compat", DEFAULT))
+
+
 def _pair_key(res: Mapping[str, Any]) -> tuple:
-    """Results that may be shown side by side share model, split and reranking."""
-    return res["model"], res["split"], bool(res.get("reranked", False))
+    """Results that may be shown side by side share model, split, reranking and compatibility mode."""
+    return res["model"], res["split"], bool(res.get("reranked", False)), compat_of(res)
 
 
 def _by_protocol(results: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -182,7 +149,7 @@ def _by_protocol(results: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str,
             raise DataError(f"two {res['protocol']} results given for one results.md")
         out[res["protocol"]] = res
     if len({_pair_key(r) for r in out.values()}) > 1:
-        raise DataError("local and global results differ in model, split or reranking: "
+        raise DataError("local and global results differ in model, split, reranking or compat: "
                         + "; ".join(f"{p}: {_pair_key(r)}" for p, r in out.items()))
     return out
 
@@ -211,6 +178,8 @@ def render_results_md(results: Sequence[Mapping[str, Any]]) -> str:
     rerank = " (reranked)" if first.get("reranked") else ""
     lines = [f"# Results: {first['model']}{rerank}", "",
              f"- split: {first['split']}",
+             f"- compat: {compat_of(first)}" + (" (the official evaluation numerics, docs/decisions.md)"
+                                                if compat_of(first) != DEFAULT else ""),
              *[f"- {p}: instruction {_instruction_line(by_proto[p])}, {len(values[p])} task(s)" for p in protos],
              *([] if all(len(values[p]) == len(MBEIR_TASK_ORDER) for p in protos) else
                ["- note: the average covers only the tasks shown, not the 16-task M-BEIR average"]),
@@ -230,7 +199,7 @@ def render_results_md(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def find_sibling_results(out_dir: PathLike, results: Mapping[str, Any]) -> tuple[Path, dict] | None:
-    """The other protocol's results in a sibling folder of ``out_dir`` (same model, split, reranking).
+    """The other protocol's results in a sibling folder of ``out_dir`` (same model, split, reranking, compat).
 
     A sibling named after the other protocol wins; otherwise a unique match among all siblings.
     Unreadable siblings are skipped with a warning.

@@ -21,6 +21,12 @@ scores are equal; for faiss, a ``range_search`` on those rows). Scores of differ
 the last bits (BLAS blocking), so "equal" means bit-equal scores as computed. When ``k`` exceeds the
 number of candidates, rows are padded with index ``-1`` and score ``-inf``. NaN inputs are not checked.
 
+``normalize=True`` (what the evaluation passes for its float16 cache vectors) re-normalises every candidate
+and query to unit length in fp32 before scoring, so the scores are cosines of the stored directions: an fp16
+round trip changes a unit vector's norm by up to ~1e-3 relative, enough to reorder near-ties of a plain inner
+product. The torch backend scales each fp32 score tile by the fp32 inverse norms (the vectors themselves
+stay in their storage / compute dtype); faiss normalises its fp32 copy.
+
 Use :func:`make_searcher` to build an index / upload candidates once and search many query sets.
 """
 from __future__ import annotations
@@ -232,6 +238,27 @@ def _pad(values: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
+_NORM_ROWS = 1 << 16
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """``1 / ||row||`` of ``(n, D)`` rows computed in fp32 (blockwise, no full fp32 copy): ``(n,)`` float32.
+
+    A zero row gets 0 (its scores stay 0)."""
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for a in range(0, x.shape[0], _NORM_ROWS):
+        n = torch.linalg.vector_norm(x[a:a + _NORM_ROWS].float(), dim=1)
+        out[a:a + _NORM_ROWS] = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))
+    return out
+
+
+def unit_rows_fp32(x: Any) -> np.ndarray:
+    """``(n, D)`` numpy / torch (any float dtype, e.g. float16 cache vectors) -> float32 rows of unit length."""
+    if torch.is_tensor(x):
+        x = x.detach().float().cpu().numpy()
+    a = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(a, axis=1, keepdims=True)
+    return a / np.where(n > 0, n, 1.0)
 
 
 def tile_scores(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -278,8 +305,10 @@ class TorchSearcher:
                  c_tile: int | None = None, chunk_bytes: int | None = None,
                  tile_bytes: int | None = None, resident: bool | None = None,
                  prune: bool | None = None, select: str | None = None, margin: int = 64,
-                 block: int = 1):
+                 block: int = 1, normalize: bool = False):
         self.source = candidates if isinstance(candidates, RowBlocks) else RowBlocks(candidates)
+        self.normalize = bool(normalize)
+        self._resident_inv: dict[int, torch.Tensor] = {}
         if len(self.source) == 0:
             raise DataError("candidate pool is empty: nothing to search")
         self.device = torch.device(device if device is not None else
@@ -324,6 +353,33 @@ class TorchSearcher:
         for off, piece in self.source.chunks(self.chunk_rows):
             yield off, _to_device(piece, self.device, self.dtype)
 
+    def _chunk_inv(self, off: int, chunk: torch.Tensor) -> torch.Tensor | None:
+        """fp32 inverse norms of a chunk's rows (``normalize``), cached for resident chunks; else None."""
+        if not self.normalize:
+            return None
+        if self._resident is None:
+            return inverse_norms(chunk)
+        if off not in self._resident_inv:
+            self._resident_inv[off] = inverse_norms(chunk)
+        return self._resident_inv[off]
+
+    def _query_tensor(self, queries: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries on the device in the compute dtype, and (``normalize``) their fp32 inverse norms there:
+        the rows are normalised in fp32 first, the inverse norms correct the compute-dtype rounding."""
+        if not self.normalize:
+            return _to_device(queries, self.device, self.dtype), None
+        q32 = _to_device(queries, self.device, torch.float32)
+        q32 = q32 * inverse_norms(q32).unsqueeze(1)
+        qd = q32.to(self.dtype)
+        return qd, inverse_norms(qd)
+
+    @staticmethod
+    def _scaled(scores: torch.Tensor, q_inv: torch.Tensor | None, c_inv: torch.Tensor | None) -> torch.Tensor:
+        """``(q, T)`` fp32 scores times the row / column inverse norms (cosines); unchanged without them."""
+        if q_inv is None:
+            return scores
+        return scores * q_inv.unsqueeze(1) * c_inv.unsqueeze(0)
+
     def search_tensors(self, queries: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k on this device.
 
@@ -336,26 +392,35 @@ class TorchSearcher:
         if queries.shape[1] != self.source.dim:
             raise DataError(f"query dim {queries.shape[1]} != candidate dim {self.source.dim}")
         nq = int(queries.shape[0])
-        qd = _to_device(queries, self.device, self.dtype)
+        qd, q_inv = self._query_tensor(queries)
         if self.select == "certified" and nq > 0:
-            return self._search_certified(qd, k)
-        return self._search_exact(qd, k)
+            return self._search_certified(qd, k, q_inv)
+        return self._search_exact(qd, k, q_inv)
 
-    def _search_exact(self, qd: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32-score tiled search with the running lexicographic merge. ``qd``: (Q, D) on device."""
+    def _search_exact(self, qd: torch.Tensor, k: int,
+                      q_inv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32-score tiled search with the running lexicographic merge. ``qd``: (Q, D) on device;
+        ``q_inv``: (Q,) fp32 inverse norms (``normalize``) or None."""
         nq = int(qd.shape[0])
         best_v = torch.full((nq, k), PAD_SCORE, dtype=torch.float32, device=self.device)
         best_i = (torch.iinfo(torch.int64).max - torch.arange(k, device=self.device)).expand(nq, k).clone()
         for off, chunk in self._chunks():
+            c_inv = self._chunk_inv(off, chunk)
             for q0 in range(0, nq, self.q_tile):
                 qt, sv, si = qd[q0:q0 + self.q_tile], best_v[q0:q0 + self.q_tile], best_i[q0:q0 + self.q_tile]
+                qi = None if q_inv is None else q_inv[q0:q0 + self.q_tile]
+
+                def tile(t0: int) -> torch.Tensor:
+                    ci = None if c_inv is None else c_inv[t0:t0 + self.c_tile]
+                    return self._scaled(tile_scores(qt, chunk[t0:t0 + self.c_tile]), qi, ci)
+
                 if self.prune:
                     for t0 in range(0, chunk.shape[0], self.c_tile):
-                        _update_pruned(sv, si, tile_scores(qt, chunk[t0:t0 + self.c_tile]), off + t0, k)
+                        _update_pruned(sv, si, tile(t0), off + t0, k)
                     continue
                 vals, idxs = [sv], [si]
                 for t0 in range(0, chunk.shape[0], self.c_tile):
-                    v, i = tile_topk(tile_scores(qt, chunk[t0:t0 + self.c_tile]), k)
+                    v, i = tile_topk(tile(t0), k)
                     vals.append(v)
                     idxs.append(i + (off + t0))
                 nv, ni = merge_topk(torch.cat(vals, 1), torch.cat(idxs, 1), k)
@@ -364,7 +429,8 @@ class TorchSearcher:
         m = min(k, len(self))
         return best_v[:, :m], best_i[:, :m]
 
-    def _search_certified(self, qd: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_certified(self, qd: torch.Tensor, k: int,
+                          q_inv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Half-precision selection, fp32 rescoring, and a proof of exactness per query row.
 
         1. Scores are computed as float16 tiles (fp32 accumulation inside the GEMM, one correctly rounded
@@ -376,6 +442,8 @@ class TorchSearcher:
            hence an exact score <= ``t + eps`` with ``eps`` = twice the fp16 rounding bound. A row whose
            exact k-th score exceeds ``t + eps`` is provably the exact top-k; the (rare) other rows are
            recomputed with the fp32-score path. The result therefore equals :meth:`_search_exact`.
+           With ``normalize`` the selection runs on the raw fp16 scores, the rescoring on cosines, and the
+           bound ``t + eps`` is scaled by the extreme inverse norms of the queries and candidates.
         """
         nq, n = int(qd.shape[0]), len(self)
         k2 = min(k + self.margin, n)
@@ -384,8 +452,12 @@ class TorchSearcher:
         chunks = list(self._chunks()) if self._resident is not None else None
         reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # fp32 accumulation
+        inv_lo, inv_hi = float("inf"), 0.0  # extreme candidate inverse norms (normalize)
         try:
             for off, chunk in (chunks if chunks is not None else self._chunks()):
+                c_inv = self._chunk_inv(off, chunk)
+                if c_inv is not None:
+                    inv_lo, inv_hi = min(inv_lo, float(c_inv.min())), max(inv_hi, float(c_inv.max()))
                 for q0 in range(0, nq, self.q_tile):
                     qt = qd[q0:q0 + self.q_tile]
                     vals, idxs = [sel_v[q0:q0 + self.q_tile]], [sel_i[q0:q0 + self.q_tile]]
@@ -399,21 +471,27 @@ class TorchSearcher:
                     sel_i[q0:q0 + self.q_tile] = torch.cat(idxs, 1).gather(1, pos)
         finally:
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
-        exact = self._rescore(qd, sel_i, chunks)
+        exact = self._rescore(qd, sel_i, chunks, q_inv)
         best_v, best_i = merge_topk(exact, sel_i, k)
         if k2 == n:
             return best_v, best_i
         thr = sel_v.float().amin(dim=1)
         eps = 2.0 ** -10 * thr.abs().clamp(min=1.0) + 1e-6
-        failed = (best_v[:, min(k, n) - 1] <= thr + eps).nonzero().squeeze(1)
+        bound = thr + eps
+        if q_inv is not None:  # a dropped candidate's cosine is at most its raw bound times its inverse norms
+            bound = torch.where(bound >= 0, bound * inv_hi, bound * inv_lo) * q_inv
+        failed = (best_v[:, min(k, n) - 1] <= bound).nonzero().squeeze(1)
         if failed.numel():
             logger.info("certified search: %d of %d query rows recomputed with fp32 scores", failed.numel(), nq)
-            fv, fi = self._search_exact(qd.index_select(0, failed), k)
+            fv, fi = self._search_exact(qd.index_select(0, failed), k,
+                                        None if q_inv is None else q_inv.index_select(0, failed))
             best_v[failed], best_i[failed] = fv, fi
         return best_v, best_i
 
-    def _rescore(self, qd: torch.Tensor, sel_i: torch.Tensor, chunks) -> torch.Tensor:
-        """Exact fp32 inner products of each query with its selected candidates: (Q, k2) float32."""
+    def _rescore(self, qd: torch.Tensor, sel_i: torch.Tensor, chunks,
+                 q_inv: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact fp32 inner products (cosines with ``normalize``) of each query with its selected candidates:
+        (Q, k2) float32."""
         out = torch.full(sel_i.shape, float("-inf"), dtype=torch.float32, device=self.device)
         block = max(1, (256 << 20) // (4 * max(1, self.source.dim) * sel_i.shape[1]))
         for off, chunk in (chunks if chunks is not None else self._chunks()):
@@ -426,7 +504,10 @@ class TorchSearcher:
                 if rows.numel() == 0:
                     continue
                 cand = chunk.index_select(0, sel_i[q0:q0 + block][rows, cols] - off).float()
-                out[q0 + rows, cols] = (qd[q0 + rows].float() * cand).sum(dim=1)
+                dots = (qd[q0 + rows].float() * cand).sum(dim=1)
+                if q_inv is not None:
+                    dots = dots * q_inv[q0 + rows] * inverse_norms(cand)
+                out[q0 + rows, cols] = dots
         return out
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -503,9 +584,10 @@ class FaissSearcher:
 
     def __init__(self, candidates: Any, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
                  train_size: int | None = None, hnsw_m: int = 32, ef_construction: int = 128,
-                 ef_search: int = 128, seed: int = 0, add_rows: int = 1 << 16):
+                 ef_search: int = 128, seed: int = 0, add_rows: int = 1 << 16, normalize: bool = False):
         import faiss  # local: optional at import time
 
+        self.normalize = bool(normalize)
         source = candidates if isinstance(candidates, RowBlocks) else RowBlocks(candidates)
         n, d = len(source), source.dim
         if n == 0:
@@ -520,7 +602,7 @@ class FaissSearcher:
             rng = np.random.default_rng(seed)
             m = min(n, train_size or max(64 * nlist, 10_000))
             rows = np.sort(rng.choice(n, size=m, replace=False))
-            index.train(self._gather(source, rows))
+            index.train(self._vecs(self._gather(source, rows)))
             index.nprobe = min(nprobe, nlist)
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -529,12 +611,23 @@ class FaissSearcher:
         else:
             raise ConfigError(f"unknown faiss index kind {kind!r} (flat, ivf, hnsw)")
         for _, piece in source.chunks(add_rows):
-            index.add(self._f32(piece))
+            index.add(self._vecs(piece))
         self.index = index
         logger.info("built faiss %s index over %d x %d in %.2fs", kind, n, d, time.perf_counter() - t0)
 
     def __len__(self) -> int:
         return self.n
+
+    @classmethod
+    def from_index(cls, index: Any, kind: str, normalize: bool = False) -> "FaissSearcher":
+        """Wrap an existing faiss index (e.g. ``faiss.read_index`` of a saved one) of ``kind`` without rebuilding;
+        ``normalize`` as in the constructor (applies to rows added later and to queries)."""
+        if kind not in ("flat", "ivf", "hnsw"):
+            raise ConfigError(f"unknown faiss index kind {kind!r} (flat, ivf, hnsw)")
+        self = cls.__new__(cls)
+        self.kind, self.n, self.index = kind, int(index.ntotal), index
+        self.normalize = bool(normalize)
+        return self
 
     @staticmethod
     def _f32(x: Any) -> np.ndarray:
@@ -542,6 +635,10 @@ class FaissSearcher:
         if torch.is_tensor(x):
             x = x.detach().float().cpu().numpy()
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _vecs(self, x: Any) -> np.ndarray:
+        """float32 rows for the index, of unit length in fp32 with ``normalize``."""
+        return unit_rows_fp32(x) if self.normalize else self._f32(x)
 
     @classmethod
     def _gather(cls, source: RowBlocks, rows: np.ndarray) -> np.ndarray:
@@ -556,7 +653,7 @@ class FaissSearcher:
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(Q, D)`` queries -> ``(Q, k)`` float32 scores and int64 indices (numpy, padded)."""
         _check_k(k)
-        xq = self._f32(_as_queries(queries))
+        xq = self._vecs(_as_queries(queries))
         if xq.shape[1] != self.index.d:
             raise DataError(f"query dim {xq.shape[1]} != candidate dim {self.index.d}")
         exact = self.kind == "flat"
@@ -605,7 +702,8 @@ def make_searcher(candidates: Any, backend: str = "torch", device: Any = None,
     """Build a reusable searcher over ``candidates`` ``(N, D)`` (array, memmap, tensor, block list, cache).
 
     ``kwargs`` go to :class:`TorchSearcher` (``dtype, q_tile, c_tile, chunk_bytes, tile_bytes, resident``)
-    or :class:`FaissSearcher` (``nlist, nprobe, train_size, hnsw_m, ef_construction, ef_search``).
+    or :class:`FaissSearcher` (``nlist, nprobe, train_size, hnsw_m, ef_construction, ef_search``);
+    ``normalize=True`` (both) scores fp32-re-normalised vectors (cosines; see the module doc).
     """
     if backend == "torch":
         devs = _resolve_devices(device, devices)

@@ -17,6 +17,7 @@ receives besides the embeddings (:meth:`BackboneSpec.embed_inputs`), the mask fo
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -39,6 +40,11 @@ class VisualFeatures(NamedTuple):
 
     embeds: torch.Tensor
     deepstack: list[torch.Tensor] | None = None
+
+
+def vision_frozen(visual: nn.Module) -> bool:
+    """Whether no parameter of the vision tower is trainable."""
+    return not any(p.requires_grad for p in visual.parameters())
 
 
 def _cat(feats) -> torch.Tensor:
@@ -108,21 +114,31 @@ class BackboneSpec:
         for layer in self.language_model(model).layers:
             yield layer.self_attn
 
+    def vision_attention_modules(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The vision tower's self-attention modules."""
+        for block in self.visual(model).blocks:
+            yield block.attn
+
     # -- vision -------------------------------------------------------------------------------
     def vision_features(self, model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
                         kind: str = "image") -> VisualFeatures:
-        """Vision tower + merger output for all images (``kind="image"``) or videos of a batch.
+        """Vision tower + merger output for all images (``kind="image"``) or videos of a batch, one tower call.
+
+        The tower is called directly (``get_image_features`` would split the output per image with a host
+        sync, only for us to concatenate it again); images and videos go through the same tower. A frozen
+        tower runs without autograd (its activations would otherwise be kept for a backward pass that never
+        reaches a trainable weight).
 
         Args:
             pixel_values: (sum t*h*w, C*T*P*P) patches. grid_thw: (n, 3).
         Returns:
             :class:`VisualFeatures` with (sum t*h*w / merge**2, D) embeddings.
         """
-        inner = self.inner(model)
-        pixel_values = pixel_values.to(next(self.visual(model).parameters()).dtype)
-        fn = inner.get_image_features if kind == "image" else inner.get_video_features
-        out = fn(pixel_values, grid_thw, return_dict=True)
-        return VisualFeatures(_cat(out.pooler_output), self._deepstack_of(out))
+        visual = self.visual(model)
+        ctx = torch.no_grad() if vision_frozen(visual) else contextlib.nullcontext()
+        with ctx:
+            out = visual(pixel_values.to(next(visual.parameters()).dtype), grid_thw=grid_thw)
+        return VisualFeatures(_cat(getattr(out, "pooler_output", out)), self._deepstack_of(out))
 
     def _deepstack_of(self, out) -> list[torch.Tensor] | None:
         return None
@@ -160,7 +176,8 @@ class BackboneSpec:
                 continue
             feats = self.vision_features(model, pix, grid, kind)
             slots = input_ids == token_id
-            if int(slots.sum()) != feats.embeds.shape[0]:
+            # checked where it costs no device sync (CPU tensors)
+            if input_ids.device.type == "cpu" and int(slots.sum()) != feats.embeds.shape[0]:
                 raise ValueError(f"{int(slots.sum())} {kind} placeholder tokens but {feats.embeds.shape[0]} "
                                  f"{kind} features")
             embeds = embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds), feats.embeds.to(embeds.dtype))
@@ -176,13 +193,16 @@ class BackboneSpec:
         return {}
 
     # -- language model -----------------------------------------------------------------------
-    def lm_attention_mask(self, lm: nn.Module, mask: torch.Tensor | None, embeds: torch.Tensor) -> Any:
+    def lm_attention_mask(self, lm: nn.Module, mask: torch.Tensor | None, embeds: torch.Tensor,
+                          packed: bool = False) -> Any:
         """The ``attention_mask`` argument of the language model for a prepared additive mask.
 
         Args:
             mask: (B, 1, 1|L, L) additive mask, or ``None`` (no padding, bidirectional: the attention
                 modules' ``is_causal=False`` decides).
             embeds: (B, L, D) input embeddings (batch shape, dtype and device of a mask to build).
+            packed: a packed row (``mask`` is ``None``): the packed attention function takes no mask, the
+                sequence boundaries travel as ``cu_seq_lens_*`` (``umarvel.model.attention``).
         Returns:
             one mask per layer type (the Qwen2-VL / Qwen2.5-VL text models take a ``{layer_type: mask}`` dict,
             which bypasses their causal-mask construction).
@@ -237,10 +257,19 @@ class Qwen3VLSpec(BackboneSpec):
             layers.append(emb)
         return {"visual_pos_masks": joint, "deepstack_visual_embeds": layers}
 
-    def lm_attention_mask(self, lm: nn.Module, mask: torch.Tensor | None, embeds: torch.Tensor) -> Any:
+    def lm_attention_mask(self, lm: nn.Module, mask: torch.Tensor | None, embeds: torch.Tensor,
+                          packed: bool = False) -> Any:
         """``Qwen3VLTextModel`` takes one mask and builds a causal one from anything but a 4-D mask, so the
         unpadded case gets an all-zero (B, 1, 1, L) additive mask, except under flash attention (which reads
-        ``is_causal=False`` from the modules)."""
+        ``is_causal=False`` from the modules).
+
+        A packed row gets ``None``: with 3-row positions (:meth:`lm_position_ids`: no text-position row, so no
+        packed-sequence detection) and no padding, transformers' mask construction for the packed attention
+        (SDPA's mask format) returns ``None`` too, and the packed attention function keeps every sequence to
+        itself, bidirectionally as the modules' ``is_causal=False`` says (it refuses any mask it is given).
+        """
+        if packed:
+            return None
         if mask is not None or "flash" in str(getattr(lm.config, "_attn_implementation", "")):
             return mask
         b, length = embeds.shape[:2]

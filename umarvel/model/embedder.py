@@ -3,12 +3,19 @@
 Conventions (method spec section 1, decisions D5/D6; golden README "Parity conditions"):
 - attention is always bidirectional (also for a batch of one and batches without padding): the
   language model's attention modules get ``is_causal=False`` (read by transformers' sdpa / flash
-  paths) and, when the batch has padding, an explicit additive mask hides pad keys;
+  paths) and, when the batch has padding, an explicit additive mask hides pad keys. With
+  ``causal_when_unpadded`` (``compat="official"``) a batch without padding runs causal instead, as
+  the official SDPA early exit made it (D5);
 - positions are plain 1-D (0.. over each row's real tokens) in all three M-RoPE sections, as the
   released checkpoint was trained (``positions="mrope"`` is offered for ablations);
 - the embedding is the mean of the final-norm hidden states over ``pool_mask`` (non-pad tokens minus
   the instruction span, markers included), from the language model only: vocabulary logits are
   never computed.
+
+Two batch layouts, one module: padded ``(B, L)`` batches (``umarvel.data.collate.EmbeddingCollator``) and
+packed ``(1, T)`` rows without padding (``umarvel.data.packing.PackedCollator``: ``cu_seqlens`` marks the
+sequences; attention stays inside each, positions restart at 0, pooling is per sequence). Both give the same
+vectors (fp32: within 1e-5). A frozen vision tower always runs without autograd.
 """
 from __future__ import annotations
 
@@ -19,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umarvel.model.backbones import BackboneSpec
+from umarvel.model.attention import install_packed_attention, packed_kwargs, packing_supported, segment_ids
+from umarvel.model.backbones import BackboneSpec, vision_frozen  # noqa: F401 (re-exported)
 from umarvel.model.constants import DEFAULT_TEMPERATURE
-from umarvel.model.positions import position_ids
+from umarvel.model.positions import position_ids as batch_positions
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,31 @@ def pad_key_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tens
         blocked, torch.finfo(dtype).min)
 
 
+def segment_mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence masked mean over a packed row, computed in float32 (as :func:`mean_pool`).
+
+    Args:
+        hidden: (1, T, D) or (T, D) hidden states of a packed row.
+        pool_mask: (1, T) or (T,) 1 on pooled positions.
+        cu_seqlens: (N+1,) sequence boundaries on the same device.
+    Returns:
+        (N, D) float32 means (denominator clamped at 1e-7).
+    """
+    h = hidden.reshape(-1, hidden.shape[-1]).to(torch.float32)
+    m = pool_mask.reshape(-1).to(torch.float32)
+    seg = segment_ids(cu_seqlens, h.shape[0])
+    n = cu_seqlens.shape[0] - 1
+    sums = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device).index_add_(0, seg, h * m[:, None])
+    counts = torch.zeros(n, dtype=torch.float32, device=h.device).index_add_(0, seg, m)
+    return sums / counts.clamp(min=1e-7)[:, None]
+
+
+def packed_max_len(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None) -> int:
+    """Longest sequence of a packed batch, read from the host-side ``seq_lens`` when given (no device sync)."""
+    src = seq_lens if seq_lens is not None else cu_seqlens[1:] - cu_seqlens[:-1]
+    return int(src.max())
+
+
 class UMarvelEmbedder(nn.Module):
     """Wraps a vision-language backbone into an embedding model (no loss, no distributed logic).
 
@@ -63,11 +96,13 @@ class UMarvelEmbedder(nn.Module):
         temperature: initial raw temperature tau (logits = cos / tau); 0.05 by default.
         attention: ``"bidirectional"`` (U-MARVEL) or ``"causal"`` (ablations).
         positions: ``"1d"`` (released checkpoint) or ``"mrope"`` (ablations / new backbones).
+        causal_when_unpadded: run a batch without any padding causal (the official numerics, D5;
+            ``compat="official"``); padded batches stay bidirectional. Needs the padded forward.
     """
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, temperature: float = DEFAULT_TEMPERATURE,
                  attention: Literal["bidirectional", "causal"] = "bidirectional",
-                 positions: Literal["1d", "mrope"] = "1d"):
+                 positions: Literal["1d", "mrope"] = "1d", causal_when_unpadded: bool = False):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
@@ -75,7 +110,9 @@ class UMarvelEmbedder(nn.Module):
         self.temperature = nn.Parameter(torch.tensor([float(temperature)]), requires_grad=False)
         self.attention = attention
         self.positions = positions
+        self.causal_when_unpadded = causal_when_unpadded
         self.set_attention(attention)
+        self.enable_packing()
 
     # -- structure ----------------------------------------------------------------------------
     @property
@@ -98,6 +135,21 @@ class UMarvelEmbedder(nn.Module):
         for module in self.spec.attention_modules(self.hf_model):
             module.is_causal = attention == "causal"
 
+    def enable_packing(self) -> None:
+        """Route attention through the packed-attention function (padded batches are unaffected)."""
+        model = self.hf_model
+        visual = self.spec.visual(model)
+        install_packed_attention(self.spec.language_model(model).config, self.spec.attention_modules(model),
+                                 getattr(visual, "config", None), self.spec.vision_attention_modules(model))
+
+    @property
+    def supports_packing(self) -> bool:
+        """Whether packed batches can be embedded: 1-D positions, a packing-aware attention and not
+        ``causal_when_unpadded`` (``compat="official"`` needs the padded forward: whether a batch runs causal
+        depends on its padding, D5)."""
+        return (self.positions == "1d" and not self.causal_when_unpadded
+                and packing_supported(self.spec.language_model(self.hf_model).config))
+
     @property
     def embed_dim(self) -> int:
         """Output dimension D (the language model's hidden size)."""
@@ -105,24 +157,55 @@ class UMarvelEmbedder(nn.Module):
         return getattr(getattr(cfg, "text_config", cfg), "hidden_size")
 
     # -- forward ------------------------------------------------------------------------------
+    def input_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                         image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                         video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the visual features scattered into the placeholders: same shape as ids + (D,).
+
+        All images (videos) of the batch go through the vision tower in one call, without autograd when
+        the tower is frozen (its activations would otherwise be kept for a backward pass that never
+        reaches a trainable weight).
+        """
+        return multimodal_embeddings(self.spec, self.hf_model, input_ids, pixel_values, image_grid_thw,
+                                     pixel_values_videos, video_grid_thw)
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                       pixel_values_videos: torch.Tensor | None = None,
-                      video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states of the language model, (B, L, D).
+                      video_grid_thw: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                      seq_lens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states of the language model: (B, L, D), or (1, T, D) for a packed row.
 
         The backbone's :meth:`BackboneSpec.embed_inputs` puts the visual features into the ``<|image_pad|>``
-        / ``<|video_pad|>`` positions and returns what else the language model takes (Qwen3-VL: DeepStack).
+        / ``<|video_pad|>`` positions and returns what else the language model takes (Qwen3-VL: DeepStack,
+        at the visual positions of the padded batch or of the packed row). A packed row (``cu_seqlens``
+        given, see ``umarvel.data.packing``) attends within each sequence only; ``position_ids`` default to
+        0.. per sequence. Masks and positions go through the spec's ``lm_attention_mask`` / ``lm_position_ids``.
         """
         model = self.hf_model
         embeds, lm_inputs = self.spec.embed_inputs(model, input_ids, pixel_values, image_grid_thw,
                                                    pixel_values_videos, video_grid_thw)
         lm = self.spec.language_model(model)
-        if self.attention == "bidirectional":
+        if cu_seqlens is not None:
+            if not self.supports_packing:
+                raise ValueError(f"packed batches need positions='1d', a packing-aware attention and no "
+                                 f"causal_when_unpadded (positions={self.positions!r}, causal_when_unpadded="
+                                 f"{self.causal_when_unpadded}, attention implementation "
+                                 f"{getattr(lm.config, '_attn_implementation', None)!r}); use padded batches")
+            if position_ids is None:
+                position_ids = packed_positions(cu_seqlens, input_ids.shape[1])
+            out = lm(inputs_embeds=embeds, attention_mask=self.spec.lm_attention_mask(lm, None, embeds, packed=True),
+                     position_ids=self.spec.lm_position_ids(position_ids), use_cache=False,
+                     **packed_kwargs(cu_seqlens, packed_max_len(cu_seqlens, seq_lens)), **lm_inputs)
+            return out.last_hidden_state
+        # D5: compat="official" reproduces the SDPA early exit (no padding in the batch -> causal).
+        official_causal = self.causal_when_unpadded and bool(attention_mask.all())
+        if self.attention == "bidirectional" and not official_causal:
             mask = pad_key_mask(attention_mask, embeds.dtype)
         else:
             mask = _causal_mask(attention_mask, embeds.dtype)
-        pos = position_ids(self.positions, self.spec, model, input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        pos = batch_positions(self.positions, self.spec, model, input_ids, attention_mask, image_grid_thw,
+                              video_grid_thw)
         out = lm(inputs_embeds=embeds, attention_mask=self.spec.lm_attention_mask(lm, mask, embeds),
                  position_ids=self.spec.lm_position_ids(pos), use_cache=False, **lm_inputs)
         return out.last_hidden_state
@@ -130,16 +213,39 @@ class UMarvelEmbedder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                normalize: bool = True, **_: torch.Tensor) -> torch.Tensor:
-        """Embed a collated batch (see ``umarvel.data.collate.EmbeddingCollator``).
+                normalize: bool = True, cu_seqlens: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **_: torch.Tensor) -> torch.Tensor:
+        """Embed a collated batch, padded (``umarvel.data.collate.EmbeddingCollator``) or packed
+        (``umarvel.data.packing.PackedCollator``).
 
         Returns:
-            (B, D) float32 embeddings, L2-normalised when ``normalize`` (else the raw means).
+            (B, D) float32 embeddings (B sequences, in batch order), L2-normalised when ``normalize`` (else
+            the raw means).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                    pixel_values_videos, video_grid_thw)
-        emb = mean_pool(hidden, pool_mask)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                    video_grid_thw, cu_seqlens=cu_seqlens, seq_lens=seq_lens,
+                                    position_ids=position_ids)
+        if cu_seqlens is not None:
+            emb = segment_mean_pool(hidden, pool_mask, cu_seqlens)
+        else:
+            emb = mean_pool(hidden, pool_mask)
         return F.normalize(emb, dim=-1) if normalize else emb
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions 0..n_i-1 restarting at every sequence of a packed row: (1, T) int64."""
+    seg = segment_ids(cu_seqlens, total)
+    return (torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seg])[None]
+
+
+def multimodal_embeddings(spec: BackboneSpec, model: nn.Module, input_ids: torch.Tensor,
+                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                          pixel_values_videos: torch.Tensor | None = None,
+                          video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings (``input_ids.shape + (D,)``) with vision features in the ``<|image_pad|>`` /
+    ``<|video_pad|>`` positions (:meth:`BackboneSpec.embed_inputs`: one tower call per modality, under
+    ``no_grad`` when the tower is frozen; DeepStack inputs are not returned here)."""
+    return spec.embed_inputs(model, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)[0]
 
 
 def _causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

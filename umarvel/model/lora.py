@@ -33,6 +33,17 @@ def attach_lora(embedder: UMarvelEmbedder, r: int, alpha: int, dropout: float = 
     return embedder
 
 
+def set_lora_compute(embedder: UMarvelEmbedder, mode: str = "float32") -> None:
+    """How the adapter matmuls run: ``float32`` (peft's default: the input is upcast to the fp32 adapter
+    weights) or ``model`` (the input stays in the model dtype; run the forward under ``torch.autocast`` so the
+    fp32 adapter weights are cast down per call and their gradients stay fp32)."""
+    if mode not in ("float32", "model"):
+        raise ValueError(f"lora compute must be 'float32' or 'model', got {mode!r}")
+    for m in embedder.backbone.modules():
+        if hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = mode == "float32"
+
+
 def is_lora(embedder: UMarvelEmbedder) -> bool:
     """Whether the backbone is peft-wrapped."""
     return hasattr(embedder.backbone, "peft_config")

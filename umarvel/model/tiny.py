@@ -27,8 +27,9 @@ def _mrope_sections(head_dim: int, interleaved: bool = False) -> list[int]:
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def _text_config(hidden: int, layers: int, heads: int, kv_heads: int, initializer_range: float) -> dict:
-    return dict(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+def _text_config(hidden: int, layers: int, heads: int, kv_heads: int, initializer_range: float,
+                 intermediate: int | None = None) -> dict:
+    return dict(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
                 initializer_range=initializer_range, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
 
@@ -38,15 +39,20 @@ _SPECIAL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_t
 
 
 def tiny_config(backbone: str = "qwen2_vl", hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                vision_dim: int = 32, vision_depth: int = 2, initializer_range: float = 0.02):
-    """A transformers config of a tiny model of ``backbone`` (a ``model_type`` of :data:`TINY_BACKBONES`)."""
+                vision_dim: int = 32, vision_depth: int = 2, initializer_range: float = 0.02,
+                intermediate: int | None = None, vision_heads: int = 2, vision_mlp_ratio: int = 2):
+    """A transformers config of a tiny model of ``backbone`` (a ``model_type`` of :data:`TINY_BACKBONES`).
+
+    ``intermediate`` (default ``2 * hidden``), ``vision_heads`` and ``vision_mlp_ratio`` allow wider shapes
+    (e.g. the 7B widths with few layers, for GPU checks)."""
     head_dim = hidden // heads
-    text = _text_config(hidden, layers, heads, kv_heads, initializer_range)
+    text = _text_config(hidden, layers, heads, kv_heads, initializer_range, intermediate)
     if backbone == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": _mrope_sections(head_dim), "rope_theta": 1e6}
-        vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+        vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
+                      mlp_ratio=vision_mlp_ratio,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                       initializer_range=initializer_range)
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
@@ -55,7 +61,8 @@ def tiny_config(backbone: str = "qwen2_vl", hidden: int = 64, layers: int = 2, h
         from transformers import Qwen2_5_VLConfig
 
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": _mrope_sections(head_dim), "rope_theta": 1e6}
-        vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_heads=2,
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=vision_mlp_ratio * vision_dim,
+                      num_heads=vision_heads,
                       out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                       in_channels=3, tokens_per_second=2, window_size=56,
                       fullatt_block_indexes=[vision_depth - 1], initializer_range=initializer_range)
@@ -67,7 +74,8 @@ def tiny_config(backbone: str = "qwen2_vl", hidden: int = 64, layers: int = 2, h
         text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "mrope_interleaved": True,
                                                         "mrope_section": _mrope_sections(head_dim, True),
                                                         "rope_theta": 5e6})
-        vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_heads=2,
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=vision_mlp_ratio * vision_dim,
+                      num_heads=vision_heads,
                       out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                       in_channels=3, num_position_embeddings=64,
                       deepstack_visual_indexes=list(range(min(vision_depth, layers))),

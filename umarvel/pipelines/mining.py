@@ -12,10 +12,10 @@
 3. Retrieve the top ``k`` (100) of each query through :func:`umarvel.eval.mbeir.runner.retrieve` (embedding
    cache + exact search; INFERENCE style, suffix on, D3), in its local pool and/or the global pool; also the
    cosine of each ground-truth doc (``gt_scores``, for the stage-4 margin option).
-4. Write, per scope, ``rerank_data_all_eval_train_{local,global}.jsonl``: one line per union-train row, same
-   order, ``{qid, gt_docs, top100_docs, score, gt_scores}`` (``top100_docs`` is the raw retrieved list, which may
-   hold positives: consumers exclude ``gt_docs``). ``gt_docs`` are the task's train qrels (fallback:
-   ``pos_cand_list``).
+4. Write, per scope, ``rerank_data_all_eval_train_{local,global}.jsonl`` (:mod:`umarvel.data.runfiles`): one line
+   per union-train row, same order, ``{qid, gt_docs, top100_docs, score, gt_scores}`` (``top100_docs`` is the raw
+   retrieved list, which may hold positives: consumers exclude ``gt_docs``). ``gt_docs`` are the task's train qrels
+   (fallback: ``pos_cand_list``).
 5. Draw the distillation subset (:func:`draw_distill_subset`): per task, ``random.sample`` of
    ``floor(fraction * n)`` of its union-train qid occurrences, one ``random.Random(seed)`` consumed in registry
    task order; the union rows whose qid was drawn, one per draw, in union-train order, are written verbatim to
@@ -33,16 +33,19 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from umarvel.errors import ConfigError, DataError
-from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, instruction_rng,
+from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, dataset_id_of, instruction_rng,
                                         parse_query, read_instructions, read_pool, read_qrels)
 from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, Task,
                                    list_tasks)
+from umarvel.data.runfiles import MinedRow, mined_file_name, write_mined
+from umarvel.pipelines.preflight import start_mine_run
+from umarvel.utils.checks import scan_images
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -52,11 +55,6 @@ DONE_FILE = "mine_done.json"
 SUBSET_FILE = "mbeir_union_up_train_10percent.jsonl"
 SUBSET_INFO = "distill_subset.json"
 PathLike = str | os.PathLike
-
-
-def mined_file_name(scope: str) -> str:
-    """``rerank_data_all_eval_train_{scope}.jsonl`` (the official merged file name)."""
-    return f"rerank_data_all_eval_train_{scope}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -101,6 +99,8 @@ class MineConfig:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 < self.subset_fraction <= 1.0:
             raise ConfigError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ConfigError(f"batch_size and shard_size must be >= 1, got {self.batch_size}, {self.shard_size}")
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -186,8 +186,6 @@ def build_train_pools(pool: Sequence[Candidate], tasks: Sequence[Task]) -> dict[
     out: dict[tuple, list[Candidate]] = {}
     for t in tasks:
         out.setdefault(pool_key(t), [])
-    from umarvel.data.mbeir import dataset_id_of
-
     for c in pool:
         d = dataset_id_of(c.did)
         for key, members in out.items():
@@ -299,12 +297,29 @@ def _read_part(path: Path, settings: dict) -> dict | None:
     return obj["rows"]
 
 
-def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
+def _mined_row(qid: str, part: dict) -> MinedRow:
+    """A part entry ``{gt_docs, top100_docs, score, gt_scores}`` as the mined-list row of ``qid``."""
+    return MinedRow(qid, tuple(part["gt_docs"]), tuple(part["top100_docs"]), tuple(part["score"]),
+                    tuple(part["gt_scores"]))
+
+
+def mine(cfg: MineConfig, encoder=None, *, overwrite: bool = False, check_images: bool = True) -> dict[str, Path]:
     """Run the mining of ``cfg`` (see the module doc); returns ``{scope: mined file}`` (+ ``"subset"``).
 
     Args:
         encoder: a loaded ``UMarvel`` (default: ``cfg.model`` loaded with INFERENCE style).
+        overwrite: replace the files of another mining run in ``cfg.output`` (otherwise refused).
+        check_images: check every referenced image before encoding anything.
     """
+    with start_mine_run(cfg, overwrite=overwrite, encoder=encoder):  # checks + the output folder (lock, identity)
+        return _mine(cfg, encoder, check_images)
+
+
+def _mine(cfg: MineConfig, encoder, check_images: bool) -> dict[str, Path]:
+    # lazy: commands.mine imports this module, and `umarvel --help` stays free of torch (tests/cli; measured:
+    # `import umarvel.pipelines.mining` 0.4 s -> 3.9 s with these at the top)
+    from umarvel.api import UMarvel
+    from umarvel.dist import device_for_rank
     from umarvel.eval.cache import EmbeddingCache, concat_cached
     from umarvel.eval.mbeir.runner import encode_records, search_embeddings
 
@@ -319,10 +334,7 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
     if cfg.subset:
         results["subset"] = write_distill_subset(cfg, rows, tasks)
     if encoder is None:
-        from umarvel.api import UMarvel
-        from umarvel.eval.mbeir.runner import resolve_device
-
-        encoder = UMarvel.from_pretrained(cfg.model, device=resolve_device(cfg.device), dtype=cfg.dtype)
+        encoder = UMarvel.from_pretrained(cfg.model, device=device_for_rank(cfg.device), dtype=cfg.dtype)
     fp = encoder.fingerprint()
     cache = EmbeddingCache(cfg.cache_dir or out / "cache")
     by_name = {t.name: t for t in tasks}
@@ -334,6 +346,8 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
     modality_of = {c.did: c.modality for c in pool}
     table = read_instructions(cfg.path(cfg.instructions))
     gt = load_gt_docs(cfg, rows, tasks)
+    if check_images:  # before anything is encoded
+        scan_images(_image_refs(cfg, rows, pools), what="train queries and pool")
     enc = dict(fingerprint=fp, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
     device = cfg.device or (str(getattr(encoder, "device", "")) or None)
     settings = {"fingerprint": fp, "top_k": cfg.top_k, "instruction": cfg.instruction, "seed": cfg.seed,
@@ -385,9 +399,8 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
 
     for s in cfg.scopes:
         path = out / mined_file_name(s)
-        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-            for q, name in zip(rows.queries, rows.task_of_row):
-                fh.write(json.dumps({"qid": q.qid, **parts[s][name][q.qid]}) + "\n")
+        write_mined(path, (_mined_row(q.qid, parts[s][name][q.qid])
+                           for q, name in zip(rows.queries, rows.task_of_row)))
         results[s] = path
         logger.info("wrote %s (%d rows)", path, len(rows.queries))
     atomic_write_json(out / DONE_FILE, {"config": asdict(cfg), "settings": settings,
@@ -397,6 +410,13 @@ def mine(cfg: MineConfig, encoder=None) -> dict[str, Path]:
     return results
 
 
-__all__ = ["MineConfig", "TrainRows", "SCOPES", "mined_file_name", "task_of", "partition_train_queries",
+def _image_refs(cfg: MineConfig, rows: TrainRows, pools: dict) -> Iterator[tuple[str, str]]:
+    """``(image, where)`` of the queries and pool candidates about to be encoded."""
+    yield from ((q.image, f"{rows.path}:{line} query {q.qid}") for q, line in zip(rows.queries, rows.lines) if q.image)
+    for members in pools.values():
+        yield from ((c.image, f"{cfg.path(cfg.pool)}: candidate {c.did}") for c in members if c.image)
+
+
+__all__ = ["MineConfig", "TrainRows", "SCOPES", "task_of", "partition_train_queries",
            "pool_key", "pool_name", "build_train_pools", "load_gt_docs", "draw_distill_subset",
            "write_distill_subset", "mine"]

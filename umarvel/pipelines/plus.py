@@ -10,7 +10,12 @@ The fusion weight ``w``: a fixed value (published 0.1, the default), the weight 
 (``weight_from``: its ``fusion_weight.json``), or chosen here with ``choose_weight`` on a run of split ``val``
 (refused on any other split): the best unweighted mean headline recall over the tasks on the grid.
 
-Outputs in ``output`` (as the M-BEIR evaluation writes them, marked ``"reranked": true``)::
+``compat="official"`` reproduces the official U-MARVEL+ numerics instead: P(yes) from the first step of
+``generate`` with the checkpoint's generation config, in the official batches of 4 in pair order (D10), and on
+the global protocol the official global fusion (:func:`umarvel.rerank.fusion.official_global_fuse_query`, D9).
+The reranker's instructions are the evaluation's seeded draw (D7; the official scorer draws its own, unseeded).
+
+Outputs in ``output`` (as the M-BEIR evaluation writes them, marked ``"reranked": true`` and with ``"compat"``)::
 
     results.json  results.md  runs/<task>_<split>.trec (fused)  scores/<task>_<split>.json (P(yes), resumable)
     fusion_weight.json (the weight used; with choose_weight also the grid table)  plus.json (provenance)
@@ -25,19 +30,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from umarvel.config import load_config
 from umarvel.errors import ConfigError, DataError
 from umarvel.data.images import MAX_PIXELS
 from umarvel.data.mbeir import load_mbeir_task, read_instructions, read_pool
+from umarvel.data.runfiles import read_trec_run, write_trec_run
+from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.metrics import score_task
-from umarvel.eval.outputs import build_results, read_results_json, write_results, write_trec_run
+from umarvel.eval.outputs import build_results, compat_of, read_results_json, write_results
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, get_task
 from umarvel.rerank.fusion import (DEFAULT_FUSION_WEIGHT, DEFAULT_GRID, RerankedQuery, RerankResults,
                                    choose_weight, fuse_results)
+from umarvel.utils.compat import DEFAULT, CompatMode, check_compat, is_official
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILE = "fusion_weight.json"
+#: ``compat="official"``: the batch size of the official scorer (``eval/eval_mbeir_rerank_pointwise.py``).
+OFFICIAL_RERANK_BATCH_SIZE = 4
 PathLike = str | os.PathLike
 
 
@@ -67,8 +78,13 @@ class PlusConfig:
     dtype: str | None = field(default=None, metadata={
         "help": "float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)"})
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "reranker image budget"})
+    compat: CompatMode = field(default=DEFAULT, metadata={
+        "help": "official: P(yes) from the first step of generate with the checkpoint's generation config in the "
+                "official batches of 4, and on a global run the official global fusion (D9, D10; docs/decisions.md "
+                "'Compatibility mode'); default: umarvel's"})
 
     def __post_init__(self) -> None:
+        check_compat(self.compat, "PlusConfig.compat")
         if sum(x is not None and x is not False for x in (self.weight, self.weight_from, self.choose_weight)) > 1:
             raise ConfigError("give at most one of weight, weight_from and choose_weight")
         if self.top_k < 1:
@@ -90,11 +106,8 @@ def resolve_weight(cfg: PlusConfig) -> tuple[float, str]:
     return DEFAULT_FUSION_WEIGHT, "default (published 0.1)"
 
 
-def _eval_config(run_dir: Path):
-    from umarvel.config import load_config
-    from umarvel.eval.mbeir.runner import CONFIG_FILE, MBeirEvalConfig
-
-    path = run_dir / CONFIG_FILE
+def _eval_config(path: Path) -> MBeirEvalConfig:
+    """The resolved config (``config.yaml``) of an M-BEIR evaluation output folder."""
     if not path.is_file():
         raise DataError(f"{path}: not found; run_dir must be an output folder of 'umarvel eval mbeir'")
     return load_config(path, MBeirEvalConfig)
@@ -109,11 +122,14 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
         ConfigError: ``choose_weight`` on a split other than ``val``.
         DataError: a missing run file, or run candidates / queries unknown to the M-BEIR files.
     """
-    from umarvel.eval.mbeir.runner import RUNS_DIR, _union_modalities
-    from umarvel.rerank.score import read_trec_run, score_run
+    # lazy: commands.eval_plus imports this module, and `umarvel --help` stays free of torch (tests/cli)
+    from umarvel.dist import device_for_rank
+    from umarvel.eval.mbeir.runner import CONFIG_FILE, RUNS_DIR, _union_modalities
+    from umarvel.rerank.model import load_reranker
+    from umarvel.rerank.score import score_run
 
     run_dir, out = Path(cfg.run_dir), Path(cfg.output)
-    ev = _eval_config(run_dir)
+    ev = _eval_config(run_dir / CONFIG_FILE)
     base = read_results_json(run_dir / "results.json")
     if base.get("reranked"):
         raise DataError(f"{run_dir}: already a reranked run")
@@ -133,8 +149,14 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
                     pools.setdefault(c.did, c)
         modalities = ChainMap(dict(modalities), {d: c.modality for d, c in pools.items()})
     pool_size = {t["name"]: t["pool_size"] for t in base["tasks"]}
+    official = is_official(cfg.compat)
+    if compat_of(base) != cfg.compat:
+        logger.warning("U-MARVEL+ with compat %s on a retrieval run made with compat %s (%s)", cfg.compat,
+                       compat_of(base), run_dir)
+    rule = "official_global" if official and ev.protocol == "global" else "cosine"
+    batch_size = OFFICIAL_RERANK_BATCH_SIZE if official else cfg.batch_size
     settings = {"reranker": str(Path(cfg.reranker).resolve()), "top_k": cfg.top_k, "positions": cfg.positions,
-                "max_pixels": cfg.max_pixels}
+                "max_pixels": cfg.max_pixels, "compat": cfg.compat}
 
     per_task: list[tuple] = []
     for t in tasks:
@@ -151,13 +173,13 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
                 logger.info("%s: reranker scores reused (%s)", t.name, score_path)
         if p_yes is None:
             if reranker is None:
-                from umarvel.eval.mbeir.runner import resolve_device
-                from umarvel.rerank.model import load_reranker
-
-                reranker = load_reranker(cfg.reranker, device=resolve_device(cfg.device), dtype=cfg.dtype,
-                                         positions=cfg.positions, max_pixels=cfg.max_pixels)
+                reranker = load_reranker(cfg.reranker, device=device_for_rank(cfg.device), dtype=cfg.dtype,
+                                         positions=cfg.positions, max_pixels=cfg.max_pixels, compat=cfg.compat)
+            if getattr(reranker, "compat", DEFAULT) != cfg.compat:
+                raise ConfigError(f"the reranker was loaded with compat {getattr(reranker, 'compat', DEFAULT)!r}, "
+                                  f"the config says {cfg.compat!r}")
             p_yes = score_run(reranker, run, {q.qid: q for q in data.queries}, cands, top_k=cfg.top_k,
-                              batch_size=cfg.batch_size)
+                              batch_size=batch_size)
             atomic_write_json(score_path, {"settings": settings, "p_yes": p_yes}, indent=None)
         qrels = data.qrels
         queries = tuple(RerankedQuery.from_lists(qid, [d for d, _ in ranked], [s for _, s in ranked], p_yes[qid],
@@ -165,7 +187,7 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
         per_task.append((t, data, RerankResults(ev.split, t.name, queries, t.metric_k)))
 
     if cfg.choose_weight:
-        w, grid_table = choose_weight([r for _, _, r in per_task], cfg.grid)
+        w, grid_table = choose_weight([r for _, _, r in per_task], cfg.grid, rule=rule)
         how = "chosen on val"
         atomic_write_json(out / WEIGHT_FILE, {"weight": w, "split": ev.split, "chosen_on": "val",
                                               "run_dir": str(run_dir.resolve()),
@@ -176,13 +198,14 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
 
     scored = []
     for t, data, res in per_task:
-        fused = fuse_results(res, w)
+        fused = fuse_results(res, w, rule)
         qids = [q.qid for q in data.queries if q.qid in fused]
         width = max(len(v) for v in fused.values())
         ids = [[d for d, _ in fused[q]] + [""] * (width - len(fused[q])) for q in qids]
         sc = [[s for _, s in fused[q]] + [0.0] * (width - len(fused[q])) for q in qids]
         write_trec_run(out / RUNS_DIR / f"{t.name}_{ev.split}.trec", qids, ids, sc,
-                       run_id=f"umarvel_plus_{ev.protocol}_{t.name}_{ev.split}_w{w:g}")
+                       run_id=f"umarvel_plus_{ev.protocol}_{t.name}_{ev.split}_w{w:g}"
+                              + ("_official" if official else ""))
         missing = [q.qid for q in data.queries if q.qid not in fused]
         if missing:
             raise DataError(f"{run_dir / RUNS_DIR}/{t.name}_{ev.split}.trec: no ranking for query {missing[0]} "
@@ -191,13 +214,15 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
                                  pool_size=pool_size[t.name]))
         logger.info("%s (+rerank, w=%g): %s = %.2f", t.name, w, t.metric, scored[-1].value)
     results = build_results(protocol=ev.protocol, model=base["model"], split=ev.split,
-                            instruction_mode=ev.instruction, instruction_seed=ev.seed, tasks=scored, reranked=True)
+                            instruction_mode=ev.instruction, instruction_seed=ev.seed, tasks=scored, reranked=True,
+                            compat=cfg.compat)
     write_results(out, results)
-    atomic_write_json(out / "plus.json", {"config": asdict(cfg), "weight": w, "weight_how": how,
+    atomic_write_json(out / "plus.json", {"config": asdict(cfg), "compat": cfg.compat, "fusion_rule": rule,
+                                          "retrieval_compat": compat_of(base), "weight": w, "weight_how": how,
                                           "run_dir": str(run_dir.resolve()), "base_average": base["average"],
                                           "reranked_average": results["average"]})
-    logger.info("U-MARVEL+ %s (%s, w=%g): average %.2f (retrieval only %.2f) -> %s", ev.protocol, ev.split, w,
-                results["average"], base["average"], out)
+    logger.info("U-MARVEL+ %s (%s, w=%g, compat %s): average %.2f (retrieval only %.2f) -> %s", ev.protocol,
+                ev.split, w, cfg.compat, results["average"], base["average"], out)
     return results
 
 

@@ -8,8 +8,9 @@ distinct qid: its first ``top_k`` (50) mined candidates, each with its own cosin
 mscoco_task3 0.1, from :class:`TeacherConfig`), re-sorted descending. The reranker sees the query with a
 TSV instruction drawn per D7 (seeded) and no instruction markers, as in reranker training.
 
-Output ``fusion_results.jsonl``: one line per query row, same order, ``{qid, task, did: [K], score: [K],
-cosine: [K], p_yes: [K]}`` (candidates best first by fused score; ``cosine`` / ``p_yes`` in that order).
+Output ``fusion_results.jsonl`` (:mod:`umarvel.data.runfiles`): one line per query row, same order, ``{qid, task,
+did: [K], score: [K], cosine: [K], p_yes: [K]}`` (candidates best first by fused score; ``cosine`` / ``p_yes`` in
+that order).
 Resume: P(yes) are written in shards of ``shard_queries`` queries (``teacher_parts/``), each atomically; a
 rerun scores only missing shards.
 """
@@ -29,13 +30,15 @@ from umarvel.data.mbeir import (DEFAULT_INSTRUCTION_SEED, assign_instructions, i
                                         read_instructions, read_pool)
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, list_tasks
-from umarvel.train.hardneg import iter_mined
+from umarvel.data.runfiles import TEACHER_FILE, TeacherRow, iter_mined, write_teacher
 from umarvel.pipelines.mining import partition_train_queries
-from umarvel.utils.io import atomic_path, atomic_write_json
+from umarvel.pipelines.preflight import start_teacher_run
+from umarvel.rerank.fusion import teacher_fuse, teacher_weight
+from umarvel.utils.checks import scan_images
+from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-TEACHER_FILE = "fusion_results.jsonl"
 PARTS_DIR = "teacher_parts"
 PathLike = str | os.PathLike
 
@@ -95,37 +98,39 @@ def _shard_path(out: Path, index: int) -> Path:
     return out / PARTS_DIR / f"shard_{index:05d}.json"
 
 
-def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
+def build_teacher_file(cfg: TeacherConfig, reranker=None, *, overwrite: bool = False,
+                       check_images: bool = True) -> Path:
     """Score and fuse (see the module doc); returns the teacher file path.
 
     Args:
         reranker: a :class:`~umarvel.rerank.model.LoadedReranker` (default: load ``cfg.reranker``).
+        overwrite: replace the files of another teacher run in ``cfg.output`` (otherwise refused).
+        check_images: check the images of the queries and mined candidates before scoring anything.
     Raises:
         DataError: a mined line not aligned with its query row, a query with fewer than ``top_k`` mined
             candidates, or a candidate missing from the pool.
     """
-    from umarvel.rerank.fusion import teacher_fuse, teacher_weight
+    with start_teacher_run(cfg, overwrite=overwrite, reranker=reranker):  # checks + the output folder (lock, identity)
+        return _build_teacher_file(cfg, reranker, check_images)
+
+
+def _build_teacher_file(cfg: TeacherConfig, reranker, check_images: bool) -> Path:
+    # lazy: commands.teacher imports this module, and `umarvel --help` stays free of torch (tests/cli)
+    from umarvel.dist import device_for_rank
+    from umarvel.rerank.model import load_reranker
     from umarvel.rerank.score import pair_from_records, score_pairs
 
     out = Path(cfg.output)
     root = Path(cfg.mbeir_root)
     rows = partition_train_queries(Path(cfg.queries), root)
     mined: dict[str, tuple] = {}
-    n_lines = 0
-    for lineno, row in iter_mined(Path(cfg.mined)):
-        if n_lines >= len(rows.queries) or row.qid != rows.queries[n_lines].qid:
-            expect = rows.queries[n_lines].qid if n_lines < len(rows.queries) else "no row"
-            raise DataError(f"{Path(cfg.mined)}:{lineno}: qid {row.qid} but query row {n_lines + 1} is {expect} "
-                            f"(the mined file must follow {Path(cfg.queries)})")
+    for row in iter_mined(cfg.mined, [q.qid for q in rows.queries], follows=cfg.queries):
         if row.scores is None:
-            raise DataError(f"{Path(cfg.mined)}:{lineno}: no 'score' (the retrieval cosines are needed)")
+            raise DataError(f"{row.where}: no 'score' (the retrieval cosines are needed)")
         if len(row.top_docs) < cfg.top_k:
-            raise DataError(f"{Path(cfg.mined)}:{lineno}: query {row.qid} has {len(row.top_docs)} mined "
-                            f"candidates, fewer than top_k={cfg.top_k}")
+            raise DataError(f"{row.where}: query {row.qid} has {len(row.top_docs)} mined candidates, fewer than "
+                            f"top_k={cfg.top_k}")
         mined[row.qid] = (row.top_docs[:cfg.top_k], row.scores[:cfg.top_k])
-        n_lines += 1
-    if n_lines != len(rows.queries):
-        raise DataError(f"{Path(cfg.mined)}: {n_lines} mined lines for {len(rows.queries)} query rows")
 
     pool = {c.did: c for c in read_pool(cfg.path(cfg.pool), root)}
     table = read_instructions(cfg.path(cfg.instructions))
@@ -138,6 +143,10 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
                 "max_pixels": cfg.max_pixels, "seed": cfg.seed, "instruction": cfg.instruction,
                 "mined": hashlib.sha256(Path(cfg.mined).read_bytes()).hexdigest()[:16]}
 
+    if check_images:  # before anything is scored
+        scan_images(((im, f"{cfg.queries}: query {q.qid}") for q in queries if (im := q.image)), what="queries")
+        scan_images(((im, f"{cfg.mined}: candidate {d}") for dids, _ in mined.values() for d in dids
+                     if d in pool and (im := pool[d].image)), what="mined candidates")
     p_yes: dict[str, list[float]] = {}
     shards = [queries[i:i + cfg.shard_queries] for i in range(0, len(queries), cfg.shard_queries)]
     for s, shard in enumerate(shards):
@@ -149,10 +158,7 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
                 continue
             logger.warning("%s: other settings or queries; scoring the shard again", path)
         if reranker is None:
-            from umarvel.eval.mbeir.runner import resolve_device
-            from umarvel.rerank.model import load_reranker
-
-            reranker = load_reranker(cfg.reranker, device=resolve_device(cfg.device), dtype=cfg.dtype,
+            reranker = load_reranker(cfg.reranker, device=device_for_rank(cfg.device), dtype=cfg.dtype,
                                      positions=cfg.positions, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         pairs = []
         for q in shard:
@@ -173,12 +179,10 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
         w = teacher_weight(task, cfg.weights, cfg.default_weight)
         idx = np.argsort(-(np.asarray(cos, np.float64) + w * np.asarray(p_yes[qid], np.float64)), kind="stable")
         assert [dids[i] for i in idx] == order_dids  # each candidate keeps its own cosine and P(yes)
-        fused[qid] = {"task": task, "did": order_dids, "score": [float(x) for x in f],
-                      "cosine": [float(cos[i]) for i in idx], "p_yes": [p_yes[qid][i] for i in idx]}
+        fused[qid] = TeacherRow(qid, tuple(order_dids), tuple(float(x) for x in f), task,
+                                tuple(float(cos[i]) for i in idx), tuple(p_yes[qid][i] for i in idx))
     path = out / TEACHER_FILE
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for q in rows.queries:
-            fh.write(json.dumps({"qid": q.qid, **fused[q.qid]}) + "\n")
+    write_teacher(path, (fused[q.qid] for q in rows.queries))
     atomic_write_json(out / "teacher_done.json", {"config": asdict(cfg), "settings": settings,
                                                   "rows": len(rows.queries), "queries": len(queries)})
     logger.info("teacher file: %d rows (%d queries x %d candidates) -> %s", len(rows.queries), len(queries),
@@ -186,4 +190,4 @@ def build_teacher_file(cfg: TeacherConfig, reranker=None) -> Path:
     return path
 
 
-__all__ = ["TeacherConfig", "TEACHER_FILE", "build_teacher_file"]
+__all__ = ["TeacherConfig", "build_teacher_file"]

@@ -8,14 +8,14 @@ reproducible whatever the worker layout. A query whose mined list holds no usabl
 random pool candidate that is not a positive (logged; the official code had no such case handled).
 
 Mined file: JSONL ``{qid, gt_docs, top100_docs, score}``, one line per union-train row, in union-train
-order (``rerank_data_all_eval_train_local.jsonl`` of method spec 5.3); line i must carry row i's qid.
+order (``rerank_data_all_eval_train_local.jsonl`` of method spec 5.3; format and reader in
+:mod:`umarvel.data.runfiles`); line i must carry row i's qid.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,8 +24,9 @@ import torch
 from umarvel.data.images import ImageBudget
 from umarvel.errors import DataError
 from umarvel.data.mbeir import (InstructionTable, choose_instruction, parse_query, read_instructions,
-                                        read_pool, split_id)
+                                        read_pool)
 from umarvel.data.records import Candidate, Query
+from umarvel.data.runfiles import MinedRow, iter_mined
 from umarvel.data.visual import PatchSpec
 from umarvel.rerank.collate import RerankTokenizer, RerankTrainCollator
 from umarvel.rerank.prompts import TRAIN_MAX_TEXT_TOKENS, RerankPair
@@ -37,51 +38,10 @@ logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 
-@dataclass(frozen=True)
-class MinedList:
-    """One line of a mined file: the query's ground truth and its retrieved top-100 dids."""
-
-    qid: str
-    gt_docs: tuple[str, ...]
-    top_docs: tuple[str, ...]
-
-
 def read_union_queries(path: PathLike, root: PathLike) -> list[Query]:
     """All rows of an (up-sampled) union-train query file, duplicates kept, in file order."""
     root = Path(root)
     return [parse_query(rec, root, f"{path}:{lineno}") for lineno, rec in iter_jsonl(path)]
-
-
-def read_mined(path: PathLike, queries: Sequence[Query] | None = None) -> list[MinedList]:
-    """Read a mined file ``{qid, gt_docs, top100_docs, score}`` (JSONL).
-
-    Args:
-        queries: the union-train rows the file must align with (same count, line i = row i's qid).
-    Raises:
-        DataError: naming ``file:line`` for a missing / malformed field or a misaligned qid.
-    """
-    out: list[MinedList] = []
-    for lineno, rec in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        for key in ("qid", "gt_docs", "top100_docs"):
-            if key not in rec:
-                raise DataError(f"{where}: missing field {key!r} (expected {{qid, gt_docs, top100_docs, score}})")
-        gt, top = rec["gt_docs"], rec["top100_docs"]
-        if not isinstance(gt, list) or not isinstance(top, list):
-            raise DataError(f"{where}: gt_docs and top100_docs must be lists of dids")
-        for did in (*gt, *top):
-            split_id(did, f"{where}: did")
-        i = len(out)
-        if queries is not None:
-            if i >= len(queries):
-                raise DataError(f"{where}: more mined lines than the {len(queries)} query rows")
-            if rec["qid"] != queries[i].qid:
-                raise DataError(f"{where}: qid {rec['qid']} but query row {i + 1} is {queries[i].qid} "
-                                "(the mined file must follow the union-train order)")
-        out.append(MinedList(str(rec["qid"]), tuple(gt), tuple(top)))
-    if queries is not None and len(out) != len(queries):
-        raise DataError(f"{path}: {len(out)} mined lines for {len(queries)} query rows")
-    return out
 
 
 class RerankTrainDataset(torch.utils.data.Dataset):
@@ -90,7 +50,7 @@ class RerankTrainDataset(torch.utils.data.Dataset):
     Set :attr:`epoch` before iterating an epoch (draws depend on ``(seed, epoch, i)``).
     """
 
-    def __init__(self, queries: Sequence[Query], mined: Sequence[MinedList], pool: Mapping[str, Candidate],
+    def __init__(self, queries: Sequence[Query], mined: Sequence[MinedRow], pool: Mapping[str, Candidate],
                  instructions: InstructionTable, tokenizer, budget: ImageBudget, seed: int = 42,
                  max_text_tokens: int | None = TRAIN_MAX_TEXT_TOKENS):
         if len(queries) != len(mined):
@@ -166,7 +126,8 @@ def build_train_dataset(root: PathLike, queries_file: PathLike, pool_file: PathL
     root = Path(root)
     resolve = lambda p: Path(p) if Path(p).is_absolute() else root / p  # noqa: E731
     queries = read_union_queries(resolve(queries_file), root)
-    mined = read_mined(resolve(mined_file), queries)
+    mined = list(iter_mined(resolve(mined_file), [q.qid for q in queries], follows=resolve(queries_file),
+                            scores=False))
     pool = {c.did: c for c in read_pool(resolve(pool_file), root)}
     table = read_instructions(resolve(instructions_file))
     logger.info("reranker training data: %d query rows, pool of %d candidates", len(queries), len(pool))

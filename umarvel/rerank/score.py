@@ -1,13 +1,15 @@
 """Batched reranker scoring: pairs -> P(yes), and the top-k of retrieval runs -> ``{qid: [p_yes, ...]}``.
 
-Scoring is length-aware like the encoder (``umarvel.data.collate.plan_batches``: sorted by length,
-cut by a token budget, order restored), one forward per batch (D10), tqdm on rank 0 only. Texts are
-not truncated (official scoring); queries get ``format_string(f"{instruction} {query_txt}")``.
+Scoring is length-aware like the encoder: packed batches without padding (``umarvel.data.packing``,
+first-fit decreasing under a token budget) with 1-D positions, else length-sorted padded batches
+(``plan_batches``); order restored, one forward per batch (D10), tqdm on rank 0 only. Texts are
+not truncated (official scoring); queries get ``format_string(f"{instruction} {query_txt}")``. A reranker
+loaded with ``compat="official"`` scores the official way instead: padded consecutive batches in pair order
+(the official batch is 4) and P(yes) from the first step of ``generate`` (D10).
 """
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
@@ -15,8 +17,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from umarvel.data.collate import plan_batches
+from umarvel.data.collate import plan_batches, sequential_batches
 from umarvel.data.images import ImageBudget, load_image
+from umarvel.data.packing import pack_padded, plan_packs, to_device
 from umarvel.errors import DataError
 from umarvel.data.records import Candidate, Query
 from umarvel.log import progress_disabled
@@ -25,12 +28,11 @@ from umarvel.data.visual import PatchSpec
 from umarvel.rerank.collate import RerankScoreCollator, RerankTokenizer
 from umarvel.rerank.model import LoadedReranker
 from umarvel.rerank.prompts import RerankPair, RerankSide, make_side, rerank_candidate_text, rerank_query_text
-from umarvel.utils.io import iter_columns
+from umarvel.utils.compat import is_official
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 50
-PathLike = str | os.PathLike
 
 
 def pair_from_records(tokenizer, query: Query, cand: Candidate, label: bool | None = None,
@@ -64,6 +66,7 @@ def score_pairs(reranker: LoadedReranker, pairs: Sequence[RerankPair], batch_siz
         pairs: scoring pairs (``label`` ignored); images may be paths or loaded PIL images.
         batch_size: max pairs per forward; ``max_tokens`` caps ``pairs * longest`` (default 2048 * batch).
         positions: ``"1d"`` (training convention, default of the model) or ``"mrope"`` (= official generate).
+            Unused with ``reranker.compat == "official"`` (generate's first step, batches in pair order).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -80,40 +83,29 @@ def score_pairs(reranker: LoadedReranker, pairs: Sequence[RerankPair], batch_siz
     bar = tqdm(total=len(pairs), desc="rerank", unit="pair", disable=not show)
     chunk = max(batch_size * 16, 256)
     model = reranker.model
+    official = is_official(reranker.compat)
+    if official:
+        chunk = batch_size * -(-chunk // batch_size)  # whole batches per chunk: the official pair-order batching
+    packed = not official and model.supports_packing and (positions or model.positions) == "1d"
     with ThreadPoolExecutor(max_workers=load_workers) as pool, torch.no_grad():
         for start in range(0, len(pairs), chunk):
             loaded = list(pool.map(lambda p: load_pair_images(p, budget), pairs[start:start + chunk]))
             tokenized = rt.tokenize(loaded)
-            for idx in plan_batches([len(t) for t in tokenized], batch_size, max_tokens):
-                batch = {k: v.to(reranker.device) for k, v in collate([tokenized[i] for i in idx]).items()}
-                out[[start + i for i in idx]] = model.p_yes(batch, positions=positions).cpu().numpy()
+            lengths = [len(t) for t in tokenized]
+            if official:
+                plan = sequential_batches(len(tokenized), batch_size)
+            elif packed:
+                plan = plan_packs(lengths, max_tokens, batch_size)
+            else:
+                plan = plan_batches(lengths, batch_size, max_tokens)
+            for idx in plan:
+                batch = collate([tokenized[i] for i in idx])
+                batch = to_device(pack_padded(batch) if packed else batch, reranker.device)
+                p = model.p_yes_generate(batch) if official else model.p_yes(batch, positions=positions)
+                out[[start + i for i in idx]] = p.cpu().numpy()
                 bar.update(len(idx))
     bar.close()
     return out
-
-
-def read_trec_run(path: PathLike) -> dict[str, list[tuple[str, float]]]:
-    """A TREC run file (``qid Q0 did rank score run_id``, optional 7th column) -> ``{qid: [(did, score)]}``.
-
-    Candidates are returned in rank order; queries in first-appearance order.
-
-    Raises:
-        DataError: naming ``file:line`` for a malformed line, a repeated (qid, rank) or a non-numeric field.
-    """
-    rows: dict[str, dict[int, tuple[str, float]]] = {}
-    for where, parts in iter_columns(path, missing="run file not found"):
-        if len(parts) not in (6, 7):
-            raise DataError(f"{where}: expected 'qid Q0 did rank score run_id', got {len(parts)} columns")
-        qid, _, did, rank, score = parts[:5]
-        try:
-            r, s = int(rank), float(score)
-        except ValueError:
-            raise DataError(f"{where}: rank {rank!r} / score {score!r} are not numbers") from None
-        ranks = rows.setdefault(qid, {})
-        if r in ranks:
-            raise DataError(f"{where}: query {qid} has rank {r} twice")
-        ranks[r] = (did, s)
-    return {qid: [ranks[r] for r in sorted(ranks)] for qid, ranks in rows.items()}
 
 
 def score_run(reranker: LoadedReranker, run: Mapping[str, Sequence[tuple[str, float]]],

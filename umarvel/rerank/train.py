@@ -1,4 +1,4 @@
-"""Reranker training: config dataclasses and a compact training loop (LoRA, grad-accum, cosine, resume).
+"""Reranker training: its config dataclasses and :class:`RerankTask`, trained by the one trainer.
 
 Published recipe (method spec section 4; ``configs/rerank/reranker.yaml``): init from raw
 Qwen2-VL-7B-Instruct, LoRA r128/alpha256 (dropout 0.05) on all LLM linears, lr 2e-5, 2 queries per
@@ -6,41 +6,40 @@ device (= 4 sequences), grad-accum 4, 1 epoch over ``mbeir_union_up_train.jsonl`
 3% warmup, bf16, max length 2048. Loss: HF causal-LM loss (mean CE over the supervised tokens of each
 micro-batch, divided by the accumulation steps, as the HF Trainer of the official run did).
 
-This is an own loop rather than the HF Trainer because the embedding trainer (``umarvel.train``) was
-not available when it was written; it runs single-process or under ``torchrun`` (DDP over the LoRA
-parameters; ZeRO-1 optimizer sharding is not replicated: the LoRA optimizer state is small).
+The loop, optimiser, scheduler, checkpoints, resume, NaN guard and logging are those of
+:class:`umarvel.train.trainer.Trainer` (the embedding stages train through it too); it runs single-process or
+under ``torchrun`` (LoRA gradients all-reduced once per optimizer step; ZeRO-1 optimizer sharding is not
+replicated: the LoRA optimizer state is small).
 
-Output folder: ``checkpoint-<step>/`` (adapter, optimizer, scheduler, ``state.json``; written
-atomically, the newest ``save_total_limit`` kept), then ``adapter/`` (final LoRA + tokenizer) and,
-with ``save_merged``, ``merged/`` (LoRA merged in the training dtype, D13), plus ``resolved_config.yaml``.
+Output folder (the trainer's layout): ``checkpoints/step-N`` + ``latest`` (resumable), then ``adapter/``
+(final LoRA + tokenizer), with ``save_merged`` ``merged/`` (LoRA merged in the training dtype, D13),
+``train_history.json`` (loss per optimizer step), ``resolved_config.yaml`` and ``tb/``; ``run_identity.json``
+and the lock of :mod:`umarvel.utils.runs` (a folder holding another reranker run is refused unless
+``--overwrite``).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
-import re
-import shutil
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
 from umarvel import dist
-from umarvel.config import save_resolved
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS
-from umarvel.errors import CheckpointError, ConfigError
+from umarvel.data.packing import num_sequences, pack_padded, to_device
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
+from umarvel.errors import ConfigError
+from umarvel.model.loading import save_checkpoint
+from umarvel.rerank.data import RerankBatchCollator, RerankTrainDataset, build_train_dataset
+from umarvel.rerank.model import attach_reranker_lora, load_reranker
+from umarvel.train.trainer import LoopConfig, Trainer, TrainerCallback
+from umarvel.utils.checks import check_device
+from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, claim_on_rank0
 
 logger = logging.getLogger(__name__)
-
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "state.json"
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,9 @@ class RerankOptimConfig:
 
     ``answer_only_loss``: supervise only the Yes/No token (default False = official: the 6 tokens of
     the assistant turn). ``max_steps`` > 0 overrides the epoch count. ``resume``: ``"auto"`` (latest
-    complete checkpoint in ``output_dir``), ``"never"``, or a checkpoint folder.
+    complete checkpoint in ``output_dir``), ``"never"``, or a checkpoint folder. ``save_steps``: 0 keeps
+    only the final checkpoint. ``lr_scheduler``: a ``transformers.get_scheduler`` name. ``report_to``:
+    ``tensorboard`` / ``wandb`` / ``auto`` (see :class:`umarvel.train.trainer.LoopConfig`).
     """
 
     output_dir: str
@@ -94,7 +95,7 @@ class RerankOptimConfig:
     gradient_accumulation_steps: int = 4
     num_train_epochs: int = 1
     max_steps: int = -1
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -107,6 +108,7 @@ class RerankOptimConfig:
     answer_only_loss: bool = False
     save_merged: bool = True
     device: str = "auto"
+    report_to: list[str] = field(default_factory=lambda: ["auto"])
 
 
 @dataclass(frozen=True)
@@ -126,93 +128,7 @@ class RerankTrainConfig:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
 
 
-# ----------------------------------------------------------------------------------- checkpoints
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_training_checkpoint(out_dir: Path, step: int, reranker, optimizer, scheduler, state: dict,
-                             keep: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically (temp folder + rename); prune to the newest ``keep``."""
-    final = out_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out_dir))
-    try:
-        reranker.backbone.save_pretrained(str(tmp / "adapter"))
-        torch.save(_trainable_state(reranker), tmp / "trainable.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("saved %s", final)
-    return final
-
-
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete ``checkpoint-<step>`` folders (with ``state.json``), oldest first."""
-    if not out_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out_dir.iterdir()
-             if (m := _CKPT_RE.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume(out_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from (``auto``: newest in ``out_dir``; ``never``: none; else a path)."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        ckpts = list_checkpoints(out_dir)
-        return ckpts[-1] if ckpts else None
-    p = Path(resume)
-    if not (p / STATE_FILE).is_file():
-        raise CheckpointError(f"train.resume={resume}: not a training checkpoint (no {STATE_FILE})")
-    return p
-
-
-def load_training_checkpoint(ckpt: Path, reranker, optimizer, scheduler) -> dict:
-    """Restore trainable weights, optimizer and scheduler from ``ckpt``; returns its ``state.json``."""
-    weights = torch.load(ckpt / "trainable.pt", map_location="cpu")
-    params = dict(reranker.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise CheckpointError(f"{ckpt}: parameters {missing[:3]} do not exist in the model (different LoRA config?)")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w.to(params[n]))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu"))
-    return json.loads((ckpt / STATE_FILE).read_text())
-
-
-# ------------------------------------------------------------------------------------------ loop
-def _device(cfg: RerankOptimConfig) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def make_scheduler(optimizer, kind: str, total_steps: int, warmup_ratio: float):
-    """HF-style schedule: linear warmup over ``ceil(warmup_ratio * total)`` steps, then cosine/linear/constant."""
-    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                              get_linear_schedule_with_warmup)
-
-    warmup = math.ceil(warmup_ratio * total_steps)
-    if kind == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    if kind == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
-
-
+# ------------------------------------------------------------------------------------------ task
 def epoch_batches(n: int, per_device: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """This rank's micro-batches of query rows for one epoch (seeded shuffle, equal count on every rank;
     the last incomplete global batch is dropped)."""
@@ -226,131 +142,154 @@ def epoch_batches(n: int, per_device: int, seed: int, epoch: int, rank: int, wor
     return [mine[i:i + per_device] for i in range(0, len(mine), per_device)]
 
 
-def train_reranker(cfg: RerankTrainConfig, dataset=None) -> Path:
-    """Train a reranker LoRA as configured; returns the output folder.
+class RerankTask:
+    """Train a reranker LoRA with the HF causal-LM loss (see :class:`umarvel.train.trainer.TrainTask`).
 
-    ``dataset``: an already built :class:`umarvel.rerank.data.RerankTrainDataset` (tests); by default it
-    is read from ``cfg.data``.
+    A micro-batch holds ``per_device_queries`` query rows, each giving a (positive -> Yes, negative -> No)
+    pair; ``gradient_accumulation_steps`` micro-batches make one optimizer step.
+
+    Args:
+        cfg: the reranker config. device: this rank's device.
+        dataset: an already built :class:`RerankTrainDataset` (tests); by default read from ``cfg.data``.
     """
-    from umarvel.rerank.data import RerankBatchCollator, build_train_dataset
-    from umarvel.rerank.model import attach_reranker_lora, load_reranker
 
-    t = cfg.train
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_dist():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = _device(t)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(t.seed)
-    out_dir = Path(t.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        save_resolved(cfg, out_dir / "resolved_config.yaml")
+    name = "reranker"
 
-    loaded = load_reranker(cfg.model.init_from, device=device, dtype=cfg.model.dtype,
-                           positions=cfg.model.positions, min_pixels=cfg.data.min_pixels,
-                           max_pixels=cfg.data.max_pixels, attn_implementation=cfg.model.attn_implementation)
-    reranker = attach_reranker_lora(loaded.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-    if cfg.model.gradient_checkpointing:
-        reranker.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        reranker.hf_model.enable_input_require_grads()
-    reranker.train()
-    if dataset is None:
-        d = cfg.data
-        dataset = build_train_dataset(d.mbeir_root, d.queries, d.pool, d.instructions, d.mined, loaded.tokenizer,
-                                      loaded.budget, seed=t.seed, max_text_tokens=d.max_text_tokens)
-    collate = RerankBatchCollator(loaded.tokenizer, loaded.image_processor, cfg.data.max_length, t.answer_only_loss)
+    def __init__(self, cfg: RerankTrainConfig, device: torch.device, dataset: RerankTrainDataset | None = None):
+        m, d, t = cfg.model, cfg.data, cfg.train
+        self.config, self.device = cfg, device
+        torch.manual_seed(t.seed)
+        self.loaded = load_reranker(m.init_from, device=device, dtype=m.dtype, positions=m.positions,
+                                    min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                                    attn_implementation=m.attn_implementation)
+        self.module = attach_reranker_lora(self.loaded.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        if m.gradient_checkpointing:
+            self.module.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.module.hf_model.enable_input_require_grads()
+        self.module.train()
+        if dataset is None:
+            dataset = build_train_dataset(d.mbeir_root, d.queries, d.pool, d.instructions, d.mined,
+                                          self.loaded.tokenizer, self.loaded.budget, seed=t.seed,
+                                          max_text_tokens=d.max_text_tokens)
+        self.data_source = dataset
+        self.collate_fn = RerankBatchCollator(self.loaded.tokenizer, self.loaded.image_processor, d.max_length,
+                                              t.answer_only_loss)
+        self.num_workers = d.num_workers
+        self.merge_at_end = t.save_merged
+        self.autocast = t.bf16 and device.type == "cuda"
 
-    micro_per_epoch = len(epoch_batches(len(dataset), t.per_device_queries, t.seed, 0, rank, world))
-    steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)  # a partial window steps too
-    total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_train_epochs
-    params = [p for p in reranker.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = make_scheduler(optimizer, t.lr_scheduler, total, t.warmup_ratio)
-    step, epoch, skip = 0, 0, 0
-    ckpt = resolve_resume(out_dir, t.resume)
-    if ckpt is not None:
-        state = load_training_checkpoint(ckpt, reranker, optimizer, scheduler)
-        step, epoch, skip = state["step"], state["epoch"], state["micro_in_epoch"]
-        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt, step, epoch, skip)
-    model = reranker
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(reranker, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    logger.info("training: %d query rows, %d ranks, %d optimizer steps (%d per epoch)", len(dataset), world, total,
-                steps_per_epoch)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 and device.type == "cuda" \
-        else contextlib.nullcontext()
-    history: list[float] = []
-    window, t0 = [], time.time()
-    while step < total:
-        dataset.epoch = epoch
-        batches = epoch_batches(len(dataset), t.per_device_queries, t.seed, epoch, rank, world)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], collate_fn=collate,
-                                             num_workers=cfg.data.num_workers)
-        accum = 0
-        for micro, batch in enumerate(loader, start=skip + 1):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            # an optimizer step after every full accumulation window and at the epoch end (the partial last
-            # window keeps the 1/accum loss scale, as the HF Trainer did)
-            last = (accum + 1) == t.gradient_accumulation_steps or micro == len(batches)
-            sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
-            with sync, amp:
-                loss = model(**batch)
-            with sync:
-                (loss / t.gradient_accumulation_steps).backward()
-            window.append(float(loss.detach()))
-            accum += 1
-            if not last:
-                continue
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            accum, step = 0, step + 1
-            history.append(sum(window) / len(window))
-            if step % t.logging_steps == 0 or step == total:
-                logger.info("step %d/%d loss %.4f lr %.3g (%.2fs/step)", step, total, history[-1],
-                            scheduler.get_last_lr()[0], time.time() - t0)
-            window, t0 = [], time.time()
-            if t.save_steps > 0 and step % t.save_steps == 0 and step < total:
-                if rank == 0:
-                    save_training_checkpoint(out_dir, step, reranker, optimizer, scheduler,
-                                             {"step": step, "epoch": epoch, "micro_in_epoch": micro,
-                                              "loss": history[-1]}, t.save_total_limit)
-                dist.barrier()
-            if step >= total:
-                break
-        epoch, skip = epoch + 1, 0
-    if rank == 0:
-        _save_final(out_dir, cfg, loaded, reranker, history)
-    dist.barrier()
-    return out_dir
+    def micro_batches_per_epoch(self, world: int) -> int:
+        """Micro-batches of one rank per epoch (ConfigError when the rows cannot fill one global batch)."""
+        t = self.config.train
+        return len(epoch_batches(len(self.data_source), t.per_device_queries, t.seed, 0, 0, world))
 
+    def batch_sampler(self, epoch: int, start: int, rank: int, world: int) -> list[list[int]]:
+        """This rank's micro-batches (query rows) of ``epoch`` from micro-batch ``start`` on."""
+        t = self.config.train
+        # the pairs of an epoch are drawn from (seed, epoch, row); the DataLoader copies the dataset into its
+        # workers when iteration starts, after this
+        self.data_source.epoch = epoch
+        if start == 0:
+            # The reranker's earlier, separate loop let every epoch's DataLoader draw one number from the global
+            # RNG; drawing it here keeps its LoRA-dropout stream, hence its runs and the demo's numbers,
+            # bit-identical. Exact on resume too: an epoch resumed at start > 0 had drawn before its checkpoint.
+            torch.empty((), dtype=torch.int64).random_()
+        return epoch_batches(len(self.data_source), t.per_device_queries, t.seed, epoch, rank, world)[start:]
 
-def _save_final(out_dir: Path, cfg: RerankTrainConfig, loaded, reranker, history: list[float]) -> None:
-    """Write ``adapter/`` and (``save_merged``) ``merged/`` atomically, plus ``train_history.json``."""
-    from umarvel.model.loading import save_checkpoint
-    from umarvel.utils.io import atomic_write_json
+    def param_groups(self, params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+        """One group: every LoRA weight."""
+        return [{"params": params, "weight_decay": weight_decay}]
 
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
-    try:
-        reranker.backbone.save_pretrained(str(tmp))
-        loaded.tokenizer.save_pretrained(str(tmp))
-        final = out_dir / "adapter"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_json(out_dir / "train_history.json", {"loss_per_step": history})
-    if cfg.train.save_merged:
-        merged = reranker.backbone.merge_and_unload()
-        merged.to(loaded.dtype)
+    def check_deepspeed(self, zero_stage: int, where: str) -> None:
+        """The reranker config has no DeepSpeed setting (the LoRA optimizer state is small)."""
+        raise ConfigError(f"{where}: the reranker trains without DeepSpeed")
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module,
+                         backward: Callable[[torch.Tensor], None]) -> tuple[torch.Tensor, dict]:
+        """Causal-LM loss of one micro-batch (rows ``[positives | negatives]``), bf16 autocast on CUDA; packed
+        into one row without padding (``umarvel.data.packing.pack_padded``) where the reranker supports it."""
+        pairs = num_sequences(batch) // 2
+        batch = to_device(pack_padded(batch) if self.module.supports_packing else batch, self.device)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with amp:
+            loss = model(**batch)
+        backward(loss)
+        return loss.detach(), {"samples": pairs}
+
+    def after_optimizer_step(self) -> dict:
+        """Nothing to clamp or log."""
+        return {}
+
+    def save_adapter(self, folder: Path, step: int) -> None:
+        """The peft adapter and the stock tokenizer."""
+        self.module.backbone.save_pretrained(str(folder))
+        self.loaded.tokenizer.save_pretrained(str(folder))
+
+    def export_merged(self, folder: Path, adapter: Path, step: int) -> None:
+        """The LoRA merged into the backbone in the training dtype (D13), loadable with ``load_reranker``."""
+        cfg = self.config
+        merged = self.module.backbone.merge_and_unload()
+        merged.to(self.loaded.dtype)
         meta = {"format_version": 1, "kind": "reranker", "init_from": cfg.model.init_from,
                 "positions": cfg.model.positions, "lora": asdict(cfg.lora)}
-        save_checkpoint(out_dir / "merged", merged, loaded.tokenizer, loaded.image_processor, meta)
-        reranker.backbone = merged
-    logger.info("reranker saved to %s", out_dir)
+        save_checkpoint(folder, merged, self.loaded.tokenizer, self.loaded.image_processor, meta)
+        self.module.backbone = merged
+        logger.info("reranker saved to %s", folder.parent)
+
+
+def loop_config(cfg: RerankTrainConfig) -> LoopConfig:
+    """The trainer's loop settings of a reranker config."""
+    t = cfg.train
+    return LoopConfig(output_dir=t.output_dir, learning_rate=t.learning_rate, num_epochs=t.num_train_epochs,
+                      max_steps=t.max_steps if t.max_steps > 0 else None,
+                      gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler=t.lr_scheduler,
+                      warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                      seed=t.seed, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+                      logging_steps=t.logging_steps, resume=t.resume, report_to=tuple(t.report_to),
+                      micro_batch_size=t.per_device_queries * 2, dtype=cfg.model.dtype)
+
+
+#: What a reranker run writes into its folder (removed by ``overwrite``).
+RERANK_OUTPUTS = ("checkpoints", "adapter", "merged", "tb", "train_history.json")
+#: Keys that do not change the trained weights or only extend the run; the input paths are compared by content.
+RERANK_IGNORE = ("train.output_dir", "train.resume", "train.max_steps", "train.num_train_epochs", "train.device",
+                 "train.report_to", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+                 "train.save_merged", "model.attn_implementation", "model.gradient_checkpointing", "data.num_workers",
+                 "model.init_from", "data.mbeir_root", "data.mined", "data.queries", "data.pool", "data.instructions")
+
+
+def rerank_identity(cfg: RerankTrainConfig) -> RunIdentity:
+    """The identity of a reranker run: its config (minus :data:`RERANK_IGNORE`) and the content of its inputs."""
+    d = cfg.data
+    root = Path(d.mbeir_root)
+    files = {f"data.{k}": root / getattr(d, k) for k in ("mined", "queries", "pool", "instructions")}
+    return RunIdentity.build("rerank-train", cfg, ignore=RERANK_IGNORE,
+                             inputs={"model.init_from": cfg.model.init_from, **files})
+
+
+def start_rerank_run(cfg: RerankTrainConfig, *, overwrite: bool = False) -> RunClaim | NoClaim:
+    """Before the reranker loads: the device exists, and rank 0 claims ``train.output_dir`` (lock + run
+    identity, as :func:`umarvel.train.preflight.start_stage_run`): a folder holding another reranker run is
+    refused unless ``overwrite`` (start over) or an explicit ``train.resume=<checkpoint>``."""
+    check_device(cfg.train.device, "train.device")
+    explicit = cfg.train.resume not in ("auto", "never")
+    return claim_on_rank0(cfg.train.output_dir, rerank_identity(cfg), overwrite=overwrite, accept_changes=explicit,
+                          outputs=RERANK_OUTPUTS, what="train.output_dir",
+                          override_hint="rerun with --overwrite to discard it and start over, or with "
+                                        "train.resume=<its checkpoint> to continue from its weights")
+
+
+def train_reranker(cfg: RerankTrainConfig, dataset: RerankTrainDataset | None = None,
+                   callbacks: Sequence[TrainerCallback] = (), *, overwrite: bool = False) -> Path:
+    """Train a reranker LoRA as configured (``umarvel rerank train``); returns the output folder.
+
+    ``dataset``: an already built :class:`umarvel.rerank.data.RerankTrainDataset` (tests); by default it
+    is read from ``cfg.data``. The output folder is claimed first (:func:`start_rerank_run`) and released
+    when the run ends.
+    """
+    with start_rerank_run(cfg, overwrite=overwrite):
+        device = dist.device_for_rank(cfg.train.device)
+        with dist.process_group(device):
+            device = torch.device(device)
+            Trainer(RerankTask(cfg, device, dataset), loop_config(cfg), device, callbacks).train()
+    return Path(cfg.train.output_dir)

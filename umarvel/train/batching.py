@@ -9,14 +9,17 @@ batches are shuffled again.
 
 Collator (:class:`PairCollator`): a device batch of B examples with G columns (1 positive [+ K negatives])
 becomes ``S = B * (1 + G)`` sequences in the official category-major *layout* ``[B queries | B column-1 | ...]``.
-Instead of padding all S to the single longest (official), sequences are sorted by length and cut into
-chunks of at most ``chunk_size`` sequences and ``chunk_tokens`` padded tokens; each chunk is collated on its
-own (vision tower once per chunk). ``StepBatch.inverse`` maps the concatenated chunk outputs back to the
+Instead of padding all S to the single longest (official), ``packing=True`` packs the sequences into chunks of
+at most ``chunk_tokens`` real tokens and ``chunk_size`` sequences by first-fit decreasing, each one packed row
+without padding (``umarvel.data.packing``); ``packing=False`` sorts them by length and cuts chunks of at most
+``chunk_size`` sequences and ``chunk_tokens`` padded tokens. Each chunk is collated on its own (vision tower
+once per chunk). ``StepBatch.inverse`` maps the concatenated chunk outputs back to the
 layout. ``reference=True`` reproduces the official batching (layout order, one padded length for all, chunks
 of ``chunk_size``) for parity tests and the benchmark.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -26,8 +29,9 @@ import torch
 from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput, plan_batches
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import ImageBudget, load_image
+from umarvel.data.packing import PackedCollator, plan_packs
 from umarvel.data.visual import PatchSpec
-from umarvel.train.datasets import TrainDataset, TrainExample
+from umarvel.train.datasets import TrainDataset, TrainExample, row_source
 
 
 def example_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -91,7 +95,8 @@ class ExampleSource(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> TrainExample:
         epoch, index = key
-        return self.dataset.example(index, example_rng(self.seed, epoch, index))
+        ex = self.dataset.example(index, example_rng(self.seed, epoch, index))
+        return dataclasses.replace(ex, source=row_source(self.dataset, index)) if not ex.source else ex
 
 
 @dataclass
@@ -123,6 +128,15 @@ class StepBatch:
         return [self.num_queries] * (1 + self.num_columns)
 
 
+def _side_label(ex: TrainExample, k: int) -> str:
+    """``training row FILE:LINE query QID`` / ``... candidate DID of query QID`` (image error messages)."""
+    row = f"training row {ex.source}" if ex.source else "training example"
+    if k < 0:
+        return f"{row} query {ex.query_id}" if ex.query_id else f"{row} query"
+    cid = ex.candidate_ids[k] if k < len(ex.candidate_ids) else None
+    return f"{row} candidate {cid}" if cid else f"{row} candidate {k}"
+
+
 class PairCollator:
     """``list[TrainExample] -> StepBatch`` (runs in DataLoader workers: image loading, tokenisation, padding).
 
@@ -132,16 +146,19 @@ class PairCollator:
         chunk_size / chunk_tokens: chunk limits. reference: official layout-order batching (see module doc).
         patch_spec: the backbone's patch geometry and video layout (``UMarvel.patch_spec``; default: read
             from ``image_processor``, Qwen2-VL video layout).
+        packing: packed chunks without padding (ignored with ``reference``).
     """
 
     def __init__(self, tokenizer, image_processor, style: PromptStyle, budget: ImageBudget = ImageBudget(),
                  mask_instruction: bool = True, chunk_size: int = 32, chunk_tokens: int | None = None,
-                 reference: bool = False, patch_spec: PatchSpec | None = None):
+                 reference: bool = False, patch_spec: PatchSpec | None = None, packing: bool = False):
         self.tok = EmbeddingTokenizer(tokenizer, style, patch_spec or PatchSpec.from_processor(image_processor))
         self.collator = EmbeddingCollator(tokenizer, image_processor, padding_side="left",
                                           mask_instruction=mask_instruction)
+        self.packed = PackedCollator(tokenizer, image_processor, mask_instruction=mask_instruction)
         self.budget = budget
         self.chunk_size, self.chunk_tokens, self.reference = chunk_size, chunk_tokens, reference
+        self.packing = packing and not reference
 
     def inputs(self, examples: Sequence[TrainExample]) -> list[EmbedInput]:
         """The S layout-ordered inputs with loaded images (each distinct path loaded once)."""
@@ -149,14 +166,15 @@ class PairCollator:
         if any(len(e.candidates) != columns for e in examples):
             raise ValueError("all examples of a batch need the same number of candidates")
         sides = [e.query for e in examples] + [e.candidates[k] for k in range(columns) for e in examples]
+        owners = [(e, -1) for e in examples] + [(e, k) for k in range(columns) for e in examples]
         cache: dict[str, object] = {}
         out = []
-        for s in sides:
+        for s, (ex, k) in zip(sides, owners):
             if s.image is None:
                 out.append(EmbedInput(s.text))
                 continue
             if s.image not in cache:
-                cache[s.image] = load_image(s.image, self.budget, what="training example")
+                cache[s.image] = load_image(s.image, self.budget, what=_side_label(ex, k))
             out.append(EmbedInput(s.text, (cache[s.image],)))
         return out
 
@@ -165,6 +183,9 @@ class PairCollator:
         n = len(tokenized)
         if self.reference:
             return [list(range(s, min(s + self.chunk_size, n))) for s in range(0, n, self.chunk_size)]
+        if self.packing:
+            return plan_packs([len(t) for t in tokenized], self.chunk_tokens or sum(len(t) for t in tokenized),
+                              self.chunk_size)
         return plan_batches([len(t) for t in tokenized], self.chunk_size, self.chunk_tokens)
 
     def __call__(self, examples: Sequence[TrainExample]) -> StepBatch:
@@ -183,6 +204,8 @@ class PairCollator:
                 real_mask = (ar[None, :] >= (longest - real)[:, None]).long()
                 batch["attention_mask"] = real_mask
                 batch["pool_mask"] = batch["pool_mask"] * real_mask
+            elif self.packing:
+                batch = self.packed(items)
             else:
                 batch = self.collator(items)
             chunks.append(batch)

@@ -1,23 +1,26 @@
 """Resumable training checkpoints: atomic folders, a ``latest`` pointer, pruning.
 
-Layout of ``<output_dir>/checkpoints/step-000123/`` (written into a hidden temp folder, then renamed, so a
-crash never leaves a half-written checkpoint under a real name; ``latest`` is rewritten atomically after the
-rename, so it always names a complete checkpoint):
+One layout for every run of :class:`umarvel.train.trainer.Trainer` (embedding stages and the reranker).
+``<output_dir>/checkpoints/step-000123/`` is written through :func:`umarvel.utils.io.atomic_dir` (a hidden
+temp folder renamed when complete, so a crash never leaves a half-written checkpoint under a real name);
+``latest`` is rewritten atomically after the rename, so it always names a complete checkpoint:
 
-    adapter/              peft adapter + umarvel.json (base_model, temperature, train dtype) + tokenizer:
-                          loadable with ``UMarvel.from_pretrained`` and ``umarvel merge-lora``
+    adapter/              the task's LoRA adapter + tokenizer (embedding stages add umarvel.json: base_model,
+                          temperature, train dtype; loadable with ``UMarvel.from_pretrained`` and
+                          ``umarvel merge-lora``; the reranker's loads with ``load_reranker``)
     trainable.pt          every trainable tensor by name (LoRA weights, temperature)   [non-DeepSpeed]
     optimizer.pt          optimizer + scheduler state                                   [non-DeepSpeed]
     deepspeed/            ``engine.save_checkpoint`` (frozen weights excluded)           [DeepSpeed]
     trainer_state.json    global step, epoch, step in epoch, last loss, world size
     rng_rank{r}.pt        python / numpy / torch / cuda RNG of every rank
-    resolved_config.yaml  the stage config
+    resolved_config.yaml  the run's config
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -41,25 +44,14 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def tmp_dir_for(output_dir: str | os.PathLike, step: int) -> Path:
-    """The hidden temp folder a checkpoint is written into (same filesystem as the final name)."""
-    return checkpoints_dir(output_dir) / f".{step_name(step)}.tmp"
-
-
-def publish(output_dir: str | os.PathLike, step: int, keep: int) -> Path:
-    """Rename the temp folder to its final name, point ``latest`` at it and prune old checkpoints (rank 0)."""
+def point_latest(output_dir: str | os.PathLike, final: Path, keep: int) -> None:
+    """Point ``latest`` at the complete checkpoint ``final`` and prune to the newest ``keep`` (rank 0)."""
     root = checkpoints_dir(output_dir)
-    final = root / step_name(step)
-    tmp = tmp_dir_for(output_dir, step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     atomic_write_text(root / LATEST, final.name + "\n")
     existing = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in existing[:-keep] if keep > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -89,8 +81,12 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
 
 
 def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states, in types ``torch.load(weights_only=True)`` accepts
+    (numpy's key array as an int64 tensor, its other fields as plain numbers)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -98,7 +94,12 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.int64).astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+    else:
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -109,11 +110,17 @@ def save_rng(folder: Path, rank: int) -> None:
 
 
 def load_rng(folder: Path, rank: int) -> None:
+    """Restore this rank's RNG states (``weights_only=True``: a checkpoint file cannot run code)."""
     f = folder / f"rng_rank{rank}.pt"
     if not f.is_file():
         logger.warning("%s missing (world size changed?); RNG not restored on rank %d", f, rank)
         return
-    set_rng_state(torch.load(f, weights_only=False))
+    try:
+        state = torch.load(f, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{f}: not loadable as plain tensors ({str(exc).splitlines()[0]}); written by an "
+                              "older umarvel? delete it to resume without restoring the RNG") from None
+    set_rng_state(state)
 
 
 def write_state(folder: Path, state: dict) -> None:
@@ -139,6 +146,10 @@ def load_trainable(folder: Path, named_params: list[tuple[str, torch.nn.Paramete
         missing, extra = sorted(names - set(saved))[:3], sorted(set(saved) - names)[:3]
         raise CheckpointError(f"{folder}/trainable.pt does not match the model (missing {missing}, extra {extra}); "
                               "was it written with another LoRA config?")
+    wrong = [f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}" for n, p in named_params if saved[n].shape != p.shape]
+    if wrong:
+        raise CheckpointError(f"{folder}/trainable.pt has other tensor shapes than the model ({'; '.join(wrong[:2])}"
+                              f"{'; ...' if len(wrong) > 2 else ''}): written with another LoRA rank (lora.r)?")
     with torch.no_grad():
         for n, p in named_params:
             p.copy_(saved[n].to(p.device, p.dtype))

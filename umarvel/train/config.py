@@ -18,6 +18,7 @@ new knobs, a field with a default here (old YAML files stay valid).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -48,6 +49,10 @@ class ModelSection:
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
 
+    def __post_init__(self) -> None:
+        if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
+            raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
+
 
 @dataclass(frozen=True)
 class LoraSection:
@@ -71,6 +76,12 @@ class TemperatureSection:
     learnable: bool = False
     min: float = 1e-3
     max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min <= self.max:
+            raise ValueError(f"need 0 < min <= max, got min={self.min} max={self.max}")
+        if self.init != "carry" and not (math.isfinite(self.init) and self.init > 0.0):
+            raise ValueError(f"init must be a positive number or 'carry', got {self.init}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,14 @@ class DataSection:
     num_workers: int = 2
     group_by_length: bool = False
 
+    def __post_init__(self) -> None:
+        for key in ("num_hard_negatives", "hard_negative_skip_top", "num_candidates", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("max_text_tokens", "max_examples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
+
 
 @dataclass(frozen=True)
 class LossSection:
@@ -146,10 +165,22 @@ class TrainSection:
     Attributes:
         output_dir: run folder: ``checkpoints/step-N`` (resumable), ``adapter`` and ``merged`` at the end, ``tb``.
         per_device_batch_size: contrastive pairs (queries) per device and step.
-        chunk_size / chunk_tokens: at most this many sequences / padded tokens per forward chunk; sequences
-            are length-sorted before chunking, so chunks are length-homogeneous.
+        chunk_size / chunk_tokens: at most this many sequences / tokens per forward chunk. With ``packing`` a
+            chunk is one packed row without padding (first-fit decreasing under ``chunk_tokens`` real tokens);
+            without, sequences are length-sorted and chunks padded to their longest (``chunk_tokens`` padded).
+        packing: padding-free packed chunks (needs ``model.positions: 1d``; the padded path otherwise).
+        activation_checkpointing: ``full`` (every decoder layer recomputed in the backward pass), ``selective``
+            (every ``checkpoint_every_k``-th layer: less recomputation, more memory) or ``none``;
+            ``model.gradient_checkpointing: false`` means ``none``.
+        checkpoint_every_k: k of ``selective``.
+        fused_optimizer: fused AdamW kernels on CUDA (one kernel for all parameters; same update rule).
+        lora_compute: ``float32`` (peft's default: the adapter matmuls upcast their input to the fp32 adapter
+            weights) or ``model`` (adapter matmuls in the model dtype under autocast, fp32 master weights; the
+            official bf16 DeepSpeed runs kept the adapters in bf16).
         grad_cache: two-pass GradCache step (memory of one chunk, same gradients).
         max_steps: stop after this many optimiser steps (overrides ``num_epochs`` for the schedule).
+        lr_scheduler: a ``transformers.get_scheduler`` name (``cosine``, ``linear``, ``constant_with_warmup``, ...),
+            with ``ceil(warmup_ratio * total steps)`` warmup steps.
         resume: ``auto`` (the run folder's latest checkpoint if any), ``never``, or a checkpoint path.
         deepspeed: a DeepSpeed JSON config (``configs/deepspeed/zero{1,2,3}.json``) or None (plain DDP-style
             gradient all-reduce).
@@ -166,7 +197,7 @@ class TrainSection:
     num_epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.03
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -174,6 +205,11 @@ class TrainSection:
     max_grad_norm: float = 1.0
     chunk_size: int = 32
     chunk_tokens: int | None = 32768
+    packing: bool = True
+    activation_checkpointing: Literal["full", "selective", "none"] = "full"
+    checkpoint_every_k: int = 2
+    fused_optimizer: bool = True
+    lora_compute: Literal["float32", "model"] = "float32"
     grad_cache: bool = False
     seed: int = 42
     save_steps: int = 500
@@ -192,8 +228,31 @@ class TrainSection:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.checkpoint_every_k < 1:
+            raise ValueError(f"checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
         if self.save_steps < 1 or self.logging_steps < 1:
             raise ValueError("save_steps and logging_steps must be >= 1")
+        _check_train_numbers(self)
+
+
+def _check_train_numbers(t: "TrainSection") -> None:
+    """Optimiser numbers: a clear ValueError (the config reports it with the key) instead of a later crash."""
+    positive = {"learning_rate": t.learning_rate, "num_epochs": t.num_epochs, "adam_epsilon": t.adam_epsilon,
+                "max_grad_norm": t.max_grad_norm}
+    for key, value in positive.items():
+        if not (math.isfinite(value) and value > 0.0):
+            raise ValueError(f"{key} must be a positive number, got {value}")
+    if not 0.0 <= t.warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0.0):
+        raise ValueError(f"weight_decay must be >= 0, got {t.weight_decay}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), got {getattr(t, key)}")
+    if t.save_total_limit < 0:
+        raise ValueError(f"save_total_limit must be >= 0, got {t.save_total_limit}")
+    if t.chunk_tokens is not None and t.chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 or null, got {t.chunk_tokens}")
 
 
 @dataclass(frozen=True)

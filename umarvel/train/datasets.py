@@ -21,6 +21,7 @@ Extending (stage 4/5): register a class in :data:`DATASETS` whose examples carry
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from umarvel.data.formatting import format_string, query_text_with_instruction, truncate_text
+from umarvel.data.mbeir import parse_query, read_instructions, read_pool
+from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 from umarvel.errors import ConfigError, DataError
-from umarvel.utils.io import read_json
+from umarvel.utils.io import iter_jsonl, open_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class TrainExample:
         candidates: ``[positive, hard negative 1, ...]`` (stages 1-4) or the K distillation candidates (stage 5).
         query_id / candidate_ids: record ids for false-negative masking (D12); None when unknown.
         scores: teacher scores of the candidates (stage 5), else None.
+        source: where the example comes from (``file:line`` or ``file: record key``), for error messages;
+            set by the data loader (:func:`row_source`).
     """
 
     query: Side
@@ -58,6 +63,7 @@ class TrainExample:
     query_id: str | None = None
     candidate_ids: tuple[str | None, ...] = ()
     scores: tuple[float, ...] | None = None
+    source: str = ""
 
 
 class TrainDataset(Protocol):
@@ -97,7 +103,7 @@ class NliDataset:
         if not path.is_file():
             raise DataError(f"{path}: file not found")
         ds = cls(path)
-        with path.open(newline="", encoding="utf-8") as fh:
+        with open_text(path, newline="") as fh:
             reader = csv.reader(fh)
             try:
                 header = next(reader)
@@ -206,9 +212,6 @@ class MbeirTrainDataset:
     @classmethod
     def from_files(cls, path: str | Path, pool: str | Path, instructions: str | Path, root: str | Path,
                    truncate: Truncate = _no_truncate, max_examples: int | None = None) -> "MbeirTrainDataset":
-        from umarvel.data.mbeir import parse_query, read_instructions, read_pool
-        from umarvel.utils.io import iter_jsonl
-
         root = Path(root)
         ds = cls(Path(path), truncate=truncate)
         ds.pool = {c.did: c for c in read_pool(pool, root)}
@@ -268,8 +271,6 @@ def _build_cc3m(data, tokenizer) -> Cc3mDataset:
 
 
 def _build_mbeir(data, tokenizer) -> MbeirTrainDataset:
-    from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
-
     if not data.root:
         raise ConfigError("data.root (the M-BEIR root folder) is required for data.kind=mbeir")
     root = Path(data.root)
@@ -301,12 +302,50 @@ def make_truncate(tokenizer, max_tokens: int | None) -> Truncate:
     return lambda text: truncate_text(tokenizer, text, max_tokens)
 
 
-def build_dataset(data, tokenizer) -> TrainDataset:
-    """Build the dataset of ``data.kind`` (a :class:`umarvel.train.config.DataSection`)."""
+#: Datasets parsed by :func:`prepare_dataset` before the model loaded, picked up once by :func:`build_dataset`.
+_PREPARED: dict = {}
+
+
+def prepare_dataset(data) -> TrainDataset:
+    """Read and check the data of ``data`` now, without a tokenizer (so before the model loads).
+
+    Every file is parsed and every record checked here; :func:`build_dataset` then reuses the result (adding
+    the tokenizer's truncation) instead of reading the files again.
+    """
+    ds = _build(dataclasses.replace(data, max_text_tokens=None), None)
+    _PREPARED.clear()
+    _PREPARED[data] = ds
+    return ds
+
+
+def _build(data, tokenizer) -> TrainDataset:
     try:
         builder = DATASETS[data.kind]
     except KeyError:
         raise ConfigError(f"unknown data.kind {data.kind!r}; known: {sorted(DATASETS)}") from None
-    ds = builder(data, tokenizer)
+    return builder(data, tokenizer)
+
+
+def build_dataset(data, tokenizer) -> TrainDataset:
+    """Build the dataset of ``data.kind`` (a :class:`umarvel.train.config.DataSection`)."""
+    ds = _PREPARED.pop(data, None)
+    if ds is not None:  # parsed before the model loaded (prepare_dataset): add the truncation
+        base = getattr(ds, "base", ds)
+        if hasattr(base, "truncate"):
+            base.truncate = make_truncate(tokenizer, data.max_text_tokens)
+    else:
+        ds = _build(data, tokenizer)
     logger.info("dataset %s: %d examples from %s", data.kind, len(ds), data.path or data.root)
     return ds
+
+
+def row_source(ds, index: int) -> str:
+    """``file:line`` (or ``file: record key``) of example ``index`` of a dataset, ``""`` if unknown."""
+    base = getattr(ds, "base", ds)
+    lines = getattr(base, "lines", None)
+    if lines and index < len(lines):
+        return f"{base.path}:{lines[index]}"
+    records = getattr(base, "records", None)
+    if records and index < len(records):
+        return f"{base.path}: record {records[index][0]!r}"
+    return ""

@@ -1,6 +1,6 @@
 """Stage 5: reranker distillation over the fused teacher lists (method spec 2.4, decision D11).
 
-Teacher file (written by :mod:`umarvel.pipelines.teacher`, official local ``fusion_results.jsonl``): one JSON line
+Teacher file (official local ``fusion_results.jsonl``, format and reader in :mod:`umarvel.data.runfiles`): one JSON line
 per row of the distillation query file (the 10% union subset), same order, ``{qid, did: [K], score: [K]}``
 (+ ``cosine``, ``p_yes``, ``task`` for provenance), the fused ``cos + w_task * P(yes)`` list best first.
 
@@ -25,34 +25,12 @@ import torch
 from torch import Tensor
 
 from umarvel.data.formatting import format_string
+from umarvel.data.runfiles import TeacherRow, iter_teacher
 from umarvel.errors import ConfigError, DataError
 from umarvel.train import losses as L
 from umarvel.train.datasets import MbeirTrainDataset, Side, TrainExample, _build_mbeir
-from umarvel.utils.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FusedRow:
-    """One teacher line: the query id and its candidates best first with their fused scores."""
-
-    qid: str
-    dids: tuple[str, ...]
-    scores: tuple[float, ...]
-
-
-def parse_fused(rec: dict, where: str) -> FusedRow:
-    """One teacher JSON object -> :class:`FusedRow` (DataError naming ``where``)."""
-    qid, dids, scores = rec.get("qid"), rec.get("did"), rec.get("score")
-    if not isinstance(qid, str):
-        raise DataError(f"{where}: missing or non-string 'qid' (expected {{qid, did: [...], score: [...]}})")
-    if not isinstance(dids, list) or not all(isinstance(d, str) for d in dids):
-        raise DataError(f"{where}: 'did' must be a list of dids")
-    if not isinstance(scores, list) or len(scores) != len(dids) or not all(
-            isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-        raise DataError(f"{where}: 'score' must be a list of {len(dids)} numbers (one per did)")
-    return FusedRow(qid, tuple(dids), tuple(float(s) for s in scores))
 
 
 @dataclass
@@ -60,7 +38,7 @@ class MbeirDistillDataset:
     """Distillation rows: a query and its K teacher candidates with fused scores."""
 
     base: MbeirTrainDataset
-    rows: list[FusedRow]
+    rows: list[TeacherRow]
     k: int
 
     def __len__(self) -> int:
@@ -89,26 +67,17 @@ def attach_teacher(base: MbeirTrainDataset, path: str | Path, k: int) -> MbeirDi
         DataError: naming ``file:line`` for a malformed line, a misaligned qid, fewer than ``k`` candidates,
             a did missing from the train pool, or fewer lines than rows.
     """
-    rows: list[FusedRow] = []
-    for lineno, rec in iter_jsonl(path):
-        i = len(rows)
-        if i >= len(base):
-            break
-        where = f"{path}:{lineno}"
-        row = parse_fused(rec, where)
-        q = base.queries[i]
-        if row.qid != q.qid:
-            raise DataError(f"{where}: qid {row.qid} but query row {i + 1} ({base.path}:{base.lines[i]}) is "
-                            f"{q.qid}; the teacher file must follow the distillation query file's order")
+    rows: list[TeacherRow] = []
+    qids = [q.qid for q in base.queries]  # max_examples: only the first rows are read
+    for row in iter_teacher(path, qids, follows=base.path, exact=False, provenance=False):
         if len(row.dids) < k:
-            raise DataError(f"{where}: query {q.qid} has {len(row.dids)} teacher candidates, fewer than "
+            raise DataError(f"{row.where}: query {row.qid} has {len(row.dids)} teacher candidates, fewer than "
                             f"data.num_candidates={k}")
         missing = [d for d in row.dids[:k] if d not in base.pool]
         if missing:
-            raise DataError(f"{where}: teacher did(s) {missing[:3]} of query {q.qid} are not in the train pool")
+            raise DataError(f"{row.where}: teacher did(s) {missing[:3]} of query {row.qid} are not in the train "
+                            "pool")
         rows.append(row)
-    if len(rows) < len(base):
-        raise DataError(f"{path}: {len(rows)} teacher lines for {len(base)} query rows of {base.path}")
     return MbeirDistillDataset(base, rows, k)
 
 
@@ -161,5 +130,5 @@ class DistillObjective:
         return loss, {"teacher_top1_agreement": agree}
 
 
-__all__ = ["FusedRow", "parse_fused", "MbeirDistillDataset", "attach_teacher", "build_distill_dataset",
+__all__ = ["MbeirDistillDataset", "attach_teacher", "build_distill_dataset",
            "DistillObjective"]

@@ -1,8 +1,9 @@
 """Stage 4: M-BEIR union train with K hard negatives per query from the GLOBAL mined list (method spec 2.2, 2.3).
 
-Mined file (written by :mod:`umarvel.pipelines.mining`, official ``rerank_data_all_eval_train_global.jsonl``): one
-JSON line per union-train row, in union-train order, ``{qid, gt_docs, top100_docs, score}`` (+ our
-``gt_scores``: the cosine of each gt doc, ``null`` when it is not in the pool). Line i must carry row i's qid.
+Mined file (official ``rerank_data_all_eval_train_global.jsonl``, format and reader in
+:mod:`umarvel.data.runfiles`): one JSON line per union-train row, in union-train order, ``{qid, gt_docs,
+top100_docs, score}`` (+ our ``gt_scores``: the cosine of each gt doc, ``null`` when it is not in the pool). Line i
+must carry row i's qid.
 
 Selection (:func:`select_hard_negatives`), as the official "mixed hard neg sample" with all 16 tasks on
 ``topk``: walk down ``top100_docs`` and keep the first K distinct dids that are neither in ``gt_docs`` nor in
@@ -22,75 +23,13 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from umarvel.data.formatting import format_string
+from umarvel.data.runfiles import MinedRow, iter_mined
 from umarvel.errors import ConfigError, DataError
 from umarvel.train.datasets import MbeirTrainDataset, Side, TrainExample, _build_mbeir
-from umarvel.utils.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MinedRow:
-    """One line of a mined file.
-
-    Attributes:
-        qid: the union-train row's query id.
-        gt_docs: ground-truth dids (qrels positives).
-        top_docs: retrieved dids, best first (up to 100).
-        scores: cosine of each ``top_docs`` entry (same length), or None when the file has none.
-        gt_scores: cosine of each ``gt_docs`` entry (None where unknown), or None when the file has none.
-    """
-
-    qid: str
-    gt_docs: tuple[str, ...]
-    top_docs: tuple[str, ...]
-    scores: tuple[float, ...] | None = None
-    gt_scores: tuple[float | None, ...] | None = None
-
-    def positive_score(self) -> float | None:
-        """The best known cosine of a ground-truth doc (``gt_scores``, else gt docs inside the list)."""
-        known = [s for s in (self.gt_scores or ()) if s is not None]
-        if not known and self.scores is not None:
-            gt = set(self.gt_docs)
-            known = [s for d, s in zip(self.top_docs, self.scores) if d in gt]
-        return max(known) if known else None
-
-
-def _id_list(rec: dict, key: str, where: str) -> tuple[str, ...]:
-    value = rec.get(key)
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise DataError(f"{where}: field {key!r} must be a list of dids")
-    return tuple(value)
-
-
-def _score_list(rec: dict, key: str, n: int, where: str, allow_null: bool = False):
-    value = rec.get(key)
-    if value is None:
-        return None
-    ok = isinstance(value, list) and len(value) == n and all(
-        (allow_null and x is None) or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in value)
-    if not ok:
-        raise DataError(f"{where}: field {key!r} must be a list of {n} numbers")
-    return tuple(None if x is None else float(x) for x in value)
-
-
-def parse_mined(rec: dict, where: str) -> MinedRow:
-    """One mined JSON object -> :class:`MinedRow` (DataError naming ``where`` on a malformed field)."""
-    if not isinstance(rec.get("qid"), str):
-        raise DataError(f"{where}: missing or non-string 'qid' (expected {{qid, gt_docs, top100_docs, score}})")
-    gt = _id_list(rec, "gt_docs", where)
-    top = _id_list(rec, "top100_docs", where)
-    return MinedRow(rec["qid"], gt, top, _score_list(rec, "score", len(top), where),
-                    _score_list(rec, "gt_scores", len(gt), where, allow_null=True))
-
-
-def iter_mined(path: str | Path) -> Iterator[tuple[int, MinedRow]]:
-    """``(line number, MinedRow)`` for each line of a mined JSONL file."""
-    for lineno, rec in iter_jsonl(path):
-        yield lineno, parse_mined(rec, f"{path}:{lineno}")
 
 
 def select_hard_negatives(row: MinedRow, k: int, excluded: set[str] | frozenset[str] = frozenset(),
@@ -189,26 +128,17 @@ def attach_negatives(base: MbeirTrainDataset, mined_path: str | Path, k: int, sk
     """
     negatives: list[tuple[str, ...]] = []
     fallback = filtered = 0
-    for lineno, row in iter_mined(mined_path):
-        i = len(negatives)
-        if i >= len(base):
-            break  # max_examples: only the first rows are used
+    qids = [q.qid for q in base.queries]  # max_examples: only the first rows are read
+    for i, row in enumerate(iter_mined(mined_path, qids, rows="union-train row", follows=base.path, exact=False)):
         q = base.queries[i]
-        if row.qid != q.qid:
-            raise DataError(f"{mined_path}:{lineno}: qid {row.qid} but union-train row {i + 1} "
-                            f"({base.path}:{base.lines[i]}) is {q.qid}; the mined file must follow the "
-                            "union-train order")
         missing = [d for d in row.top_docs if d not in base.pool]
         if missing:
-            raise DataError(f"{mined_path}:{lineno}: mined did(s) {missing[:3]} of query {q.qid} are not in the "
-                            f"train pool")
+            raise DataError(f"{row.where}: mined did(s) {missing[:3]} of query {q.qid} are not in the train pool")
         if margin is not None and row.positive_score() is None:
             filtered += 1
         sel = select_hard_negatives(row, k, frozenset(q.positives), skip_top, margin)
         fallback += not sel
         negatives.append(sel)
-    if len(negatives) < len(base):
-        raise DataError(f"{mined_path}: {len(negatives)} mined lines for {len(base)} union-train rows of {base.path}")
     if fallback:
         logger.warning("%d of %d rows have no usable mined negative; they draw %d random pool candidates",
                        fallback, len(base), k)
@@ -235,5 +165,5 @@ def build_hardneg_dataset(data, tokenizer) -> MbeirHardNegDataset:
     return ds
 
 
-__all__ = ["MinedRow", "parse_mined", "iter_mined", "select_hard_negatives", "MbeirHardNegDataset",
+__all__ = ["select_hard_negatives", "MbeirHardNegDataset",
            "attach_negatives", "build_hardneg_dataset"]

@@ -12,6 +12,10 @@ import logging
 import os
 from pathlib import Path
 
+from umarvel.api import UMarvel
+from umarvel.model.loading import check_checkpoint_dir, read_meta, resolve_dtype
+from umarvel.model.lora import merge_lora
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,10 +33,6 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, output: s
     Returns:
         The output folder.
     """
-    from umarvel.api import UMarvel
-    from umarvel.model.loading import check_checkpoint_dir, read_meta, resolve_dtype
-    from umarvel.model.lora import merge_lora
-
     adapter = check_checkpoint_dir(adapter)
     meta = read_meta(adapter)
     dtype = dtype or meta.get("train_dtype") or "bfloat16"

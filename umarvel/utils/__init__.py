@@ -1,1 +1,1 @@
-"""Small shared utilities (I/O, logging)."""
+"""Small shared utilities: atomic I/O (``io``), checks before work (``checks``), run folders (``runs``)."""

@@ -13,7 +13,8 @@ from typing import Literal
 
 from umarvel.data.mbeir import DEFAULT_INSTRUCTION_SEED
 from umarvel.errors import ConfigError
-from umarvel.eval.cache import DEFAULT_SHARD_SIZE
+from umarvel.eval import DEFAULT_SHARD_SIZE
+from umarvel.utils.compat import DEFAULT, CompatMode
 
 
 def parse_task_list(value: str) -> list[str] | None:
@@ -34,8 +35,8 @@ def _opt(help: str, **meta) -> dict:
 class MBeirEvalConfig:
     """Settings of one M-BEIR evaluation run; each field's help (metadata) is also its flag's help.
 
-    The cache key does not include ``batch_size`` (it does not change the vectors). ``model``,
-    ``mbeir_root`` and ``output`` are required.
+    The cache key does not include ``batch_size`` (it does not change the vectors; with ``compat="official"``
+    the official batches do, and the mode is in the key). ``model``, ``mbeir_root`` and ``output`` are required.
     """
 
     model: str = field(metadata=_opt("checkpoint folder"))
@@ -62,13 +63,17 @@ class MBeirEvalConfig:
         "score queries whose positives are unknown to the pool(s) instead of failing"))
     shard_size: int = field(default=DEFAULT_SHARD_SIZE, metadata=_opt(
         "items per cache shard (resume unit, rank sharding unit)"))
+    compat: CompatMode = field(default=DEFAULT, metadata=_opt(
+        "official: the official evaluation numerics (unpadded batches causal, D5; the official batches of 16 in "
+        "file order, --batch-size then unused; docs/decisions.md 'Compatibility mode'); recorded in results.json; "
+        "default: umarvel's"))
 
     def __post_init__(self) -> None:
         for key in ("model", "mbeir_root", "output"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ConfigError(f"MBeirEvalConfig.{key} is required (a non-empty path)")
         hints = typing.get_type_hints(type(self))
-        for key in ("protocol", "split", "instruction", "backend"):
+        for key in ("protocol", "split", "instruction", "backend", "compat"):
             allowed = typing.get_args(hints[key])
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"MBeirEvalConfig.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")

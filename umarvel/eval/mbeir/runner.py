@@ -24,9 +24,7 @@ The cache defaults to ``<output>/../cache``, so ``.../local`` and ``.../global``
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import logging
 import os
 import time
@@ -37,6 +35,9 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from umarvel import dist
+from umarvel.api import UMarvel
+from umarvel.config import save_resolved
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
 from umarvel.data.mbeir import (
@@ -45,13 +46,16 @@ from umarvel.data.mbeir import (
 )
 from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.metrics import TaskResult, score_task
-from umarvel.eval.outputs import RESULTS_JSON, RESULTS_MD, build_results, write_results, write_trec_run
+from umarvel.eval.outputs import RESULTS_JSON, RESULTS_MD, build_results, write_results
 from umarvel.data.records import Candidate, Query
+from umarvel.data.runfiles import write_trec_run
 from umarvel.data.registry import (
     GLOBAL_PROTOCOL, LOCAL_PROTOCOL, MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS,
     Task, get_task, resolve_tasks,
 )
 from umarvel.eval.search import make_searcher
+from umarvel.utils.checks import scan_images
+from umarvel.utils.compat import DEFAULT, is_official
 from umarvel.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -59,8 +63,10 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 RUNS_DIR = "runs"
-#: How long non-zero ranks may wait at the final barrier while rank 0 searches (global search on 5.6M).
-DIST_TIMEOUT = datetime.timedelta(hours=12)
+#: ``compat="official"``: the batch size of the official local eval (``eval/eval_mbeir_local_finetune_fast.py``:
+#: ``DataLoader(batch_size=16)`` over the query file and the pool file in file order); the global eval reuses
+#: the local pools' vectors.
+OFFICIAL_BATCH_SIZE = 16
 
 
 # ---------------------------------------------------------------------------- encoder-level helpers
@@ -98,8 +104,9 @@ class _ShardEncoder:
     """The cache's ``encode_fn``: checks image files first (naming file, record and path), then encodes
     one shard with the encoder; items carry their record id under ``"id"`` (stripped before encoding)."""
 
-    def __init__(self, encoder: Any, role: str, batch_size: int, where: str):
+    def __init__(self, encoder: Any, role: str, batch_size: int, where: str, fill: list[dict] | None = None):
         self.encoder, self.role, self.batch_size, self.where = encoder, role, batch_size, where
+        self.fill = fill  # compat="official": the list's first items complete its last partial batch
 
     def __call__(self, items: list[dict]) -> np.ndarray:
         for it in items:
@@ -108,15 +115,17 @@ class _ShardEncoder:
                 raise ImageLoadError(f"{self.where}: {self.role} {it['id']}: image file not found: {img}")
         plain = [{k: v for k, v in it.items() if k != "id"} for it in items]
         fn = self.encoder.encode_queries if self.role == "query" else self.encoder.encode_candidates
+        extra = {} if self.fill is None else {"fill": [{k: v for k, v in it.items() if k != "id"} for it in self.fill]}
         try:
-            return fn(plain, batch_size=self.batch_size)
+            return fn(plain, batch_size=self.batch_size, **extra)
         except ImageLoadError as exc:
             raise ImageLoadError(f"{self.where}: {self.role}s {items[0]['id']} .. {items[-1]['id']}: {exc}") from exc
 
 
 def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: EmbeddingCache, name: str, *,
                    fingerprint: str | None = None, batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE,
-                   source: str | os.PathLike | None = None, where: str | None = None) -> CachedEmbeddings:
+                   source: str | os.PathLike | None = None, where: str | None = None,
+                   compat: str = DEFAULT) -> CachedEmbeddings:
     """Embeddings of queries or candidates through the cache (encoded only if not cached yet).
 
     Args:
@@ -129,6 +138,9 @@ def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: Em
         source: the file the records came from (cheap identity: path, size, mtime); ``None`` hashes the
             items instead (use it when the items are built in memory, e.g. queries with instructions).
         where: context for error messages (default: ``source`` or ``name``).
+        compat: ``"official"``: batches of ``batch_size`` in record order across shards (the shard size is
+            rounded down to a multiple of it), the last one completed with the first records (the encoder
+            must have been loaded with ``compat="official"``).
     Returns:
         :class:`CachedEmbeddings`: ``ids`` (N,) and float16 ``vectors`` (N, D), record order.
     Raises:
@@ -140,7 +152,12 @@ def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: Em
     items = [dict(r.to_encode_item(), id=_record_id(r)) for r in records]
     ids = [it["id"] for it in items]
     settings = {"role": role, "encode": encoder_settings(encoder)}
-    fn = _ShardEncoder(encoder, role, batch_size, str(where or source or name))
+    fill = None
+    if is_official(compat):
+        settings["official_batch_size"] = batch_size  # official batches change the vectors (D5)
+        shard_size = max(batch_size, shard_size // batch_size * batch_size)
+        fill = items[:batch_size]
+    fn = _ShardEncoder(encoder, role, batch_size, str(where or source or name), fill)
     return cache.get_or_encode(name, items, ids, fn, fingerprint=fingerprint or encoder.fingerprint(),
                                settings=settings, shard_size=shard_size, source=source)
 
@@ -170,12 +187,14 @@ class Retrieval:
 
 def search_embeddings(queries: CachedEmbeddings, pool: CachedEmbeddings, k: int, *, backend: str = "torch",
                       device: Any = None, searcher: Any = None) -> Retrieval:
-    """Exact (or approximate, per ``backend``) inner-product top-``k`` of cached queries over a cached pool.
+    """Exact (or approximate, per ``backend``) cosine top-``k`` of cached queries over a cached pool.
 
-    The pool's float16 blocks are streamed (never concatenated); pass a prebuilt ``searcher``
-    (:func:`umarvel.eval.search.make_searcher` over ``pool``) to search many query sets in one index.
+    The pool's float16 blocks are streamed (never concatenated) and re-normalised in fp32 on the fly
+    (``normalize=True``), as are the queries, so the ranking is that of the fp32 unit vectors up to the fp16
+    rounding of their directions; pass a prebuilt ``searcher`` (:func:`umarvel.eval.search.make_searcher` over
+    ``pool`` with ``normalize=True``) to search many query sets in one index.
     """
-    searcher = searcher or make_searcher(pool, backend=backend, device=device)
+    searcher = searcher or make_searcher(pool, backend=backend, device=device, normalize=True)
     scores, indices = searcher.search(queries.vectors, k)
     return Retrieval(qids=list(queries.ids), pool_ids=pool.ids, scores=scores, indices=indices)
 
@@ -313,16 +332,6 @@ class MBeirEvalResult:
     encode_stats: dict = field(default_factory=dict)
 
 
-def _rank() -> int:
-    from umarvel.dist import get_rank
-    return get_rank()
-
-
-def _barrier() -> None:
-    from umarvel.dist import barrier
-    barrier()
-
-
 def _pool_name(rel: str) -> str:
     """Cache entry name of a pool file (``mbeir_mscoco_task0_test_cand_pool``); shared by both protocols."""
     return Path(rel).name.removesuffix(".jsonl")
@@ -338,7 +347,7 @@ def _default_search_device(encoder: Any) -> Any:
 
 
 def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache | None = None,
-                   model_name: str | None = None) -> MBeirEvalResult:
+                   model_name: str | None = None, check_images: bool = True) -> MBeirEvalResult:
     """Evaluate ``encoder`` on M-BEIR (``cfg.protocol``) and write the outputs into ``cfg.output``.
 
     Every rank reads the data and encodes its share of each cache entry (torchrun); rank 0 then
@@ -349,11 +358,16 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         cfg: the run settings.
         cache: an existing cache object (default: ``EmbeddingCache(cfg.resolved_cache_dir())``).
         model_name: the ``model`` written into results.json (default: ``cfg.model`` resolved).
+        check_images: check every referenced image (exists, readable header) before encoding anything.
     Raises:
         DataError: missing files of requested tasks, malformed records, unknown positive ids (unless
             ``allow_missing``), an empty pool or query file, a missing image file.
     """
     t_start = time.perf_counter()
+    enc_compat = encoder_settings(encoder).get("compat", DEFAULT)
+    if enc_compat != cfg.compat:
+        raise ConfigError(f"the config says compat {cfg.compat!r} but the encoder was loaded with compat "
+                          f"{enc_compat!r} (UMarvel.from_pretrained(..., compat={cfg.compat!r}))")
     root = Path(cfg.mbeir_root)
     out_dir = Path(cfg.output)
     cache = cache or EmbeddingCache(cfg.resolved_cache_dir())
@@ -397,9 +411,16 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
                             where=f"{t.name} ({cfg.split}) against the global pool")
         data[t.name] = d
 
+    if check_images:  # before anything is encoded (each rank checks its share)
+        scan_images(_image_refs(root, cfg.split, tasks, data, pools, pool_files), what="M-BEIR queries and pools",
+                    shard=(dist.get_rank(), dist.get_world_size()))
     # Encode (every rank takes its share of each entry; cache entries are shared across protocols).
     fp = encoder.fingerprint()
-    enc = dict(fingerprint=fp, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+    batch_size = OFFICIAL_BATCH_SIZE if is_official(cfg.compat) else cfg.batch_size
+    if is_official(cfg.compat) and cfg.batch_size != OFFICIAL_BATCH_SIZE:
+        logger.info("compat official: encoding in the official batches of %d in file order (batch_size %d unused)",
+                    OFFICIAL_BATCH_SIZE, cfg.batch_size)
+    enc = dict(fingerprint=fp, batch_size=batch_size, shard_size=cfg.shard_size, compat=cfg.compat)
     q_emb = {t.name: encode_records(encoder, data[t.name].queries, cache, _query_name(t, cfg.split),
                                     where=str(root / t.files(cfg.split).queries), **enc) for t in tasks}
     p_emb = {}
@@ -410,14 +431,14 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
     stats = {k: cache.stats[k] - stats0.get(k, 0) for k in cache.stats}
     result = MBeirEvalResult(results=None, output=out_dir, query_embeddings=q_emb, pools=p_emb, global_pool=glob,
                              skipped=skipped, encode_stats=stats)
-    _barrier()
-    if _rank() != 0:
-        _barrier()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        dist.barrier()
         return result
 
     # Search, score, write (rank 0).
     device = cfg.search_device or _default_search_device(encoder)
-    searcher = make_searcher(glob, backend=cfg.backend, device=device) if glob is not None else None
+    searcher = make_searcher(glob, backend=cfg.backend, device=device, normalize=True) if glob is not None else None
     run_dir = out_dir / RUNS_DIR
     for t in tasks:
         pool = glob if glob is not None else p_emb[t.name]
@@ -432,13 +453,12 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         logger.info("%s: %s = %.2f (%d queries, pool %d)", t.name, t.metric, res.value, res.num_queries, res.pool_size)
     results = build_results(protocol=cfg.protocol, model=model_name or str(Path(cfg.model).resolve()),
                             split=cfg.split, instruction_mode=cfg.instruction, instruction_seed=cfg.seed,
-                            tasks=result.tasks)
+                            tasks=result.tasks, compat=cfg.compat)
     write_results(out_dir, results)
-    from umarvel.config import save_resolved
     save_resolved(cfg, out_dir / CONFIG_FILE)
     atomic_write_json(out_dir / RUN_INFO_FILE, {
         "protocol": cfg.protocol, "description": GLOBAL_PROTOCOL if cfg.protocol == "global" else LOCAL_PROTOCOL,
-        "split": cfg.split, "model": results["model"], "fingerprint": fp, "encode_settings": encoder_settings(encoder),
+        "split": cfg.split, "compat": cfg.compat, "model": results["model"], "fingerprint": fp, "encode_settings": encoder_settings(encoder),
         "evaluated_tasks": [t.name for t in tasks], "skipped_tasks": skipped,
         "average_over": f"{len(tasks)} task(s)" + ("" if len(tasks) == len(MBEIR_TASK_ORDER) else
                                                    " (not the 16-task M-BEIR average)"),
@@ -446,82 +466,51 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         "pools": [{"task": n, "file": pool_files[n], "size": len(p_emb[n]), "cache_entry": str(p_emb[n].path)}
                   for n in pool_files],
         "global_pool_size": len(glob) if glob is not None else None,
-        "world_size": _world_size(), "backend": cfg.backend, "search_device": str(device),
+        "world_size": dist.get_world_size(), "backend": cfg.backend, "search_device": str(device),
         "seconds": round(time.perf_counter() - t_start, 3),
     })
     result.results = results
     logger.info("M-BEIR %s average over %d task(s): %.2f -> %s", cfg.protocol, len(tasks), results["average"],
                 out_dir / RESULTS_JSON)
-    _barrier()
+    dist.barrier()
     return result
 
 
-def _world_size() -> int:
-    from umarvel.dist import get_world_size
-    return get_world_size()
+def _image_refs(root: Path, split: str, tasks: Sequence[Task], data: Mapping[str, TaskData],
+                pools: Mapping[str, list[Candidate]], pool_files: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+    """``(image, "file: query|candidate id")`` of every record about to be encoded."""
+    for t in tasks:
+        where = root / t.files(split).queries
+        yield from ((q.image, f"{where}: query {q.qid}") for q in data[t.name].queries if q.image)
+    for n, rel in pool_files.items():
+        recs = data[n].pool if n in data else pools[n]
+        yield from ((c.image, f"{root / rel}: candidate {c.did}") for c in recs if c.image)
 
 
 # ---------------------------------------------------------------------------------- model + torchrun
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def resolve_device(device: str | None) -> str:
-    """``None`` -> ``cuda`` if available else ``cpu``; a bare ``cuda`` becomes ``cuda:<LOCAL_RANK>``
-    under torchrun so that each rank has its own GPU."""
-    import torch
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = f"cuda:{_local_rank()}"
-    return dev
-
-
-@contextlib.contextmanager
-def distributed_from_env(device: str) -> Iterator[bool]:
-    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE > 1``) and nothing else
-    did; destroy it on exit. Yields whether a process group is active."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        yield dist.is_available() and dist.is_initialized()
-        return
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
-    logger.info("process group: rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
-    try:
-        yield True
-    finally:
-        dist.destroy_process_group()
-
-
 def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
-    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`resolve_device`) in ``cfg.dtype``."""
-    from umarvel.api import UMarvel
+    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in
+    ``cfg.dtype`` and ``cfg.compat``."""
+    return UMarvel.from_pretrained(cfg.model, device=device or dist.device_for_rank(cfg.device), dtype=cfg.dtype,
+                                   compat=cfg.compat)
 
-    return UMarvel.from_pretrained(cfg.model, device=device or resolve_device(cfg.device), dtype=cfg.dtype)
 
-
-def run_mbeir_eval(cfg: MBeirEvalConfig) -> MBeirEvalResult:
+def run_mbeir_eval(cfg: MBeirEvalConfig, *, check_images: bool = True) -> MBeirEvalResult:
     """Load the model and evaluate (the commands' entry point); torchrun-aware.
 
     The resolved config written next to the results records the device and dtype actually used.
     """
-    device = resolve_device(cfg.device)
-    with distributed_from_env(device):
+    device = dist.device_for_rank(cfg.device)
+    with dist.process_group(device):
         encoder = load_encoder(cfg, device)
         resolved = dataclasses.replace(cfg, device=str(device), dtype=str(encoder.settings.dtype),
                                        cache_dir=str(cfg.resolved_cache_dir().resolve()),
                                        search_device=cfg.search_device or str(device))
-        return evaluate_mbeir(encoder, resolved)
+        return evaluate_mbeir(encoder, resolved, check_images=check_images)
 
 
 __all__ = [
     "MBeirEvalConfig", "Encoder", "encoder_settings", "encode_records", "Retrieval", "search_embeddings",
-    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir", "resolve_device", "distributed_from_env",
+    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir",
     "load_encoder", "run_mbeir_eval", "CONFIG_FILE", "RUN_INFO_FILE", "RUNS_DIR", "RESULTS_JSON", "RESULTS_MD",
 ]

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from umarvel.errors import DataError
-from umarvel.utils.io import read_json
-from umarvel.eval.zeroshot.types import MissingSetData
+from umarvel.utils.io import open_text, read_json
+from umarvel.eval.zeroshot.types import MissingSetData, ZSItem
 
 
 def require_file(set_name: str, path: Path) -> Path:
@@ -68,8 +68,15 @@ def load_torch_plain(path: Path) -> Any:
 
 def read_text_first_line(path: Path) -> str:
     """First line of a UTF-8 text file, without the newline."""
-    try:
-        with path.open("r", encoding="utf-8") as fh:
-            return fh.readline().rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    with open_text(path) as fh:
+        return fh.readline().rstrip("\r\n")
+
+
+def official_order(items: Sequence[ZSItem], key: Callable[[ZSItem], str]) -> tuple[tuple[ZSItem, ...], list[int]]:
+    """Reorder candidates as an official script lists them (``sorted`` by ``key``): ``(items, new index of each
+    old index)``. The order decides which items share an official batch (``compat="official"``)."""
+    order = sorted(range(len(items)), key=lambda i: key(items[i]))
+    new_of_old = [0] * len(items)
+    for new, old in enumerate(order):
+        new_of_old[old] = new
+    return tuple(items[i] for i in order), new_of_old

@@ -3,10 +3,10 @@
 Where they go:
 
 - CIRCO, GeneCIS, VisDial: on the query text, ``"{instr} {text}"`` (marker-wrapped, one space).
-- Flickr30K, ShareGPT4V: on the texts (Flickr: no space after ``<instruction_end>``); images get none.
-- Urban1K: on the images. The official code passes a Python set ``{text}`` so the rendered text is
-  ``{'...'}``; that quirk is NOT reproduced, the plain string is used.
-- Sugar-Crepe add_*/replace_*: on the images; replace_rel / swap_*: none.
+- Flickr30K, ShareGPT4V: on the texts, no space after ``<instruction_end>``; images get none.
+- Urban1K: on the images, alone. The official code passes a Python set ``{text}`` so the rendered text is
+  ``{'...'}``; that quirk is reproduced with ``compat="official"`` only.
+- Sugar-Crepe add_*/replace_att/replace_obj: on the images, alone; replace_rel / swap_*: none.
 - MSVD / MSR-VTT: on the caption, no space after ``<instruction_end>``.
 - VIST: plain text leading the interleaved story (not marker-wrapped).
 - COCO 5K, CC-Neg: none.

@@ -1,15 +1,21 @@
 """Zero-shot metrics on score matrices (pure numpy; torch tensors are accepted and converted).
 
-Tie policy (one rule everywhere): **ties count against the model.** A candidate scoring exactly as high as a
-positive is ranked before it:
+Tie policy (the official scripts'): **equal scores rank by position, the earlier candidate first**, i.e. the
+order of a stable descending sort (``torch.sort(..., descending=True, stable=True)``; the official GeneCIS
+script's ``score.sort(descending=True)`` orders its small galleries this way):
 
-- hit@k (recall): a query hits iff fewer than k non-positive candidates score >= its best positive;
-- CIRCO ranking: candidates are ordered by (score desc, non-ground-truth first, index asc);
-- GeneCIS: the target is ranked after every distractor with an equal score;
-- CC-Neg / Sugar-Crepe accuracy: a sample counts only if cos(img, pos) > cos(img, neg) strictly.
+- hit@k (recall): the rank of a positive ``p`` is ``#{j: s_j > s_p} + #{j < p: s_j == s_p}``; a query hits iff
+  its best-ranked positive has rank < k (so a positive tied with a later candidate ranks first): the
+  :func:`ranked_topk` order, scored by the one Recall@k, :func:`umarvel.eval.metrics.recall_at_k`;
+- CIRCO ranking: candidates ordered by (score desc, index asc), ground truth or not;
+- GeneCIS: the target (position 0 of its gallery) ranks before every distractor with an equal score, e.g. a
+  gallery that holds its own target again (one GeneCIS ``change_object`` sample does) is a hit at 1;
+- CC-Neg / Sugar-Crepe accuracy: a sample counts only if cos(img, pos) > cos(img, neg) strictly (the
+  official ``>``).
 
-Real embeddings almost never tie; the rule matters for duplicates and degenerate (e.g. constant) models,
-which then score 0 instead of an optimistic number.
+The official Flickr / COCO / ShareGPT4V / Urban1K / VisDial / MSVD / MSR-VTT / CIRCO scripts use ``torch.topk``,
+which leaves the order of equal scores unspecified (it differs between devices and sizes); the position rule
+is the deterministic version of it. Real embeddings almost never tie; the rule matters for duplicated items.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from umarvel.errors import DataError
+from umarvel.eval.metrics import recall_at_k
 
 RECALL_KS = (1, 5, 10)
 CIRCO_KS = (5, 10, 25, 50)
@@ -36,45 +43,24 @@ def _check_scores(scores: np.ndarray, n_rows: int, what: str) -> None:
         raise DataError(f"{what}: expected scores of shape ({n_rows}, C), got {scores.shape}")
 
 
-def hits_at_k(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = RECALL_KS,
-              exclude: Sequence[Sequence[int]] | None = None, chunk: int = 1024) -> dict[int, np.ndarray]:
-    """Per-query hit indicators: does any positive rank in the top k (ties against the model)?
+def recall_from_scores(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = RECALL_KS,
+                       exclude: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Hit-rate recall ``{"R@k": %}`` (CLIP-benchmark / M-BEIR definition) from a score matrix.
+
+    The candidates are ranked by :func:`ranked_topk` (equal scores: the earlier candidate first), then scored
+    by the one Recall@k, :func:`umarvel.eval.metrics.recall_at_k`.
 
     Args:
         scores: (Q, C) similarities. positives: per query, candidate indices (non-empty).
         exclude: per query, candidate indices removed from the ranking (e.g. VIST context images).
-        chunk: rows scored at once (memory: chunk * C booleans).
-
-    Returns:
-        {k: (Q,) bool}.
     """
     s = _np(scores)
-    _check_scores(s, len(positives), "hits_at_k")
-    q, c = s.shape
-    out = {k: np.zeros(q, dtype=bool) for k in ks}
-    for start in range(0, q, chunk):
-        block = s[start:start + chunk].copy()
-        n = block.shape[0]
-        pos_mask = np.zeros((n, c), dtype=bool)
-        for r in range(n):
-            p = positives[start + r]
-            if len(p) == 0:
-                raise DataError(f"hits_at_k: query {start + r} has no positive")
-            pos_mask[r, list(p)] = True
-            if exclude is not None and len(exclude[start + r]):
-                block[r, list(exclude[start + r])] = -np.inf
-        best = np.where(pos_mask, block, -np.inf).max(axis=1)
-        n_before = ((block >= best[:, None]) & ~pos_mask).sum(axis=1)
-        for k in ks:
-            out[k][start:start + n] = n_before < k
-    return out
-
-
-def recall_at_k(scores, positives: Sequence[Sequence[int]], ks: Sequence[int] = RECALL_KS,
-                exclude: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
-    """Hit-rate recall ``{"R@k": mean hit}`` (CLIP-benchmark / M-BEIR definition), in percent."""
-    hits = hits_at_k(scores, positives, ks, exclude)
-    return {f"R@{k}": 100.0 * float(h.mean()) for k, h in hits.items()}
+    _check_scores(s, len(positives), "recall")
+    for r, p in enumerate(positives):
+        if len(p) == 0:
+            raise DataError(f"recall: query {r} has no positive")
+    top = ranked_topk(s, max(ks), exclude)  # (Q, min(max k, C))
+    return {f"R@{k}": 100.0 * v for k, v in recall_at_k(top, [set(map(int, p)) for p in positives], ks).items()}
 
 
 def bidirectional_recall(text_image_scores, text_to_image: Sequence[int],
@@ -97,17 +83,16 @@ def bidirectional_recall(text_image_scores, text_to_image: Sequence[int],
     for i, caps in enumerate(captions):
         if not caps:
             raise DataError(f"bidirectional_recall: image {i} has no caption")
-    out = {f"t2i_{k}": v for k, v in recall_at_k(s, [[int(i)] for i in t2i], ks).items()}
-    out.update({f"i2t_{k}": v for k, v in recall_at_k(s.T, captions, ks).items()})
+    out = {f"t2i_{k}": v for k, v in recall_from_scores(s, [[int(i)] for i in t2i], ks).items()}
+    out.update({f"i2t_{k}": v for k, v in recall_from_scores(s.T, captions, ks).items()})
     return out
 
 
-def ranked_topk(scores, k: int, positives: Sequence[Sequence[int]] | None = None,
-                exclude: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """Top-k candidate indices per query, ordered by (score desc, non-positive first, index asc).
+def ranked_topk(scores, k: int, exclude: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Top-k candidate indices per query, ordered by (score desc, index asc) (the tie policy).
 
     Args:
-        scores: (Q, C). positives: per query, indices placed after equal-scoring others (tie policy).
+        scores: (Q, C). exclude: per query, candidate indices removed from the ranking.
 
     Returns:
         (Q, min(k, C)) int64.
@@ -122,10 +107,7 @@ def ranked_topk(scores, k: int, positives: Sequence[Sequence[int]] | None = None
             row[list(exclude[r])] = -np.inf
         kth = np.partition(row, c - k)[c - k]
         cand = np.flatnonzero(row >= kth)
-        is_pos = np.zeros(c, dtype=bool)
-        if positives is not None and len(positives[r]):
-            is_pos[list(positives[r])] = True
-        order = np.lexsort((cand, is_pos[cand], -row[cand]))
+        order = np.lexsort((cand, -row[cand]))
         out[r] = cand[order][:k]
     return out
 
@@ -145,7 +127,7 @@ def circo_map_at_k(scores, positives: Sequence[Sequence[int]], ks: Sequence[int]
     """
     s = _np(scores)
     _check_scores(s, len(positives), "circo_map_at_k")
-    top = ranked_topk(s, max(ks), positives, exclude)
+    top = ranked_topk(s, max(ks), exclude)
     aps = {k: np.zeros(len(positives)) for k in ks}
     for r, gts in enumerate(positives):
         if len(gts) == 0:
@@ -164,7 +146,8 @@ def genecis_recall(gallery_scores: Sequence, ks: Sequence[int] = GENECIS_KS) -> 
         gallery_scores: per query a (G_q,) array of scores of ``[target, distractor_1, ...]``.
 
     Returns:
-        ``{"R@k": %}``; a query hits when fewer than k distractors score >= the target.
+        ``{"R@k": %}``; a query hits when fewer than k distractors score strictly above the target (the target,
+        first in its gallery, wins ties).
     """
     if len(gallery_scores) == 0:
         raise DataError("genecis_recall: no queries")
@@ -173,7 +156,7 @@ def genecis_recall(gallery_scores: Sequence, ks: Sequence[int] = GENECIS_KS) -> 
         g = _np(g).reshape(-1)
         if g.size < 1:
             raise DataError(f"genecis_recall: query {r} has an empty gallery")
-        n_before[r] = int((g[1:] >= g[0]).sum())
+        n_before[r] = int((g[1:] > g[0]).sum())
     return {f"R@{k}": 100.0 * float((n_before < k).mean()) for k in ks}
 
 

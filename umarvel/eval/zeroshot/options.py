@@ -10,6 +10,7 @@ from typing import Mapping
 
 from umarvel.data.video import MSRVTT_VIDEO, MSVD_VIDEO, VideoSpec
 from umarvel.errors import DataError
+from umarvel.utils.compat import DEFAULT, CompatMode, check_compat
 
 #: ``ZeroShotSet.video_spec`` -> the published frame sampling and per-frame pixel budget.
 VIDEO_SPECS: Mapping[str, VideoSpec] = {"msvd": MSVD_VIDEO, "msrvtt": MSRVTT_VIDEO}
@@ -34,6 +35,14 @@ class ZeroShotOptions:
         "help": "override the per-clip total (default: the published 24576*28*28)" + _QUICK})
     show_progress: bool | None = field(default=None, metadata={
         "help": "tqdm bars (None: the API decides)", "cli": False})
+    compat: CompatMode = field(default=DEFAULT, metadata={
+        "help": "official: the official evaluation numerics (unpadded batches causal, D5; each set's official batch "
+                "sizes and order, the official prompt quirks; docs/decisions.md 'Compatibility mode'), "
+                "--batch-size / --video-batch-size / --max-tokens then unused, the model loaded in the same mode; "
+                "default: umarvel's"})
+
+    def __post_init__(self) -> None:
+        check_compat(self.compat, "ZeroShotOptions.compat")
 
     def video_spec(self, name: str, factor: int | None = None) -> VideoSpec:
         """The frame sampling of a set's ``video_spec`` name with the pixel overrides applied.

@@ -17,6 +17,7 @@ from umarvel.eval.zeroshot.readers_captions import (SUGARCREPE_SUBSETS, read_ccn
 from umarvel.eval.zeroshot.readers_cir import GENECIS_SUBSETS, read_circo, read_genecis
 from umarvel.eval.zeroshot.readers_sequences import read_msrvtt, read_msvd, read_visdial, read_vist
 from umarvel.eval.zeroshot.types import MissingSetData, Skipped, ZeroShotSet
+from umarvel.utils.compat import DEFAULT, check_compat, is_official
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,14 @@ READERS: dict[str, Callable[[Path], ZeroShotSet]] = {
 #: Sets read by name but not part of the default suite (CIRCO test only yields a submission file).
 EXTRA_READERS: dict[str, Callable[[Path], ZeroShotSet]] = {"circo_test": partial(read_circo, split="test")}
 SET_NAMES: tuple[str, ...] = tuple(READERS)
+#: Reader options that ``compat="official"`` changes: VIST's official loader drops the 4th caption / image.
+OFFICIAL_READER_OPTIONS: dict[str, dict] = {"vist": {"drop_fourth": True}}
 
 
-def read_set(name: str, root: str | Path) -> ZeroShotSet | Skipped:
+def read_set(name: str, root: str | Path, compat: str = DEFAULT) -> ZeroShotSet | Skipped:
     """Read one set under ``root``; a missing file or folder gives :class:`Skipped` (logged), never a crash.
+
+    ``compat="official"`` applies :data:`OFFICIAL_READER_OPTIONS` (the official loaders' quirks).
 
     Raises:
         DataError: unknown set name, or files present but malformed (naming file and entry).
@@ -49,14 +54,16 @@ def read_set(name: str, root: str | Path) -> ZeroShotSet | Skipped:
     reader = READERS.get(name) or EXTRA_READERS.get(name)
     if reader is None:
         raise DataError(f"unknown zero-shot set {name!r}; known: {', '.join(SET_NAMES + tuple(EXTRA_READERS))}")
+    options = OFFICIAL_READER_OPTIONS.get(name, {}) if is_official(check_compat(compat)) else {}
     try:
-        return reader(Path(root))
+        return reader(Path(root), **options)
     except MissingSetData as exc:
         skipped = Skipped(name=name, missing=exc.path)
         logger.warning("%s", skipped.message)
         return skipped
 
 
-def read_sets(root: str | Path, names: Iterable[str] | None = None) -> dict[str, ZeroShotSet | Skipped]:
+def read_sets(root: str | Path, names: Iterable[str] | None = None,
+              compat: str = DEFAULT) -> dict[str, ZeroShotSet | Skipped]:
     """Read several sets (default: all of :data:`SET_NAMES`), in order."""
-    return {n: read_set(n, root) for n in (names if names is not None else SET_NAMES)}
+    return {n: read_set(n, root, compat) for n in (names if names is not None else SET_NAMES)}

@@ -23,10 +23,12 @@ CCNEG_STORED_PREFIX = "/workspace/datasets/cc3m/"
 
 def _bidirectional(name: str, captions: list[str], image_paths: list[Path], per_image: list[int],
                    text_instr: str | None = None, text_sep: str = " ", image_instr: str | None = None,
-                   suffix: bool = False) -> BidirectionalSet:
-    """Build a :class:`BidirectionalSet`; ``per_image[t]`` is the image index of caption t."""
-    images = tuple(ZSItem(id=p.stem, image=str(p), instruction=image_instr) for p in image_paths)
-    texts = tuple(ZSItem(id=str(t), text=c, instruction=text_instr, instruction_sep=text_sep)
+                   suffix: bool = False, format_text: bool = False, image_set_literal: bool = False
+                   ) -> BidirectionalSet:
+    """Build a :class:`BidirectionalSet`; ``per_image[t]`` is the image index of caption t (fields: ZSItem)."""
+    images = tuple(ZSItem(id=p.stem, image=str(p), instruction=image_instr, set_literal=image_set_literal)
+                   for p in image_paths)
+    texts = tuple(ZSItem(id=str(t), text=c, instruction=text_instr, instruction_sep=text_sep, format_text=format_text)
                   for t, c in enumerate(captions))
     logger.info("%s: %d texts, %d images", name, len(texts), len(images))
     return BidirectionalSet(name=name, suffix=suffix, texts=texts, images=images, text_to_image=tuple(per_image))
@@ -76,16 +78,19 @@ def _caption_grid(name: str, base: Path, lamra_text: str, lamra_imgs: str, ext: 
 
 
 def read_flickr30k(root: str | Path) -> BidirectionalSet:
-    """Flickr30K 1K test: 1,000 images x 5 captions. Texts carry "Find me an everyday image that matches the
-    given caption." joined WITHOUT a space; images carry none; compression suffix ON (prompt1)."""
+    """Flickr30K 1K test: 1,000 images x 5 captions. As ``dataset/datasets_flickr.py`` builds them: texts
+    ``"<instruction_start>Find me an everyday image that matches the given caption.<instruction_end>"`` +
+    ``format_string(caption)`` (no space); images carry no text; compression suffix ON (prompt1, with the
+    image-only suffix "image" for images)."""
     name = "flickr30k"
     caps, paths, owner = _caption_grid(name, Path(root) / "flickr", "flickr_text.json", "images", "png",
                                        "dataset_flickr30k.json", "flickr30k-images")
-    return _bidirectional(name, caps, paths, owner, text_instr=ins.CAPTION_TO_IMAGE, text_sep="", suffix=True)
+    return _bidirectional(name, caps, paths, owner, text_instr=ins.CAPTION_TO_IMAGE, text_sep="", suffix=True,
+                          format_text=True)
 
 
 def read_mscoco5k(root: str | Path) -> BidirectionalSet:
-    """MSCOCO 5K test: 5,000 images x 5 captions, no instructions, no suffix."""
+    """MSCOCO 5K test: 5,000 images x 5 captions, no instructions, no suffix, captions raw."""
     name = "mscoco5k"
     caps, paths, owner = _caption_grid(name, Path(root) / "coco", "coco_text.json", "coco_images", "png",
                                        "dataset_coco.json", "images")
@@ -94,7 +99,8 @@ def read_mscoco5k(root: str | Path) -> BidirectionalSet:
 
 def read_sharegpt4v(root: str | Path) -> BidirectionalSet:
     """ShareGPT4V 1K: ``datas_for_validation.json`` = list of ``{"image_name", "caption"}`` (1:1), images in
-    ``val_data/``. Texts carry "Find me an everyday image that matches the given caption." (one space)."""
+    ``val_data/``. Texts: ``"<instruction_start>Find me an everyday image that matches the given
+    caption.<instruction_end>"`` + the raw caption, no space (``dataset/datasets_sharegpt4v.py``)."""
     name = "sharegpt4v"
     base = Path(root) / "sharegpt4v"
     ann_path = require_file(name, base / "datas_for_validation.json")
@@ -107,7 +113,7 @@ def read_sharegpt4v(root: str | Path) -> BidirectionalSet:
             raise DataError(f"{ann_path}: entry {k}: needs 'image_name' and 'caption'")
         caps.append(str(rec["caption"]))
         paths.append(img_dir / str(rec["image_name"]))
-    return _bidirectional(name, caps, paths, list(range(len(caps))), text_instr=ins.CAPTION_TO_IMAGE)
+    return _bidirectional(name, caps, paths, list(range(len(caps))), text_instr=ins.CAPTION_TO_IMAGE, text_sep="")
 
 
 def _numeric_stem(p: Path) -> tuple[int, str]:
@@ -116,9 +122,10 @@ def _numeric_stem(p: Path) -> tuple[int, str]:
 
 
 def read_urban1k(root: str | Path) -> BidirectionalSet:
-    """Urban1K: ``Urban1k/image/{i}.jpg`` with caption ``Urban1k/caption/{i}.txt`` (first line), sorted by
-    number. Images carry "Find an image caption describing the following everyday image." as a plain
-    string (the official Python-set literal ``{'...'}`` is not reproduced)."""
+    """Urban1K: ``Urban1k/image/{i}.jpg`` with caption ``Urban1k/caption/{i}.txt`` (first line, stripped),
+    sorted by number. Images carry ``"<instruction_start>Find an image caption describing the following everyday
+    image.<instruction_end>"``; the official script passes it as a Python set, so its prompt reads ``{'...'}``:
+    reproduced with ``compat="official"`` only (``ZSItem.set_literal``)."""
     name = "urban1k"
     base = Path(root) / "Urban1k"
     img_dir = require_dir(name, base / "image")
@@ -130,8 +137,9 @@ def read_urban1k(root: str | Path) -> BidirectionalSet:
         cap_path = cap_dir / f"{p.stem}.txt"
         if not cap_path.is_file():
             raise DataError(f"{cap_path}: caption file of image {p.name} not found")
-        caps.append(read_text_first_line(cap_path))
-    return _bidirectional(name, caps, paths, list(range(len(caps))), image_instr=ins.IMAGE_TO_CAPTION_EVERYDAY)
+        caps.append(read_text_first_line(cap_path).strip())
+    return _bidirectional(name, caps, paths, list(range(len(caps))), image_instr=ins.IMAGE_TO_CAPTION_EVERYDAY,
+                          image_set_literal=True)
 
 
 def ccneg_image_path(base: Path, stored: str) -> Path:
@@ -147,7 +155,8 @@ def read_ccneg(root: str | Path, n_eval: int = CCNEG_EVAL_SIZE) -> PairSet:
     """CC-Neg: the last ``n_eval`` (40,000) samples of ``ccneg/ccneg_preprocessed.pt``.
 
     The torch file holds ``{"image_paths": [str], "annotations": [{"json": {"caption"}, "sop_data":
-    {"negative-prompt"}}]}`` (CoN-CLIP format); commas are removed from the negative prompt. No instructions.
+    {"negative-prompt"}}]}`` (CoN-CLIP format); commas are removed from the negative prompt. No instructions;
+    texts raw.
     """
     name = "ccneg"
     base = Path(root) / "ccneg"
@@ -175,7 +184,8 @@ def read_ccneg(root: str | Path, n_eval: int = CCNEG_EVAL_SIZE) -> PairSet:
 def read_sugarcrepe(root: str | Path, subset: str) -> PairSet:
     """One Sugar-Crepe subset: ``sugar-crepe/data/{subset}.json`` = ``{id: {"filename", "caption",
     "negative_caption"}}``, images in ``sugar-crepe/images/val2017/``. Images carry "Find an image caption
-    describing the following image." for add_* / replace_att / replace_obj only."""
+    describing the following image." (marker-wrapped, nothing after it) for add_* / replace_att / replace_obj
+    only; texts raw."""
     if subset not in SUGARCREPE_SUBSETS:
         raise DataError(f"unknown Sugar-Crepe subset {subset!r} (one of {', '.join(SUGARCREPE_SUBSETS)})")
     name = f"sugarcrepe_{subset}"

@@ -6,18 +6,34 @@ from pathlib import Path
 
 from umarvel.errors import DataError
 from umarvel.eval.zeroshot import instructions as ins
-from umarvel.eval.zeroshot._io import expect, load_json, require_dir, require_file
-from umarvel.eval.zeroshot.types import GallerySet, RetrievalSet, ZSItem
+from umarvel.eval.zeroshot._io import expect, load_json, official_order, require_dir, require_file
+from umarvel.eval.zeroshot.types import GallerySet, MissingSetData, RetrievalSet, ZSItem
 
 logger = logging.getLogger(__name__)
 
 GENECIS_SUBSETS = ("change_attribute", "change_object", "focus_attribute", "focus_object")
 
 
+#: Where CIRCO's COCO unlabeled2017 image info and images may live under ``<root>/circo``: our layout, then the
+#: one CIRCO's own README describes (``COCO2017_unlabeled/annotations/...``, ``COCO2017_unlabeled/unlabeled2017``).
+CIRCO_GALLERY_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("annotations/image_info_unlabeled2017.json", "images/unlabeled2017"),
+    ("COCO2017_unlabeled/annotations/image_info_unlabeled2017.json", "COCO2017_unlabeled/unlabeled2017"),
+)
+
+
+def _circo_gallery_paths(name: str, base: Path) -> tuple[Path, Path]:
+    """``(image info file, image folder)`` of the first layout of :data:`CIRCO_GALLERY_LAYOUTS` whose info file
+    exists; neither -> :class:`MissingSetData` naming our layout's info file."""
+    for info, images in CIRCO_GALLERY_LAYOUTS:
+        if (base / info).is_file():
+            return base / info, require_dir(name, base / images)
+    raise MissingSetData(name, base / CIRCO_GALLERY_LAYOUTS[0][0])
+
+
 def _circo_gallery(name: str, base: Path) -> tuple[list[ZSItem], dict[int, int]]:
     """Gallery items from the COCO-style ``image_info_unlabeled2017.json``; returns (items, image id -> index)."""
-    info_path = require_file(name, base / "annotations" / "image_info_unlabeled2017.json")
-    img_dir = require_dir(name, base / "images" / "unlabeled2017")
+    info_path, img_dir = _circo_gallery_paths(name, base)
     info = load_json(info_path)
     expect(isinstance(info, dict) and isinstance(info.get("images"), list), info_path,
            "expected a COCO image-info object with an 'images' list")
@@ -37,9 +53,11 @@ def _circo_gallery(name: str, base: Path) -> tuple[list[ZSItem], dict[int, int]]
 def read_circo(root: str | Path, split: str = "val", exclude_reference: bool = False) -> RetrievalSet:
     """CIRCO ``val`` (mAP@k against ``gt_img_ids``) or ``test`` (no ground truth; submission only).
 
-    Query = reference image + ``"{instruction} {relative_caption}"``; gallery = all COCO unlabeled2017 images
-    (123,403). ``shared_concept`` is unused and the reference stays in the gallery (official protocol)
-    unless ``exclude_reference``.
+    Query = reference image + ``"<instruction_start>{instruction}<instruction_end> {relative_caption}"`` with
+    the caption raw (as ``dataset/datasets_circo.py`` builds it); gallery = all COCO unlabeled2017 images
+    (123,403) in image-info order, image only. ``shared_concept`` is unused and the reference stays in the
+    gallery (official protocol) unless ``exclude_reference``. The annotations are ``circo/annotations/{split}.json``;
+    the image info and images are found in either layout of :data:`CIRCO_GALLERY_LAYOUTS`.
 
     Raises:
         MissingSetData: a needed file or folder is absent. DataError: malformed annotations.
@@ -99,7 +117,10 @@ def read_genecis(root: str | Path, subset: str) -> GallerySet:
 
     Annotation file ``genecis/annotations/{subset}.json``: a list of ``{"reference": {...}, "target": {...},
     "gallery": [{...}, ...], "condition": str}`` (the public GeneCIS format; entries carry ``val_image_id`` for
-    COCO subsets, ``image_id`` (+ ``instance_bbox``) for Visual Genome subsets).
+    COCO subsets, ``image_id`` (+ ``instance_bbox``) for Visual Genome subsets). As ``dataset/datasets_genecis.py``
+    builds them: query text ``"<instruction_start>{instruction}<instruction_end> " + format_string(condition)``,
+    candidates image only, listed in the official order (the sorted id strings: ``str(val_image_id)`` for the
+    object subsets, the crop file names for the attribute subsets).
 
     Raises:
         MissingSetData: annotation file or image folder absent. DataError: malformed sample.
@@ -123,6 +144,9 @@ def read_genecis(root: str | Path, subset: str) -> GallerySet:
             candidates.append(ZSItem(id=path.stem, image=key))
         return cand_index[key]
 
+    def official_key(item: ZSItem) -> str:  # the official gallery_ids strings, sorted
+        return str(int(item.id)) if subset.endswith("_object") else Path(item.image).name
+
     for i, s in enumerate(ann):
         try:
             ref, tgt, gal, cond = s["reference"], s["target"], s["gallery"], s["condition"]
@@ -131,7 +155,10 @@ def read_genecis(root: str | Path, subset: str) -> GallerySet:
             members += [add(genecis_image_path(base, subset, g, i, 2 + j)) for j, g in enumerate(gal)]
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{ann_path}: sample {i}: malformed ({type(exc).__name__}: {exc})") from None
-        queries.append(ZSItem(id=str(i), text=str(cond), image=str(ref_path), instruction=ins.GENECIS[subset]))
+        queries.append(ZSItem(id=str(i), text=str(cond), image=str(ref_path), instruction=ins.GENECIS[subset],
+                              format_text=True))
         galleries.append(tuple(members))
-    logger.info("GeneCIS %s: %d queries, %d distinct gallery images", subset, len(queries), len(candidates))
-    return GallerySet(name=name, queries=tuple(queries), candidates=tuple(candidates), galleries=tuple(galleries))
+    ordered, new_of_old = official_order(candidates, official_key)
+    galleries = [tuple(new_of_old[j] for j in g) for g in galleries]
+    logger.info("GeneCIS %s: %d queries, %d distinct gallery images", subset, len(queries), len(ordered))
+    return GallerySet(name=name, queries=tuple(queries), candidates=ordered, galleries=tuple(galleries))

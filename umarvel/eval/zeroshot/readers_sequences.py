@@ -11,8 +11,9 @@ from pathlib import Path
 
 from umarvel.errors import DataError
 from umarvel.eval.zeroshot import instructions as ins
-from umarvel.eval.zeroshot._io import expect, load_json, load_plain_pickle, require_dir, require_file
+from umarvel.eval.zeroshot._io import expect, load_json, load_plain_pickle, official_order, require_dir, require_file
 from umarvel.eval.zeroshot.types import RetrievalSet, ZSItem
+from umarvel.utils.io import open_text
 
 logger = logging.getLogger(__name__)
 
@@ -21,17 +22,18 @@ STORY_LEN = 5
 
 
 def visdial_dialog_text(rounds: list[tuple[str, str]]) -> str:
-    """``"Q: {q}? A: {a}."`` per round, joined with one space (a trailing ``?`` / ``.`` is not doubled)."""
+    """``"Q: " + q + "?"`` and ``"A: " + a + "."`` per round, all joined with one space, the strings as stored
+    (as ``dataset/datasets_visdial.py`` builds them: a stored ``?`` / ``.`` is doubled, nothing is stripped)."""
     parts = []
     for q, a in rounds:
-        q, a = q.strip().rstrip("?").strip(), a.strip().rstrip(".").strip()
-        parts.append(f"Q: {q}? A: {a}.")
+        parts += [f"Q: {q}?", f"A: {a}."]
     return " ".join(parts)
 
 
 def read_visdial(root: str | Path) -> RetrievalSet:
     """VisDial v1.0 val (2,064 dialogs): all rounds of a dialog -> its image, with "Find me an everyday image
-    that matches the given dialog." (one space). The COCO-style caption of the dialog is not used.
+    that matches the given dialog." (one space; the dialog text raw). The COCO-style caption of the dialog is
+    not used.
 
     File ``visdial/visdial_1.0_val.json``: ``{"data": {"questions": [str], "answers": [str], "dialogs":
     [{"image_id", "caption", "dialog": [{"question": qi, "answer": ai, ...}]}]}}``; images
@@ -86,10 +88,11 @@ def _vist_stories(ann_path: Path) -> "OrderedDict[str, list[dict]]":
 def read_vist(root: str | Path, drop_fourth: bool = False) -> RetrievalSet:
     """VIST val SIS: instruction, then (caption, image) x 4, then the 5th caption -> the 5th image.
 
-    The instruction leads the story as plain text (not marker-wrapped, as in the spec). The official loader's
-    double slicing drops the 4th caption/image; ``drop_fourth=True`` reproduces that. Candidates are all
-    images of the kept stories; the 4 context images of a story are excluded from its ranking. Stories with
-    an image missing from ``vist/images/val/`` are dropped (logged).
+    The instruction leads the story as plain text (not marker-wrapped, as in the spec); every caption is raw.
+    The official loader's double slicing drops the 4th caption/image; ``drop_fourth=True`` reproduces that
+    (``compat="official"``). Candidates are all images of the kept stories, sorted by photo id as the official
+    loader lists them; the 4 context images of a story are excluded from its ranking. Stories with an image
+    missing from ``vist/images/val/`` are dropped (logged).
     """
     name = "vist"
     base = Path(root) / "vist"
@@ -125,8 +128,11 @@ def read_vist(root: str | Path, drop_fourth: bool = False) -> RetrievalSet:
         exclude.append(tuple(sorted({i for i in idx[:-1] if i != idx[-1]})))
     if dropped:
         logger.warning("%s: dropped %d of %d stories with images missing under %s", name, dropped, len(stories), img_dir)
-    logger.info("%s: %d stories, %d candidate images", name, len(queries), len(candidates))
-    return RetrievalSet(name=name, queries=tuple(queries), candidates=tuple(candidates), positives=tuple(positives),
+    ordered, new = official_order(candidates, lambda it: it.id)  # sorted(set(photo ids)) as the official loader
+    positives = [tuple(new[i] for i in p) for p in positives]
+    exclude = [tuple(sorted(new[i] for i in e)) for e in exclude]
+    logger.info("%s: %d stories, %d candidate images", name, len(queries), len(ordered))
+    return RetrievalSet(name=name, queries=tuple(queries), candidates=ordered, positives=tuple(positives),
                         exclude=tuple(exclude))
 
 
@@ -154,7 +160,8 @@ def read_msvd(root: str | Path) -> RetrievalSet:
     list_path = require_file(name, base / "test_list.txt")
     cap_path = require_file(name, base / "raw-captions.pkl")
     clip_dir = require_dir(name, base / "YouTubeClips")
-    vids = [v.strip() for v in list_path.read_text(encoding="utf-8").splitlines() if v.strip()]
+    with open_text(list_path) as fh:
+        vids = [v.strip() for v in fh.read().splitlines() if v.strip()]
     caps = load_plain_pickle(cap_path)
     expect(isinstance(caps, dict), cap_path, "expected a dict video id -> captions")
     pairs = []
@@ -174,7 +181,7 @@ def read_msrvtt(root: str | Path) -> RetrievalSet:
     csv_path = require_file(name, base / "annotations" / "MSRVTT_JSFUSION_test.csv")
     vid_dir = require_dir(name, base / "videos")
     pairs = []
-    with csv_path.open("r", encoding="utf-8", newline="") as fh:
+    with open_text(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"video_id", "sentence"} <= set(reader.fieldnames):
             raise DataError(f"{csv_path}:1: header needs 'video_id' and 'sentence', got {reader.fieldnames}")

@@ -3,8 +3,14 @@
 For each task (``umarvel.eval.zeroshot.tasks``): read the set (absent data -> ``skipped: <set> (missing
 <path>)``, recorded, never a crash) -> build one loader per item (images resized with the model's budget,
 videos decoded with PyAV and turned into the backbone's patches, VIST stories as interleaved content, texts from
-:meth:`ZSItem.final_text`) -> encode each side through the embedding cache with the set's prompt style (no
-suffix except Flickr30K) -> exact scores -> metrics. CIRCO test writes the top-50 submission JSON instead.
+:meth:`ZSItem.final_text`, exactly as the official per-set scripts build them) -> encode each side through the
+embedding cache with the set's prompt style (no suffix except Flickr30K) -> re-normalise the float16 cache
+vectors in fp32 -> exact scores -> metrics. CIRCO test writes the top-50 submission JSON instead.
+
+``ZeroShotOptions(compat="official")`` (with a model loaded with ``compat="official"``) reproduces the official
+numerics: each side is encoded in the official script's batch size (:func:`official_batch_size`) and order, so
+the same batches are unpadded and run causal (D5), and the official loaders' quirks (Urban1K's Python-set
+prompt, VIST's dropped 4th pair) are reproduced. Every results file records the mode.
 
 Outputs under ``output_dir``::
 
@@ -31,20 +37,22 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from umarvel.data.collate import EmbedInput
-from umarvel.data.formatting import INFERENCE_STYLE, PromptStyle
+from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import load_image
 from umarvel.data.video import VideoSpec, load_video_input
 from umarvel.data.visual import PatchSpec
-from umarvel.errors import DataError
+from umarvel.errors import ConfigError, DataError
 from umarvel.eval.cache import EmbeddingCache
+from umarvel.eval.search import unit_rows_fp32
 from umarvel.data.registry import Task
 from umarvel.eval.zeroshot.options import VIDEO_SPECS, ZeroShotOptions
 from umarvel.eval.zeroshot.metrics import (bidirectional_recall, circo_map_at_k, gallery_scores,
-                                           genecis_recall, pair_accuracy, ranked_topk, recall_at_k)
+                                           genecis_recall, pair_accuracy, ranked_topk, recall_from_scores)
 from umarvel.eval.zeroshot.readers import read_set
 from umarvel.eval.zeroshot.tasks import EXTRA_COLUMNS, PAPER_COLUMNS, resolve_zeroshot_names
 from umarvel.eval.zeroshot.types import (BidirectionalSet, GallerySet, PairSet, RetrievalSet, Skipped, ZeroShotSet,
                                          ZSItem)
+from umarvel.utils.compat import DEFAULT, is_official
 from umarvel.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -53,12 +61,25 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 METRICS_DIR = "metrics"
 SUBMISSION_FILE = "circo_test_submission.json"
-CACHE_VERSION = "zeroshot-1"
+CACHE_VERSION = "zeroshot-2"
 
 #: Prompt styles (spec 6.3): prompt1 (suffix) for Flickr30K only, prompt2 (no suffix) elsewhere; always
-#: ``add_generation_prompt=True`` (the eval collator).
-SUFFIX_STYLE = INFERENCE_STYLE
+#: ``add_generation_prompt=True`` (the eval collator). Flickr30K's images carry no text and take the image-only
+#: suffix "\nSummarize above image in one word: " (``dataset/datasets_flickr.py``), not the M-BEIR
+#: "image and sentence" one (D15).
+SUFFIX_STYLE = PromptStyle(suffix=True, image_only_suffix="image", add_generation_prompt=True)
 NO_SUFFIX_STYLE = PromptStyle(suffix=False, add_generation_prompt=True)
+#: ``compat="official"``: batch sizes of the official launcher (``scripts/eval/bash/vtools_eval_zero-shot.py``)
+#: and scripts (``eval/eval_zeroshot/eval_*.py``) that differ from 4, per set and side; every other side uses 4.
+OFFICIAL_BATCH_SIZES: Mapping[str, Mapping[str, int]] = {
+    "genecis_change_object": {"queries": 2, "candidates": 2},
+    "mscoco5k": {"images": 8, "texts": 16},
+    "vist": {"queries": 2, "candidates": 2},
+    "ccneg": {"images": 8, "texts": 8},
+    "msvd": {"candidates": 1},     # videos one at a time (so always unpadded: causal, D5)
+    "msrvtt": {"candidates": 1},
+}
+OFFICIAL_DEFAULT_BATCH_SIZE = 4
 
 
 def set_style(zs: ZeroShotSet) -> PromptStyle:
@@ -66,21 +87,21 @@ def set_style(zs: ZeroShotSet) -> PromptStyle:
     return SUFFIX_STYLE if zs.suffix else NO_SUFFIX_STYLE
 
 
+def official_batch_size(set_name: str, side: str) -> int:
+    """The official script's batch size for one side of a set (``compat="official"``)."""
+    return OFFICIAL_BATCH_SIZES.get(set_name, {}).get(side, OFFICIAL_DEFAULT_BATCH_SIZE)
+
+
 # ------------------------------------------------------------------------------------------------- inputs
-def item_record(item: ZSItem) -> dict:
+def item_record(item: ZSItem, compat: str = DEFAULT) -> dict:
     """JSON description of what the encoder sees for one item (cache content + loader input).
 
-    ``text`` is :meth:`ZSItem.final_text`; interleaved items (VIST) keep their segments in order, text
-    segments verbatim (the instruction is plain leading text) except the last, which is the formatted
-    :meth:`ZSItem.final_text`.
+    ``text`` is :meth:`ZSItem.final_text` (``compat`` decides the official-only quirks); interleaved items
+    (VIST) keep their segments in order, every text segment verbatim (the official loader formats none).
     """
-    rec: dict[str, Any] = {"id": item.id, "text": item.final_text(), "image": item.image, "video": item.video}
+    rec: dict[str, Any] = {"id": item.id, "text": item.final_text(compat), "image": item.image, "video": item.video}
     if item.segments:
-        segs = [[kind, value] for kind, value in item.segments]
-        last_text = max((i for i, (kind, _) in enumerate(segs) if kind == "text"), default=None)
-        if last_text is not None:
-            segs[last_text][1] = item.final_text()
-        rec["segments"] = segs
+        rec["segments"] = [[kind, value] for kind, value in item.segments]
     return rec
 
 
@@ -129,27 +150,38 @@ class SetEncoder:
         self.patch_spec: PatchSpec = getattr(model, "patch_spec", PatchSpec())
 
     def encode(self, cache_name: str, side: str, items: Sequence[ZSItem], style: PromptStyle,
-               video_spec: VideoSpec | None = None) -> np.ndarray:
-        """Embeddings of ``items`` (float32 (N, D), rows L2-normalised up to the cache's float16 rounding)."""
-        records = [item_record(it) for it in items]
+               video_spec: VideoSpec | None = None, set_name: str | None = None) -> np.ndarray:
+        """Embeddings of ``items``: float32 (N, D), the float16 cache vectors re-normalised in fp32.
+
+        ``set_name`` (default ``cache_name``) selects the official batch size with ``compat="official"``.
+        """
+        compat = self.options.compat
+        records = [item_record(it, compat) for it in items]
         ids = [f"{k}:{it.id}" for k, it in enumerate(items)]
         has_video = any(r["video"] is not None for r in records)
         settings = {"version": CACHE_VERSION, "model": self.model.settings.as_dict(), "style": asdict(style),
                     "image_budget": asdict(self.model.budget), "role": side,
                     "video": asdict(video_spec) if (has_video and video_spec is not None) else None}
         batch = self.options.video_batch_size if has_video else self.options.batch_size
+        official = is_official(compat)
+        if official:  # the official batches change the vectors (D5): part of the key
+            batch = settings["official_batch_size"] = official_batch_size(set_name or cache_name, side)
         what = f"{cache_name} {side}"
 
+        def loaders_of(recs: Sequence[dict]) -> list:
+            return [make_loader(r, self.model.budget, video_spec, f"{what} item {r['id']}", self.patch_spec)
+                    for r in recs]
+
+        head = loaders_of(records[:batch]) if official else None  # completes the last official batch
+
         def encode_fn(recs: list[dict]) -> np.ndarray:
-            loaders = [make_loader(r, self.model.budget, video_spec, f"{what} item {r['id']}", self.patch_spec)
-                       for r in recs]
-            return self.model.encode_prepared(loaders, role=side, batch_size=batch,
+            return self.model.encode_prepared(loaders_of(recs), role=side, batch_size=batch,
                                               max_tokens=self.options.max_tokens,
-                                              show_progress=self.options.show_progress, style=style)
+                                              show_progress=self.options.show_progress, style=style, fill=head)
 
         cached = self.cache.get_or_encode(f"zeroshot_{cache_name}_{side}", records, ids, encode_fn,
                                           self.fingerprint, settings)
-        return np.asarray(cached.vectors, dtype=np.float32)
+        return unit_rows_fp32(cached.vectors)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -180,8 +212,8 @@ def evaluate_set(task: Task, zs: ZeroShotSet, encoder: SetEncoder) -> TaskOutcom
     cache_name = task.options.get("cache_name", zs.name)
     if isinstance(zs, RetrievalSet):
         gallery_name = "circo" if zs.name in ("circo", "circo_test") else cache_name  # val and test share it
-        q = encoder.encode(cache_name, "queries", zs.queries, style, spec)
-        c = encoder.encode(gallery_name, "candidates", zs.candidates, style, spec)
+        q = encoder.encode(cache_name, "queries", zs.queries, style, spec, set_name=zs.name)
+        c = encoder.encode(gallery_name, "candidates", zs.candidates, style, spec, set_name=zs.name)
         scores = q @ c.T
         exclude = list(zs.exclude) if zs.exclude else None
         if task.options.get("shape") == "submission":
@@ -191,25 +223,27 @@ def evaluate_set(task: Task, zs: ZeroShotSet, encoder: SetEncoder) -> TaskOutcom
             return TaskOutcome({}, len(zs.queries), len(zs.candidates), submission=sub)
         if zs.metric == "map":
             m = circo_map_at_k(scores, zs.positives, task.cutoffs, exclude)
-            m.update(recall_at_k(scores, [[t] for t in zs.targets], task.cutoffs, exclude))
+            m.update(recall_from_scores(scores, [[t] for t in zs.targets], task.cutoffs, exclude))
         else:
-            m = recall_at_k(scores, zs.positives, task.cutoffs, exclude)
+            m = recall_from_scores(scores, zs.positives, task.cutoffs, exclude)
         return TaskOutcome(m, len(zs.queries), len(zs.candidates))
     if isinstance(zs, BidirectionalSet):
-        t = encoder.encode(cache_name, "texts", zs.texts, style)
-        i = encoder.encode(cache_name, "images", zs.images, style)
+        t = encoder.encode(cache_name, "texts", zs.texts, style, set_name=zs.name)
+        i = encoder.encode(cache_name, "images", zs.images, style, set_name=zs.name)
         return TaskOutcome(bidirectional_recall(t @ i.T, zs.text_to_image, task.cutoffs), len(zs.texts),
                            len(zs.images))
     if isinstance(zs, GallerySet):
-        q = encoder.encode(cache_name, "queries", zs.queries, style)
-        c = encoder.encode(cache_name, "candidates", zs.candidates, style)
+        q = encoder.encode(cache_name, "queries", zs.queries, style, set_name=zs.name)
+        c = encoder.encode(cache_name, "candidates", zs.candidates, style, set_name=zs.name)
         return TaskOutcome(genecis_recall(gallery_scores(q, c, zs.galleries), task.cutoffs), len(zs.queries),
                            len(zs.candidates))
     if isinstance(zs, PairSet):
-        im = encoder.encode(cache_name, "images", zs.images, style)
-        po = encoder.encode(cache_name, "positives", zs.positives, style)
-        ne = encoder.encode(cache_name, "negatives", zs.negatives, style)
-        return TaskOutcome({"accuracy": pair_accuracy(im, po, ne)}, len(zs.images), 2 * len(zs.images))
+        im = encoder.encode(cache_name, "images", zs.images, style, set_name=zs.name)
+        # one text side [pos_0, neg_0, pos_1, neg_1, ...], the official dataset's order (and hence batches)
+        texts = encoder.encode(cache_name, "texts", [t for pair in zip(zs.positives, zs.negatives) for t in pair],
+                               style, set_name=zs.name)
+        return TaskOutcome({"accuracy": pair_accuracy(im, texts[0::2], texts[1::2])}, len(zs.images),
+                           2 * len(zs.images))
     raise DataError(f"{task.name}: unsupported set type {type(zs).__name__}")
 
 
@@ -225,7 +259,7 @@ def run_task(task: Task, data_root: Path, output_dir: Path, encoder: SetEncoder)
     absent data (``skipped``) or broken data (``error``, message naming the item); returns the entry."""
     before = dict(encoder.cache.stats)
     try:
-        zs = read_set(task.options.get("reader", task.name), data_root)
+        zs = read_set(task.options.get("reader", task.name), data_root, encoder.options.compat)
         if isinstance(zs, Skipped):
             return _entry(task, "skipped", missing=str(zs.missing), message=zs.message)
         out = evaluate_set(task, zs, encoder)
@@ -248,7 +282,8 @@ def run_task(task: Task, data_root: Path, output_dir: Path, encoder: SetEncoder)
         logger.info("%s: %s", task.name, ", ".join(f"{k} {v:.2f}" for k, v in out.metrics.items()))
     metrics_file = f"{METRICS_DIR}/{task.name}.json"
     entry["metrics_file"] = metrics_file
-    atomic_write_json(output_dir / metrics_file, {**entry, "description": task.description})
+    atomic_write_json(output_dir / metrics_file, {**entry, "description": task.description,
+                                                  "compat": encoder.options.compat})
     return entry
 
 
@@ -280,6 +315,10 @@ def run_zeroshot(model, data_root: str | Path, output_dir: str | Path, tasks: st
         the ``results.json`` content (also written, with ``results.md``).
     """
     data_root, output_dir = Path(data_root), Path(output_dir)
+    model_compat = getattr(getattr(model, "settings", None), "compat", DEFAULT)
+    if model_compat != options.compat:
+        raise ConfigError(f"zero-shot options say compat {options.compat!r} but the model was loaded with "
+                          f"compat {model_compat!r} (UMarvel.from_pretrained(..., compat={options.compat!r}))")
     selected = resolve_zeroshot_names(tasks)
     cache = EmbeddingCache(Path(cache_dir) if cache_dir else output_dir / "cache")
     encoder = SetEncoder(model, cache, options)
@@ -292,6 +331,7 @@ def run_zeroshot(model, data_root: str | Path, output_dir: str | Path, tasks: st
         "suite": "zeroshot",
         "model": model_name or str(getattr(model, "source", None) or "<model>"),
         "fingerprint": encoder.fingerprint,
+        "compat": options.compat,
         "data_root": str(data_root),
         "settings": model.settings.as_dict(),
         "options": asdict(options),
@@ -325,8 +365,11 @@ def render_zeroshot_md(results: Mapping[str, Any]) -> str:
     subsets, Sugar-Crepe Replace/Swap/Add over theirs; "–" = not evaluated), the other sets, per-task metrics,
     then the submission, skipped and error lines."""
     model = Path(str(results["model"])).name or str(results["model"])
+    compat = results.get("compat", DEFAULT)
+    mode = ("compat `official`: the official evaluation numerics (docs/decisions.md)" if compat != DEFAULT
+            else "compat `default`")
     lines = ["# Zero-shot results", "", f"Model `{results['model']}` (fingerprint `{results['fingerprint']}`), "
-             f"data `{results['data_root']}`. Values in percent.", "", "## Paper table", ""]
+             f"data `{results['data_root']}`, {mode}. Values in percent.", "", "## Paper table", ""]
     lines += _table(model, results["paper_table"])
     lines += ["", "## Other sets", ""] + _table(model, results["extra_table"])
     lines += ["", "## Per task", "", "| Task | Dataset | Metric | Value | All metrics | Queries | Candidates |",

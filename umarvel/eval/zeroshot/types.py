@@ -1,7 +1,7 @@
 """Typed records of the zero-shot sets (method spec 6.3).
 
-These are local to ``umarvel.eval.zeroshot`` until ``umarvel.data.records`` (M-BEIR ``Query`` / ``Candidate``)
-lands; :meth:`ZSItem.as_encode_dict` gives the dict the encode contract of ``umarvel.api`` takes.
+Items carry what the official per-set scripts build their user text from; :meth:`ZSItem.final_text` renders it
+exactly as those scripts do (``format_string`` only where they call it), see the table in docs/zeroshot_data.md.
 
 Four set shapes:
 
@@ -20,6 +20,7 @@ from typing import Literal, Union
 
 from umarvel.data.formatting import INSTRUCTION_END, INSTRUCTION_START, format_string
 from umarvel.errors import DataError
+from umarvel.utils.compat import DEFAULT, is_official
 
 Segment = tuple[Literal["text", "image"], str]
 
@@ -30,13 +31,17 @@ class ZSItem:
 
     Attributes:
         id: stable id within the set (image id, caption index, video id, ...).
-        text: raw text (not yet ``format_string``-ed), or None.
+        text: the text as the annotation file gives it (raw), or None (an image / video only item).
         image: image path, or None.
         video: video path, or None (decoded with ``umarvel.data.video``; see ``ZeroShotSet.video_spec``).
-        instruction: plain instruction string (wrapped in the markers at encode time), or None.
-        instruction_sep: what joins ``<instruction_end>`` and the text: ``" "`` (M-BEIR style) or ``""``
-            for the sets the spec marks "concatenated with no space" (Flickr texts, MSVD, MSR-VTT).
-        segments: interleaved content in order (VIST only): ``("text", s)`` / ``("image", path)``.
+        instruction: plain instruction string (wrapped in the markers, never ``format_string``-ed), or None.
+        instruction_sep: what joins ``<instruction_end>`` and the text: ``" "`` or ``""`` (the official scripts of
+            Flickr30K, ShareGPT4V, MSVD and MSR-VTT concatenate with no space).
+        format_text: ``format_string`` the text (only Flickr30K captions and GeneCIS conditions: the official
+            scripts leave every other text raw).
+        set_literal: the official script passes the text as a Python set ``{text}``, so its chat template renders
+            ``{'...'}`` (Urban1K images); reproduced with ``compat="official"`` only.
+        segments: interleaved content in order (VIST only): ``("text", s)`` / ``("image", path)``, texts raw.
     """
 
     id: str
@@ -45,32 +50,29 @@ class ZSItem:
     video: str | None = None
     instruction: str | None = None
     instruction_sep: str = " "
+    format_text: bool = False
+    set_literal: bool = False
     segments: tuple[Segment, ...] = ()
 
-    def final_text(self) -> str:
-        """The user text the encoder sees (suffix not included).
+    def final_text(self, compat: str = DEFAULT) -> str:
+        """The user text the encoder sees (suffix not included), as the official per-set script builds it.
 
-        With an instruction: ``format_string(<instruction_start>fmt(instr)<instruction_end> + sep + text)``
-        (with ``sep=" "`` this equals ``umarvel.data.formatting.query_text_with_instruction``); without:
-        ``format_string(text)``. For interleaved items this is the formatted last text segment.
+        ``body`` is ``format_string(text)`` if ``format_text`` else the raw text. With an instruction:
+        ``<instruction_start>{instruction}<instruction_end>`` followed, when there is a text, by
+        ``instruction_sep + body``. Nothing else is normalised. With ``compat="official"`` a ``set_literal``
+        item is rendered as the official script's Python set, ``str({text})``. Interleaved items (VIST) render
+        their ``segments`` instead.
         """
-        text = self.text or ""
+        body = format_string(self.text) if self.format_text else (self.text or "")
         if self.instruction is None or not self.instruction.strip():
-            return format_string(text)
-        wrapped = f"{INSTRUCTION_START}{format_string(self.instruction)}{INSTRUCTION_END}"
-        return format_string(f"{wrapped}{self.instruction_sep}{text}")
-
-    def as_encode_dict(self) -> dict:
-        """``{"text", "image", "instruction"}`` for ``UMarvel.encode_queries`` (M-BEIR-style joiner only).
-
-        Raises:
-            DataError: for items the image-text API cannot express yet (video, interleaved, "" joiner).
-        """
-        if self.video is not None or self.segments:
-            raise DataError(f"item {self.id}: video / interleaved inputs need the video-aware encoder")
-        if self.instruction and self.instruction_sep != " ":
-            raise DataError(f"item {self.id}: instruction joined without a space needs ZSItem.final_text()")
-        return {"text": self.text, "image": self.image, "instruction": self.instruction}
+            out = body
+        else:
+            out = f"{INSTRUCTION_START}{self.instruction}{INSTRUCTION_END}"
+            if self.text is not None:
+                out += self.instruction_sep + body
+        if self.set_literal and is_official(compat):
+            out = str({out})
+        return out
 
 
 @dataclass(frozen=True)

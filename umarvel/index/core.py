@@ -1,0 +1,652 @@
+"""A searchable index of one's own images and texts: build once, grow, search (exact or faiss ANN).
+
+Folder layout (every file written atomically; ``index.json`` is written last and is the commit point)::
+
+    index.json              format, model (path + fingerprint), encode settings, count, dim, backend,
+                            backend parameters, ANN recall, parts, created / updated
+    items.jsonl             {"id", "text", "image", "meta"} per row, row-aligned with the vectors
+    vectors/part-<key>/     one embedding-cache entry per build / add (umarvel.eval.cache): manifest.json,
+                            ids.json, vectors.npy float16 (n, D); shard files while encoding
+    faiss-<gen>.index       the faiss index of the ivf / hnsw backends (absent for flat)
+
+Encoding goes through :class:`~umarvel.eval.cache.EmbeddingCache` rooted at ``vectors/``: one encode
+pass, shards written atomically, so a killed ``build`` / ``add`` resumes where it stopped, and under
+torchrun rank ``r`` encodes shards ``r, r + W, ...``. The cache's consolidated ``vectors.npy`` *is* the
+index's vector storage (no second pass, no copy). ``flat`` search is the exact tiled search of
+:mod:`umarvel.eval.search` (fp16 vectors streamed or kept resident; on CUDA the same tiles as the M-BEIR
+search); under torchrun with ``distributed=True`` each rank searches its shard and the top-k are merged
+exactly (:mod:`umarvel.eval.dist_search`). ``ivf`` / ``hnsw`` are faiss indexes whose recall@10 against
+the exact search, measured on a seeded sample of the collection's own vectors used as queries, is
+recorded in ``index.json``.
+
+A row of ``items.jsonl`` past ``index.json``'s ``count`` belongs to an ``add`` that did not finish; it is
+ignored (and rewritten by the next ``add``).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from umarvel.data.images import open_image
+from umarvel.dist import barrier, get_rank, get_world_size, is_dist
+from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
+from umarvel.eval.cache import DEFAULT_SHARD_SIZE, EmbeddingCache
+from umarvel.eval.dist_search import RankShardedSearcher
+from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall
+from umarvel.index.items import encode_item, read_items
+from umarvel.utils.io import atomic_path, atomic_write_json, read_json
+from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, RunLock, claim_on_rank0
+from umarvel.version import __version__
+
+logger = logging.getLogger(__name__)
+
+INDEX_JSON = "index.json"
+ITEMS_FILE = "items.jsonl"
+VECTORS_DIR = "vectors"
+PART_NAME = "part"
+FORMAT_VERSION = 1
+BACKENDS = ("flat", "ivf", "hnsw")
+RECALL_K = 10
+DEFAULT_RECALL_SAMPLE = 1000
+#: faiss parameters accepted per backend (see :class:`umarvel.eval.search.FaissSearcher`).
+ANN_PARAMS = {"ivf": ("nlist", "nprobe", "train_size", "seed"),
+              "hnsw": ("hnsw_m", "ef_construction", "ef_search")}
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@dataclass
+class Hit:
+    """One search result.
+
+    Attributes:
+        rank: 1-based rank; id: the item id; score: inner product (cosine, vectors are L2-normalised);
+        row: the item's row in the index; text / image / meta: the item's stored fields.
+    """
+
+    rank: int
+    id: str
+    score: float
+    row: int
+    text: str | None = None
+    image: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """``{"rank", "id", "score"}`` plus ``text`` / ``image`` / ``meta`` where present (JSON-ready)."""
+        out: dict[str, Any] = {"rank": self.rank, "id": self.id, "score": round(float(self.score), 6)}
+        for key in ("text", "image"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+
+class _ItemEncoder:
+    """The cache's ``encode_fn``: one shard of items -> ``(n, D)`` candidate embeddings, errors naming ids."""
+
+    def __init__(self, model: Any, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+
+    def __call__(self, items: list[dict]) -> np.ndarray:
+        try:
+            return self.model.encode_candidates([encode_item(it) for it in items], batch_size=self.batch_size)
+        except ImageLoadError as exc:
+            for it in items:  # name the item whose image failed
+                if it.get("image"):
+                    try:
+                        open_image(it["image"])
+                    except ImageLoadError as bad:
+                        raise ImageLoadError(f"item {it['id']!r}: {bad}") from exc
+            raise ImageLoadError(f"items {items[0]['id']!r} .. {items[-1]['id']!r}: {exc}") from exc
+
+
+def _settings_of(model: Any) -> dict:
+    """The model's encode settings as JSON (``UMarvel.settings.as_dict()``; ``{}`` if it has none)."""
+    s = getattr(model, "settings", None)
+    return json.loads(json.dumps(s.as_dict(), default=str)) if hasattr(s, "as_dict") else {}
+
+
+def _diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
+    """Human-readable differences between two (nested) settings dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: index {va!r} vs model {vb!r}")
+    return out
+
+
+def _row_gather(blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Rows ``(m,)`` (sorted) of the block concatenation -> ``(m, D)`` float32."""
+    out, off = [], 0
+    for b in blocks:
+        sel = rows[(rows >= off) & (rows < off + len(b))] - off
+        if len(sel):
+            out.append(np.asarray(b[sel], dtype=np.float32))
+        off += len(b)
+    return np.concatenate(out)
+
+
+def _auto_resident(n: int, dim: int, device: torch.device) -> bool:
+    """Keep the vectors in the compute dtype on ``device`` when that takes under half its free memory
+    (fp16 on CUDA, fp32 on CPU); otherwise they are streamed from the memory map at every search."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 2 * n * dim < 0.5 * free
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return True
+    return 4 * n * dim < 0.5 * free
+
+
+class Index:
+    """A built index folder: items, vectors, backend (see the module doc).
+
+    ``Index.build(model, items, path)`` / ``Index.load(path)`` / ``index.add(model, items)`` /
+    ``index.search(query_vectors, k)`` (hits) / ``index.query(model, queries, k)`` (encode + search).
+    """
+
+    def __init__(self, path: str | os.PathLike, info: dict, items: list[dict]):
+        self.path = Path(path)
+        self.info = info
+        self.items = items
+        self._blocks: list[np.ndarray] | None = None
+        self._searchers: dict[tuple, Any] = {}
+        self._rows: dict[str, int] | None = None
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return int(self.info["count"])
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.path)!r}, {len(self)} items, dim {self.dim}, {self.backend})"
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+        return int(self.info["dim"])
+
+    @property
+    def backend(self) -> str:
+        """``flat``, ``ivf`` or ``hnsw``."""
+        return str(self.info["backend"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the model the index was built with."""
+        return str(self.info["model"]["fingerprint"])
+
+    @property
+    def model_path(self) -> str | None:
+        """The checkpoint the index was built with (as recorded)."""
+        return self.info["model"].get("path")
+
+    @property
+    def ids(self) -> list[str]:
+        """Item ids, row order."""
+        return [it["id"] for it in self.items]
+
+    def row_of(self, item_id: str) -> int:
+        """Row of ``item_id``; DataError if absent."""
+        if self._rows is None:
+            self._rows = {it["id"]: r for r, it in enumerate(self.items)}
+        try:
+            return self._rows[item_id]
+        except KeyError:
+            raise DataError(f"{self.path}: no item with id {item_id!r}") from None
+
+    def vector_blocks(self) -> list[np.ndarray]:
+        """Read-only float16 memmaps ``[(n_part, D), ...]`` whose row concatenation is the index's vectors."""
+        if self._blocks is None:
+            self._blocks = [np.load(self.path / p["vectors"], mmap_mode="r") for p in self.info["parts"]]
+        return self._blocks
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """``(N, D)`` float16 (a memmap for a one-part index, else a copy in RAM)."""
+        blocks = self.vector_blocks()
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Index":
+        """Open an index folder.
+
+        Raises:
+            DataError: no ``index.json`` (not an index, or a build that never finished), an unknown format,
+                missing / inconsistent files (naming the file).
+        """
+        path = Path(path)
+        meta_file = path / INDEX_JSON
+        if not meta_file.is_file():
+            hint = " (a build that did not finish? run the same `umarvel index build` again to resume)" \
+                if (path / VECTORS_DIR).is_dir() else ""
+            raise DataError(f"{path}: not an index (no {INDEX_JSON}){hint}")
+        info = read_json(meta_file)
+        if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+            found = info.get("format_version") if isinstance(info, dict) else info
+            raise DataError(f"{meta_file}: unsupported index format {found!r} (this umarvel reads version "
+                            f"{FORMAT_VERSION})")
+        for key in ("model", "count", "dim", "backend", "parts"):
+            if key not in info:
+                raise DataError(f"{meta_file}: missing field {key!r}")
+        items = _read_rows(path / ITEMS_FILE, int(info["count"]))
+        idx = cls(path, info, items)
+        sizes = []
+        for p in info["parts"]:
+            f = path / p["vectors"]
+            if not f.is_file():
+                raise DataError(f"{meta_file}: vectors file {f} is missing")
+            sizes.append(np.load(f, mmap_mode="r").shape)
+        if sum(s[0] for s in sizes) != len(idx) or any(s[1] != idx.dim for s in sizes):
+            raise DataError(f"{meta_file}: vectors {sizes} do not match count {len(idx)} x dim {idx.dim}")
+        if info.get("faiss_file") and not (path / info["faiss_file"]).is_file():
+            raise DataError(f"{meta_file}: faiss index {path / info['faiss_file']} is missing")
+        return idx
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, model: Any, items: Any, path: str | os.PathLike, *, backend: str = "flat",
+              batch_size: int = 32, shard_size: int = 1024, image_root: str | os.PathLike | None = None,
+              overwrite: bool = False, backend_params: Mapping[str, Any] | None = None,
+              recall_sample: int = DEFAULT_RECALL_SAMPLE, source: str | None = None) -> "Index":
+        """Encode ``items`` with ``model`` and write the index folder ``path``.
+
+        Args:
+            model: a :class:`umarvel.UMarvel` (anything with ``fingerprint()``, ``encode_candidates``,
+                ``settings``).
+            items: a JSONL path, a folder of images, or a list of ``{"id", "text", "image", "meta"}`` dicts.
+            path: the index folder (created; a previous unfinished build of the same items resumes).
+            backend: ``flat`` (exact, default), ``ivf`` or ``hnsw`` (faiss, approximate).
+            shard_size: items per cache shard (the resume granularity and the torchrun sharding unit).
+            overwrite: replace an existing index at ``path`` (else an existing ``index.json`` is an error).
+            backend_params: faiss settings (ivf: nlist, nprobe, train_size, seed; hnsw: hnsw_m,
+                ef_construction, ef_search).
+            recall_sample: queries of the ANN recall measurement.
+        Raises:
+            DataError / ImageLoadError: bad items (naming file:line / id); an existing index without
+                ``overwrite``. ConfigError: unknown backend or parameter.
+        """
+        path = Path(path)
+        check_new_index(path, backend, backend_params, overwrite)
+        src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
+        rows = read_items(items, image_root=image_root, exclude=[path])
+        fp = model.fingerprint()
+        emb = _encode_part(path, model, rows, fp, batch_size, shard_size)
+        if get_rank() == 0:
+            info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": _now(),
+                    "updated": _now(), "model": {"path": _model_path(model), "fingerprint": fp},
+                    "encode": {"role": "candidate", "settings": _settings_of(model)},
+                    "count": len(rows), "dim": int(emb.dim), "dtype": "float16", "backend": backend,
+                    "backend_params": dict(backend_params or {}), "faiss_file": None, "recall": None,
+                    "parts": [_part_record(path, emb.path, len(rows), src)], "items_file": ITEMS_FILE}
+            idx = cls(path, info, rows)
+            idx._commit(rows, recall_sample, new_rows=None)
+        barrier()
+        return cls.load(path)
+
+    @classmethod
+    def from_vectors(cls, vectors: Any, items: Any, path: str | os.PathLike, *, fingerprint: str = "external",
+                     model_path: str | None = None, backend: str = "flat", overwrite: bool = False,
+                     backend_params: Mapping[str, Any] | None = None,
+                     recall_sample: int = DEFAULT_RECALL_SAMPLE, image_root: str | os.PathLike | None = None,
+                     ) -> "Index":
+        """An index of vectors computed elsewhere: ``(N, D)`` (stored as float16, L2-normalise them first)
+        and N items (as for :meth:`build`). ``fingerprint`` names the encoder (checked by :meth:`add` /
+        :meth:`check_model`)."""
+        path = Path(path)
+        check_new_index(path, backend, backend_params, overwrite)
+        rows = read_items(items, image_root=image_root, exclude=[path])
+        vecs = np.asarray(vectors)
+        if vecs.ndim != 2 or vecs.shape[0] != len(rows):
+            raise DataError(f"vectors of shape {vecs.shape} for {len(rows)} items (expected ({len(rows)}, D))")
+        cache = EmbeddingCache(path / VECTORS_DIR)
+        ids = [r["id"] for r in rows]
+        digest = hashlib.sha256(memoryview(np.ascontiguousarray(vecs)).cast("B")).hexdigest()
+        emb = cache.get_or_encode(PART_NAME, rows, ids, lambda part: vecs[_rows_of(part, ids)],
+                                  fingerprint=fingerprint, settings={"role": "vectors", "sha256": digest},
+                                  shard_size=max(1, len(rows)))
+        info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": _now(),
+                "updated": _now(), "model": {"path": model_path, "fingerprint": fingerprint},
+                "encode": {"role": "vectors", "settings": {}}, "count": len(rows), "dim": int(vecs.shape[1]),
+                "dtype": "float16", "backend": backend, "backend_params": dict(backend_params or {}),
+                "faiss_file": None, "recall": None,
+                "parts": [_part_record(path, emb.path, len(rows), "<vectors>")], "items_file": ITEMS_FILE}
+        idx = cls(path, info, rows)
+        idx._commit(rows, recall_sample, new_rows=None)
+        return cls.load(path)
+
+    def add(self, model: Any, items: Any, *, batch_size: int = 32, shard_size: int = 1024,
+            image_root: str | os.PathLike | None = None, recall_sample: int = DEFAULT_RECALL_SAMPLE,
+            source: str | None = None) -> int:
+        """Encode only ``items`` (new ids) and append them; returns the number added.
+
+        Raises:
+            CheckpointError: ``model`` is not the one the index was built with (fingerprint differs).
+            DataError: an id already in the index (naming it and its row), bad items.
+        """
+        self.check_model(model)
+        src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
+        new = read_items(items, image_root=image_root, exclude=[self.path])
+        for it in new:
+            if self._rows is None:
+                self._rows = {x["id"]: r for r, x in enumerate(self.items)}
+            if it["id"] in self._rows:
+                raise DataError(f"{src}: item id {it['id']!r} is already in the index {self.path} "
+                                f"(row {self._rows[it['id']]}); ids must be unique")
+        emb = _encode_part(self.path, model, new, self.fingerprint, batch_size, shard_size)
+        if int(emb.dim) != self.dim:
+            raise DataError(f"{self.path}: new vectors have dim {emb.dim}, the index {self.dim}")
+        if get_rank() == 0:
+            info = dict(self.info)
+            info["parts"] = list(info["parts"]) + [_part_record(self.path, emb.path, len(new), src)]
+            info["count"] = len(self) + len(new)
+            info["updated"] = _now()
+            self.info = info
+            self._blocks, self._rows, self._searchers = None, None, {}
+            rows = self.items + new
+            self._commit(rows, recall_sample, new_rows=len(new))
+            self.items = rows
+        barrier()
+        fresh = Index.load(self.path)
+        self.info, self.items, self._blocks, self._rows, self._searchers = fresh.info, fresh.items, None, None, {}
+        return len(new)
+
+    def _commit(self, rows: list[dict], recall_sample: int, new_rows: int | None) -> None:
+        """Rank 0: write items.jsonl, the faiss index (ivf / hnsw) and its recall, then index.json (the
+        commit point); then remove cache entries and faiss files no longer referenced."""
+        self.items = rows
+        self._blocks = None
+        with atomic_path(self.path / ITEMS_FILE) as tmp, tmp.open("w", encoding="utf-8") as fh:
+            for it in rows:
+                fh.write(json.dumps(it, ensure_ascii=False) + "\n")
+        if self.backend != "flat":
+            self._write_ann(new_rows, recall_sample)
+        atomic_write_json(self.path / INDEX_JSON, self.info)
+        self._cleanup()
+        logger.info("index %s: %d items, dim %d, backend %s%s", self.path, len(self), self.dim, self.backend,
+                    f", recall@{RECALL_K} {self.info['recall']['recall']:.4f}" if self.info.get("recall") else "")
+
+    def _write_ann(self, new_rows: int | None, recall_sample: int) -> None:
+        """Build (or extend by the last ``new_rows`` rows) the faiss index, save it under a new name,
+        measure its recall, and record both in ``self.info``."""
+        import faiss  # local: only the ANN backends need it
+
+        params = {k: v for k, v in self.info.get("backend_params", {}).items() if k in ANN_PARAMS[self.backend]}
+        old = self.info.get("faiss_file")
+        if new_rows is not None and old:
+            searcher = FaissSearcher.from_index(faiss.read_index(str(self.path / old)), self.backend)
+            for piece in self.vector_blocks()[-1:]:
+                for a in range(0, len(piece), 1 << 16):
+                    searcher.index.add(np.ascontiguousarray(piece[a:a + (1 << 16)], dtype=np.float32))
+            searcher.n = int(searcher.index.ntotal)
+        else:
+            searcher = FaissSearcher(RowBlocks(self.vector_blocks()), kind=self.backend, **params)
+        gen = 1 + max([int(p.stem.split("-")[1]) for p in self.path.glob("faiss-*.index")] or [0])
+        name = f"faiss-{gen:05d}.index"
+        with atomic_path(self.path / name) as tmp:
+            faiss.write_index(searcher.index, str(tmp))
+        self.info["faiss_file"] = name
+        self.info["backend_params"] = _ann_params(searcher)
+        self.info["recall"] = self._measure_recall(searcher, recall_sample)
+        self._searchers = {}
+
+    def _measure_recall(self, ann: FaissSearcher, sample: int, seed: int = 0) -> dict:
+        """Recall@10 of ``ann`` against the exact search, queries = a seeded sample of the items' vectors."""
+        n = len(self)
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, size=min(max(1, sample), n), replace=False))
+        queries = _row_gather(self.vector_blocks(), rows)
+        k = min(RECALL_K, n)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        _, exact = TorchSearcher(RowBlocks(self.vector_blocks()), device=dev).search(queries, k)
+        _, approx = ann.search(queries, k)
+        r = ann_recall(approx, exact, k)
+        return {"k": k, "recall": round(float(r), 6), "queries": len(rows), "seed": seed,
+                "queries_from": "a seeded sample of the indexed vectors", "measured": _now()}
+
+    def _cleanup(self) -> None:
+        """Remove cache entries (``vectors/part-*``) and faiss files the committed ``index.json`` does not use."""
+        used = {(self.path / p["vectors"]).parent.resolve() for p in self.info["parts"]}
+        vec_root = self.path / VECTORS_DIR
+        for d in vec_root.iterdir() if vec_root.is_dir() else ():
+            if d.is_dir() and d.resolve() not in used and not d.name.startswith("."):
+                shutil.rmtree(d, ignore_errors=True)
+        for f in self.path.glob("faiss-*.index"):
+            if f.name != self.info.get("faiss_file"):
+                f.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ models and queries
+    def check_model(self, model: Any) -> None:
+        """CheckpointError unless ``model.fingerprint()`` equals the index's (naming both and the settings
+        that differ)."""
+        fp = model.fingerprint()
+        if fp == self.fingerprint:
+            return
+        diff = _diff(self.info.get("encode", {}).get("settings", {}), _settings_of(model))
+        raise CheckpointError(
+            f"{self.path}: built with model {self.model_path or '?'} (fingerprint {self.fingerprint}), but the "
+            f"given model {getattr(model, 'source', None) or '?'} has fingerprint {fp}"
+            + (f"; settings differ: {'; '.join(diff)}" if diff else " (different weights)")
+            + ". Use the index's model and settings, or build a new index.")
+
+    def load_model(self, model_path: str | os.PathLike | None = None, device: str | None = None,
+                   dtype: str | None = None) -> Any:
+        """``UMarvel.from_pretrained`` of the index's model (or ``model_path``) with the recorded encode
+        settings (dtype, pixel budget, attention, positions), checked against the index's fingerprint."""
+        from umarvel.api import UMarvel
+
+        path = model_path or self.model_path
+        if not path:
+            raise CheckpointError(f"{self.path}: no model recorded in {INDEX_JSON}; pass a model (--model)")
+        s = self.info.get("encode", {}).get("settings", {})
+        kwargs = {k: s[k] for k in ("min_pixels", "max_pixels", "attention", "positions") if k in s}
+        model = UMarvel.from_pretrained(path, device=device or "cpu", dtype=dtype or s.get("dtype"), **kwargs)
+        self.check_model(model)
+        return model
+
+    def encode_queries(self, model: Any, queries: Sequence[Mapping], batch_size: int = 32) -> np.ndarray:
+        """Check the model and embed query dicts ``{"text", "image", "instruction"}``: float32 ``(Q, D)``."""
+        self.check_model(model)
+        return model.encode_queries(list(queries), batch_size=batch_size)
+
+    def query(self, model: Any, queries: Sequence[Mapping] | Mapping, k: int = 10, **search_kwargs: Any
+              ) -> list[list[Hit]]:
+        """Encode ``queries`` (one dict or a list) with ``model`` and search: one hit list per query."""
+        qs = [queries] if isinstance(queries, Mapping) else list(queries)
+        return self.search(self.encode_queries(model, qs), k, **search_kwargs)
+
+    # ------------------------------------------------------------------ search
+    def searcher(self, device: str | None = None, distributed: bool = False, resident: bool | None = None,
+                 exact: bool = False) -> Any:
+        """The (cached) searcher: exact torch tiles for ``flat`` (or ``exact=True``), the saved faiss index
+        for ivf / hnsw; ``distributed``: this rank's shard (:class:`RankShardedSearcher`)."""
+        use_exact = exact or self.backend == "flat"
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        key = (use_exact, str(dev), distributed, resident)
+        if key in self._searchers:
+            return self._searchers[key]
+        if not use_exact:
+            import faiss  # local: only the ANN backends need it
+
+            index = faiss.read_index(str(self.path / self.info["faiss_file"]))
+            s: Any = FaissSearcher.from_index(index, self.backend)
+        elif distributed and is_dist():
+            local_rows = -(-len(self) // get_world_size())  # this rank's shard
+            keep = _auto_resident(local_rows, self.dim, dev) if resident is None else resident
+            s = RankShardedSearcher(RowBlocks(self.vector_blocks()), device=dev, resident=keep)
+        else:
+            s = TorchSearcher(RowBlocks(self.vector_blocks()), device=dev,
+                              resident=_auto_resident(len(self), self.dim, dev) if resident is None else resident)
+        self._searchers[key] = s
+        return s
+
+    def search_arrays(self, query_vectors: Any, k: int = 10, *, device: str | None = None,
+                      distributed: bool = False, exact: bool = False, resident: bool | None = None,
+                      nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows: ``(Q, D)`` (or ``(D,)``) queries -> ``(Q, k)`` float32 scores and int64 rows (``-1``
+        padding when ``k`` exceeds the count). ``nprobe`` / ``ef_search`` tune ivf / hnsw for this call."""
+        q = query_vectors
+        q = q.detach().float().cpu().numpy() if torch.is_tensor(q) else np.asarray(q)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise DataError(f"query vectors of shape {tuple(q.shape)}; the index {self.path} has dim {self.dim}")
+        s = self.searcher(device, distributed, resident, exact)
+        if isinstance(s, FaissSearcher):
+            if nprobe is not None and hasattr(s.index, "nprobe"):
+                s.index.nprobe = int(nprobe)
+            if ef_search is not None and hasattr(s.index, "hnsw"):
+                s.index.hnsw.efSearch = int(ef_search)
+        return s.search(np.ascontiguousarray(q, dtype=np.float32), k)
+
+    def search(self, query_vectors: Any, k: int = 10, **kwargs: Any) -> list[list[Hit]]:
+        """Top-k hits of each query vector (see :meth:`search_arrays` for the options)."""
+        scores, rows = self.search_arrays(query_vectors, k, **kwargs)
+        return [self.hits(s, r) for s, r in zip(scores, rows)]
+
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+        """``(k,)`` scores and rows of one query -> hits (padding dropped)."""
+        out = []
+        for s, r in zip(scores, rows):
+            if r < 0:
+                continue
+            it = self.items[int(r)]
+            out.append(Hit(rank=len(out) + 1, id=it["id"], score=float(s), row=int(r), text=it.get("text"),
+                           image=it.get("image"), meta=dict(it.get("meta") or {})))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def check_new_index(path: str | os.PathLike, backend: str, params: Mapping[str, Any] | None, overwrite: bool) -> None:
+    """Fail fast (before a model is loaded): bad backend / parameters, or an index at ``path`` already."""
+    _check_backend(backend, params)
+    if (Path(path) / INDEX_JSON).is_file() and not overwrite:
+        raise DataError(f"{path}: already holds an index; use `umarvel index add` to grow it, or overwrite=True "
+                        "(--overwrite) to rebuild it")
+
+
+#: ``index build`` settings that do not change the vectors (input and output paths: the content is compared).
+BUILD_IGNORE = ("model", "input", "output", "batch_size", "shard_size", "device", "recall_sample")
+
+
+def claim_build(path: str | os.PathLike, model: str | os.PathLike, items: str | os.PathLike, backend: str,
+                params: Mapping[str, Any] | None, dtype: str | None, image_root: str | os.PathLike | None,
+                overwrite: bool = False, **ignored: Any) -> RunClaim | NoClaim:
+    """Claim the folder of an ``umarvel index build`` before the model loads (:mod:`umarvel.utils.runs`):
+    one writer (lock, rank 0, held until the returned claim is released), and an unfinished build of another
+    model, input file, backend or dtype is refused unless ``overwrite``. ``ignored``: settings recorded but
+    not compared (:data:`BUILD_IGNORE`). An input folder of images is compared by its item ids (the cache
+    does that), not hashed.
+    """
+    config = {"model": str(model), "input": str(items), "output": str(path), "backend": backend,
+              "backend_params": dict(params or {}), "dtype": dtype,
+              "image_root": str(image_root) if image_root else None, **ignored}
+    inputs = {"model": model, **({"input": items} if Path(items).is_file() else {})}
+    identity = RunIdentity.build("index", config, ignore=BUILD_IGNORE, inputs=inputs)
+    return claim_on_rank0(path, identity, overwrite=overwrite, what="--output",
+                          override_hint="rerun with --overwrite to rebuild it")
+
+
+@contextlib.contextmanager
+def lock_index(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of an index folder for an ``umarvel index add`` (rank 0; nothing on other ranks): a
+    second writer (another add, or a build into it) is refused naming the holder."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with RunLock(path):
+        yield
+
+
+def _check_backend(backend: str, params: Mapping[str, Any] | None) -> None:
+    """ConfigError for an unknown backend or a faiss parameter the backend does not take."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    allowed = ANN_PARAMS.get(backend, ())
+    bad = sorted(set(params or {}) - set(allowed))
+    if bad:
+        raise ConfigError(f"backend {backend!r} takes no parameter(s) {bad}"
+                          + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
+
+
+def _model_path(model: Any) -> str | None:
+    """The model's checkpoint folder as an absolute path (``UMarvel.source``), None when unknown."""
+    src = getattr(model, "source", None)
+    if src and Path(src).exists():
+        return str(Path(src).resolve())
+    return src
+
+
+def _ann_params(s: FaissSearcher) -> dict:
+    """The effective faiss parameters of a built index (recorded in index.json)."""
+    ix = s.index
+    if s.kind == "ivf":
+        return {"nlist": int(ix.nlist), "nprobe": int(ix.nprobe)}
+    if s.kind == "hnsw":
+        return {"hnsw_m": int(ix.hnsw.nb_neighbors(1)), "ef_construction": int(ix.hnsw.efConstruction),
+                "ef_search": int(ix.hnsw.efSearch)}
+    return {}
+
+
+def _rows_of(part: list[dict], ids: list[str]) -> np.ndarray:
+    """Positions of ``part``'s items in ``ids`` (for :meth:`Index.from_vectors`)."""
+    pos = {i: n for n, i in enumerate(ids)}
+    return np.asarray([pos[it["id"]] for it in part], dtype=np.int64)
+
+
+def _encode_part(path: Path, model: Any, rows: list[dict], fingerprint: str, batch_size: int,
+                 shard_size: int) -> Any:
+    """Encode ``rows`` through the index's cache (``path/vectors``): resumable, sharded over ranks."""
+    if batch_size < 1 or shard_size < 1:
+        raise ConfigError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
+    cache = EmbeddingCache(path / VECTORS_DIR)
+    return cache.get_or_encode(PART_NAME, rows, [r["id"] for r in rows], _ItemEncoder(model, batch_size),
+                               fingerprint=fingerprint,
+                               settings={"role": "candidate", "encode": _settings_of(model)},
+                               shard_size=shard_size)
+
+
+def _part_record(path: Path, entry: Path, count: int, source: str) -> dict:
+    """The ``parts`` entry of one cache entry (paths relative to the index folder)."""
+    return {"vectors": (Path(entry) / "vectors.npy").resolve().relative_to(path.resolve()).as_posix(),
+            "count": count, "source": source, "added": _now()}
+
+
+def _read_rows(path: Path, count: int) -> list[dict]:
+    """The first ``count`` rows of ``items.jsonl`` (later rows: an unfinished add, ignored with a warning)."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing (the index's items)")
+    rows = []
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if len(rows) == count:
+                logger.warning("%s: rows past %d belong to an unfinished add; ignored", path, count)
+                break
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
+            rows.append(rec)
+    if len(rows) != count:
+        raise DataError(f"{path}: {len(rows)} rows, but {INDEX_JSON} says {count}")
+    return rows
