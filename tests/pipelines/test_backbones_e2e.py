@@ -31,9 +31,9 @@ def _stage(name: str, init_from: Path, out: Path, *overrides: str):
 
 
 def _train(cfg) -> Path:
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.train.stage import stage_trainer
 
-    state = StageTrainer(cfg).train()
+    state = stage_trainer(cfg).train()
     assert state.global_step == 1 and all(math.isfinite(h["loss"]) for h in state.history)
     return Path(cfg.train.output_dir) / "merged"
 
@@ -51,7 +51,7 @@ def test_recipe_end_to_end(backbone, tmp_path):
     from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
     from umarvel.rerank.model import load_reranker
     from umarvel.rerank.train import RerankTrainConfig, train_reranker
-    from umarvel.train.trainer import StageTrainer
+    from umarvel.train.stage import stage_trainer
 
     base = save_tiny_checkpoint(tmp_path / "base", seed=0, backbone=backbone)
     toy = make_data(tmp_path / "toy")
@@ -63,8 +63,8 @@ def test_recipe_end_to_end(backbone, tmp_path):
     for kind in ("nli", "cc3m", "mbeir"):
         cfg = tiny_config(kind, model_dir, toy, tmp_path / kind, "train.max_steps=1", "train.save_steps=1",
                           "model.gradient_checkpointing=false", "train.report_to=[]")
-        trainer = StageTrainer(cfg)
-        assert trainer.embedder.spec.model_type == backbone
+        trainer = stage_trainer(cfg)
+        assert trainer.task.embedder.spec.model_type == backbone
         assert trainer.train().global_step == 1
         model_dir = tmp_path / kind / "merged"
         assert json.loads((model_dir / "config.json").read_text())["model_type"] == backbone
