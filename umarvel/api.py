@@ -23,9 +23,8 @@ from umarvel.data.collate import (EmbedInput, EmbeddingCollator, EmbeddingTokeni
 from umarvel.data.formatting import INFERENCE_STYLE, UMARVEL_TOKENS, PromptStyle, format_string, query_text_with_instruction
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget, load_image
 from umarvel.data.packing import EncodeChunks, PackedCollator, chunk_bounds, plan_packs, to_device
-from umarvel.data.processor import (BUNDLED_PROCESSOR_DIR, build_hf_processor, has_processor_files,
-                                    load_image_processor, load_tokenizer)
-from umarvel.data.visual import image_patches
+from umarvel.data.processor import build_hf_processor, load_tokenizer
+from umarvel.data.visual import PatchSpec, image_patches
 from umarvel.errors import CheckpointError, DataError
 from umarvel.log import progress_disabled
 from umarvel.model import loading
@@ -120,8 +119,9 @@ class UMarvel:
         self.packing = not is_official(settings.compat)  # official numerics need padded batches (D5)
         self.chunk_items: int | None = None  # inputs per preprocessing chunk (None: 512; the first one 64)
         self.last_encode_stats: dict = {}
-        self.budget = ImageBudget(settings.min_pixels, settings.max_pixels)
-        self._tok = EmbeddingTokenizer(tokenizer, settings.style)
+        self.patch_spec: PatchSpec = embedder.spec.patch_spec(image_processor)
+        self.budget = ImageBudget(settings.min_pixels, settings.max_pixels, self.patch_spec.factor)
+        self._tok = EmbeddingTokenizer(tokenizer, settings.style, self.patch_spec)
         self._collator = EmbeddingCollator(tokenizer, image_processor)
         self._packed_collator = PackedCollator(tokenizer, image_processor)
         self._processor = None
@@ -129,8 +129,8 @@ class UMarvel:
     # ------------------------------------------------------------------ construction / saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None, min_pixels: int = MIN_PIXELS,
-                        max_pixels: int = MAX_PIXELS, attn_implementation: str = "sdpa",
+                        dtype: str | torch.dtype | None = None, min_pixels: int | None = MIN_PIXELS,
+                        max_pixels: int | None = MAX_PIXELS, attn_implementation: str = "sdpa",
                         adapter: str | os.PathLike | None = None, style: PromptStyle = INFERENCE_STYLE,
                         attention: str = "bidirectional", positions: str = "1d",
                         compat: str = DEFAULT) -> "UMarvel":
@@ -140,9 +140,14 @@ class UMarvel:
             path: checkpoint folder; a LoRA adapter folder loads its base (``base_model_name_or_path``).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``; default bf16 on CUDA, fp32 on CPU.
-            min_pixels / max_pixels: image budget (official 4*28*28 .. 300*28*28).
+            min_pixels / max_pixels: image budget (official 4*28*28 .. 300*28*28, i.e. 4 .. 300 visual tokens;
+                on Qwen3-VL these defaults mean 4*32*32 .. 300*32*32, ``ImageBudget.for_backbone``).
             adapter: an extra LoRA adapter folder applied on top of ``path``.
             compat: ``"default"`` or ``"official"`` (the official evaluation numerics, see the class doc).
+
+        The backbone comes from the folder's ``config.json`` (``model_type``: qwen2_vl, qwen2_5_vl, qwen3_vl).
+        A folder without tokenizer or image-processor files falls back to the backbone's bundled files, with
+        a warning that names the missing files.
         """
         check_device(device)  # EnvError for a device this machine does not have, before anything loads
         compat = check_compat(compat)
@@ -160,13 +165,9 @@ class UMarvel:
         if adapter is not None:
             adapters.append(loading.check_checkpoint_dir(adapter))
         model, spec = loading.load_hf_backbone(base, torch_dtype, device, attn_implementation)
-        tok_dir = next((p for p in [*adapters[::-1], base] if has_processor_files(p)), None)
-        if tok_dir is None:
-            logger.warning("%s has no tokenizer files; using the bundled Qwen2-VL tokenizer", base)
-            tok_dir = BUNDLED_PROCESSOR_DIR
+        tok_dir, proc_dir = loading.processor_dirs(base, adapters, spec)
         tokenizer = load_tokenizer(tok_dir)
-        proc_dir = base if (base / "preprocessor_config.json").is_file() else BUNDLED_PROCESSOR_DIR
-        image_processor = load_image_processor(proc_dir, min_pixels, max_pixels)
+        image_processor, budget = loading.load_image_processor_for(proc_dir, spec, model, min_pixels, max_pixels)
         marker_rows = loading.ensure_token_rows(model, tokenizer)
         meta = loading.read_meta(adapters[-1] if adapters else base) or loading.read_meta(base)
         temperature = meta.get("temperature", loading.official_temperature(base) or DEFAULT_TEMPERATURE)
@@ -175,32 +176,34 @@ class UMarvel:
         for a in adapters:
             load_lora(embedder, a)
         embedder.to(device).eval()
-        settings = EncodeSettings(min_pixels, max_pixels, style, attention, positions, str(torch_dtype).split(".")[-1],
-                                  compat)
+        settings = EncodeSettings(budget.min_pixels, budget.max_pixels, style, attention, positions,
+                                  str(torch_dtype).split(".")[-1], compat)
         logger.info("loaded %s (%s, %s on %s, marker rows: %s, temperature %.4g, compat %s)", path, spec.model_type,
                     settings.dtype, device, marker_rows, temperature, compat)
         return cls(embedder, tokenizer, image_processor, settings, device=device, source=str(path))
 
     @classmethod
-    def from_backbone(cls, model: torch.nn.Module, processor_dir: str | os.PathLike = BUNDLED_PROCESSOR_DIR,
-                      device: str | torch.device = "cpu", min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                      style: PromptStyle = INFERENCE_STYLE, temperature: float = DEFAULT_TEMPERATURE,
-                      attention: str = "bidirectional", positions: str = "1d", compat: str = DEFAULT) -> "UMarvel":
+    def from_backbone(cls, model: torch.nn.Module, processor_dir: str | os.PathLike | None = None,
+                      device: str | torch.device = "cpu", min_pixels: int | None = MIN_PIXELS,
+                      max_pixels: int | None = MAX_PIXELS, style: PromptStyle = INFERENCE_STYLE,
+                      temperature: float = DEFAULT_TEMPERATURE, attention: str = "bidirectional",
+                      positions: str = "1d", compat: str = DEFAULT) -> "UMarvel":
         """Wrap an in-memory transformers model (e.g. a randomly initialised one for benchmarks).
 
-        The tokenizer and image processor come from ``processor_dir`` (the bundled Qwen2-VL files by default).
+        The tokenizer and image processor come from ``processor_dir`` (default: the backbone's bundled files).
         """
         compat = check_compat(compat)
         spec = get_backbone_spec(model.config.model_type)
+        processor_dir = processor_dir if processor_dir is not None else spec.processor_dir
         tokenizer = load_tokenizer(processor_dir)
-        image_processor = load_image_processor(processor_dir, min_pixels, max_pixels)
+        image_processor, budget = loading.load_image_processor_for(processor_dir, spec, model, min_pixels, max_pixels)
         loading.ensure_token_rows(model, tokenizer)
         dtype = next(model.parameters()).dtype
         embedder = UMarvelEmbedder(model, spec, temperature=temperature, attention=attention, positions=positions,
                                    causal_when_unpadded=is_official(compat))
         embedder.to(device).eval()
-        settings = EncodeSettings(min_pixels, max_pixels, style, attention, positions, str(dtype).split(".")[-1],
-                                  compat)
+        settings = EncodeSettings(budget.min_pixels, budget.max_pixels, style, attention, positions,
+                                  str(dtype).split(".")[-1], compat)
         return cls(embedder, tokenizer, image_processor, settings, device=device, source="<in-memory>")
 
     def save_pretrained(self, path: str | os.PathLike, extra_meta: dict | None = None) -> Path:
@@ -229,9 +232,9 @@ class UMarvel:
 
     @property
     def processor(self):
-        """A transformers ``Qwen2VLProcessor`` (image + text) for users who need one."""
+        """The backbone's transformers processor (``Qwen2VLProcessor``...; image + text) for users who need one."""
         if self._processor is None:
-            self._processor = build_hf_processor(self.tokenizer, self.image_processor)
+            self._processor = build_hf_processor(self.tokenizer, self.image_processor, self.embedder.spec.model_type)
         return self._processor
 
     @property
@@ -321,7 +324,8 @@ class UMarvel:
         if not loaders:
             return out
         max_tokens = max_tokens or batch_size * 1024
-        tok = self._tok if style is None or style == self.settings.style else EmbeddingTokenizer(self.tokenizer, style)
+        tok = (self._tok if style is None or style == self.settings.style
+               else EmbeddingTokenizer(self.tokenizer, style, self.patch_spec))
         show = (len(loaders) >= 256 and not progress_disabled()) if show_progress is None else show_progress
         from tqdm.auto import tqdm
 

@@ -103,3 +103,34 @@ def test_corrupt_missing_and_short_videos_name_the_id(tmp_path, clip):
         load_video(tmp_path / "gone.mp4", MSVD_VIDEO, video_id="vid_gone")
     with pytest.raises(DataError, match="vid_short.*cannot sample 24"):
         load_video(clip, VideoSpec(nframes=24), video_id="vid_short")
+
+
+def test_frame_timestamps_are_the_qwen3_processor_times():
+    from umarvel.data.visual import FRAME_LIST_FPS, VideoInput, frame_timestamps
+
+    # Qwen3VLProcessor._calculate_timestamps: index / fps, padded to pairs, mean of each pair's first and last
+    assert frame_timestamps([0, 5, 10, 15], 8.0) == [(0 + 5 / 8) / 2, (10 / 8 + 15 / 8) / 2]
+    assert frame_timestamps([0, 4, 8], 2.0) == [1.0, 4.0]  # the last frame repeated
+    with pytest.raises(DataError, match="positive fps"):
+        frame_timestamps([0, 1], 0)
+    frames = np.zeros((4, 28, 28, 3), dtype=np.uint8)
+    assert VideoInput.from_frames(frames).times() == frame_timestamps(range(4), FRAME_LIST_FPS)
+    with pytest.raises(DataError, match="1 timestamps for 2 temporal patches"):
+        VideoInput.from_frames(frames, timestamps=[0.5])
+
+
+def test_video_budgets_keep_their_tokens_on_a_factor_32_backbone(clip):
+    from umarvel.data.video import load_video_input
+    from umarvel.data.visual import PatchSpec, frame_timestamps
+
+    spec = MSRVTT_VIDEO.for_factor(32)
+    assert (spec.factor, spec.min_pixels, spec.max_pixels, spec.total_pixels) == \
+        (32, 128 * 32 * 32, 768 * 32 * 32, 24576 * 32 * 32)
+    assert MSVD_VIDEO.for_factor(28) is MSVD_VIDEO
+    qwen3 = PatchSpec(patch_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, video_timestamps=True)
+    video = load_video_input(clip, MSVD_VIDEO.for_factor(32), qwen3, video_id="v1")
+    t, h, w = video.grid_thw
+    assert t == 6 and (h * 16) % 32 == 0 and (w * 16) % 32 == 0 and h * w * 256 >= 128 * 32 * 32
+    assert video.pixel_values.shape == (t * h * w, 3 * 2 * 16 * 16)
+    idx = sample_indices(16, 12).tolist()
+    assert list(video.timestamps) == pytest.approx(frame_timestamps(idx, 8.0))  # the stream's fps (8)

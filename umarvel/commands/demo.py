@@ -3,6 +3,7 @@
     umarvel demo                     # default preset: under 10 minutes on a 2-core CPU
     umarvel demo --quick             # the smallest run: under 3 minutes
     umarvel demo --model PATH        # evaluate an existing checkpoint on the demo benchmark (no training)
+    umarvel demo --quick --backbone qwen3_vl   # the same on a tiny random Qwen3-VL (or qwen2_5_vl)
 
 It generates a small multimodal benchmark in the M-BEIR layout (drawn objects with colour, shape, size and
 position; captions; seven retrieval tasks including composed "the same object, but red" queries), trains
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
+
+from umarvel.model.constants import BACKBONES
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,8 @@ def add_subparser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="the smallest run (under 3 minutes on a 2-core CPU)")
     p.add_argument("--model", default=None,
                    help="evaluate this checkpoint on the demo benchmark instead of training (e.g. the released one)")
+    p.add_argument("--backbone", default="qwen2_vl", choices=BACKBONES,
+                   help="family of the tiny random model trained by the demo (default qwen2_vl, the released one)")
     p.add_argument("--device", default="cpu", help="device of --model (default cpu; cuda for the 7B checkpoint)")
     p.add_argument("--dtype", default=None, help="dtype of --model (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=1,
@@ -43,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from umarvel.demo.report import PLOT_PNG, RESULTS_JSON, RESULTS_MD, recall_table
 
     plan = PLANS["quick" if args.quick else "default"]
+    plan = replace(plan, model={**plan.model, "backbone": args.backbone})
     if args.model:
         result = evaluate_model(args.model, args.output, plan, threads=args.threads, verbose=args.verbose,
                                 device=args.device, dtype=args.dtype)

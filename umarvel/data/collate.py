@@ -17,8 +17,9 @@ from PIL import Image
 
 from umarvel.data.formatting import (ASSISTANT_TEXT, INSTRUCTION_END, INSTRUCTION_START, PromptStyle, build_messages,
                                      pick_suffix)
-from umarvel.data.visual import (PatchSpec, VideoInput, image_patches, image_token_count, render_chat,
-                                 token_count, tokenize_chats, visual_batch)
+from umarvel.data.visual import (VIDEO_PAD, VISION_END, VISION_START, PatchSpec, VideoInput, image_patches,
+                                 image_token_count, render_chat, timestamped_video_text, tokenize_chats,
+                                 video_token_counts, visual_batch)
 
 _TEXT_SLOT = "\u0000UMARVEL_TEXT\u0000"
 
@@ -72,8 +73,8 @@ class EmbeddingTokenizer:
     Args:
         tokenizer: the checkpoint tokenizer with the U-MARVEL tokens added.
         style: suffix / generation-prompt policy (``umarvel.data.formatting.PromptStyle``).
-        spec: patch geometry (visual tokens = patches / merge_size**2); images must be resized to
-            multiples of ``spec.factor`` (28).
+        spec: patch geometry (visual tokens = patches / merge_size**2) and video layout of the backbone
+            (``BackboneSpec.patch_spec``); images must be resized to multiples of ``spec.factor`` (28 / 32).
     """
 
     def __init__(self, tokenizer, style: PromptStyle, spec: PatchSpec = PatchSpec()):
@@ -102,7 +103,11 @@ class EmbeddingTokenizer:
         if inp.segments is not None:
             return self._render_segments(inp.segments)
         before, after = self._template(len(inp.images), inp.video is not None, inp.text == "")
-        return before + inp.text + after
+        rendered = before + inp.text + after
+        if inp.video is not None and self.spec.video_timestamps:  # Qwen3-VL: one timestamped block per patch
+            rendered = rendered.replace(VISION_START + VIDEO_PAD + VISION_END,
+                                        timestamped_video_text(inp.video.times(self.spec.temporal_patch_size)), 1)
+        return rendered
 
     def _render_segments(self, segments: Sequence[str | None]) -> str:
         """Render interleaved content: ``None`` marks an image, strings are text items."""
@@ -122,8 +127,7 @@ class EmbeddingTokenizer:
         """Tokenize a list of inputs (one fast-tokenizer call) and expand visual placeholders."""
         wheres = [f"embedding input {i}" for i in range(len(inputs))]
         image_counts = [[image_token_count(im, self.spec, w) for im in x.images] for x, w in zip(inputs, wheres)]
-        video_counts = [[token_count(x.video.grid_thw, self.spec.merge_size)] if x.video is not None else []
-                        for x in inputs]
+        video_counts = [video_token_counts(x.video, self.spec) if x.video is not None else [] for x in inputs]
         ids = tokenize_chats(self.tokenizer, [self.render(x) for x in inputs], image_counts, video_counts, wheres)
         return [TokenizedInput(i, tuple(x.images), x.video, x.patches) for i, x in zip(ids, inputs)]
 

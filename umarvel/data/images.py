@@ -1,8 +1,14 @@
 """Image loading and the official Qwen2-VL smart resize (decision D16).
 
 PIL ``open(...).convert("RGB")`` (alpha dropped, not composited on white), then the resize of
-``qwen_vl_utils`` / the official ``collators/qwen2_vision_process.py``: sides rounded to multiples of 28,
-pixel count within ``[min_pixels, max_pixels]``, aspect ratio at most 200, PIL bicubic.
+``qwen_vl_utils`` / the official ``collators/qwen2_vision_process.py``: sides rounded to multiples of the
+backbone's ``patch_size * merge_size`` (28 for Qwen2-VL / Qwen2.5-VL, 32 for Qwen3-VL), pixel count within
+``[min_pixels, max_pixels]``, aspect ratio at most 200, PIL bicubic.
+
+Budgets on other backbones (:meth:`ImageBudget.for_backbone`): the recipe's defaults are 4 .. 300 visual
+tokens (``4*28*28 .. 300*28*28`` pixels, as ``qwen_vl_utils`` writes budgets: tokens times factor squared);
+on a backbone of another factor those two defaults keep their token counts (Qwen3-VL: ``4*32*32 ..
+300*32*32``). Any other value is a pixel count and is used as given.
 """
 from __future__ import annotations
 
@@ -17,8 +23,10 @@ from PIL import Image, UnidentifiedImageError
 from umarvel.errors import ImageLoadError
 
 IMAGE_FACTOR = 28
-MIN_PIXELS = 4 * 28 * 28
-MAX_PIXELS = 300 * 28 * 28
+MIN_TOKENS = 4
+MAX_TOKENS = 300
+MIN_PIXELS = MIN_TOKENS * IMAGE_FACTOR * IMAGE_FACTOR
+MAX_PIXELS = MAX_TOKENS * IMAGE_FACTOR * IMAGE_FACTOR
 MAX_RATIO = 200
 DISTILL_MAX_PIXELS = 224 * 224
 
@@ -32,6 +40,18 @@ class ImageBudget:
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
     factor: int = IMAGE_FACTOR
+
+    @classmethod
+    def for_backbone(cls, min_pixels: int | None, max_pixels: int | None, factor: int) -> "ImageBudget":
+        """The budget on a backbone of resize multiple ``factor`` (``PatchSpec.factor``).
+
+        ``None`` and the recipe defaults (:data:`MIN_PIXELS` / :data:`MAX_PIXELS`, i.e. 4 / 300 tokens of
+        28x28) mean 4 / 300 tokens of ``factor`` x ``factor``; other values are pixel counts, used as given.
+        """
+        def resolve(value: int | None, default: int, tokens: int) -> int:
+            return tokens * factor * factor if value is None or value == default else int(value)
+
+        return cls(resolve(min_pixels, MIN_PIXELS, MIN_TOKENS), resolve(max_pixels, MAX_PIXELS, MAX_TOKENS), factor)
 
 
 def round_by(x: float, f: int) -> int:

@@ -1,8 +1,14 @@
-"""Tokenizer and image processor for Qwen2-VL checkpoints, without torchvision.
+"""Tokenizer and image processor of Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, without torchvision.
 
-``AutoProcessor`` fails for Qwen2-VL when torchvision is missing (its video processor needs it), so
-the processor is assembled from ``AutoTokenizer`` and the PIL image processor. The PIL backend is
-also the one that reproduces the official pixels exactly (golden fixture, convention 8).
+``AutoProcessor`` fails for these models when torchvision is missing (their video processors need it), so
+the processor is assembled from ``AutoTokenizer`` and the PIL image processor. The PIL backend is also the
+one that reproduces the official pixels exactly (golden fixture, convention 8).
+
+Bundled files (offline; provenance in each folder's ``PROVENANCE.md``):
+``assets/qwen2vl_processor`` (Qwen2-VL), ``assets/qwen2_5_vl_processor`` (Qwen2.5-VL),
+``assets/qwen3_vl_processor`` (Qwen3-VL). All three share the Qwen2 byte-level BPE (``vocab.json`` +
+``merges.txt``), stored once in the Qwen2-VL folder; the other folders carry only what differs (added
+tokens, chat template, image-processor config) and borrow the BPE files at load time.
 """
 from __future__ import annotations
 
@@ -15,25 +21,79 @@ from umarvel.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-#: Qwen2-VL tokenizer / image-processor files shipped with the package (see assets/.../README.md).
-BUNDLED_PROCESSOR_DIR = Path(__file__).parent / "assets" / "qwen2vl_processor"
+ASSETS_DIR = Path(__file__).parent / "assets"
+#: Qwen2-VL tokenizer / image-processor files shipped with the package (see assets/.../PROVENANCE.md).
+BUNDLED_PROCESSOR_DIR = ASSETS_DIR / "qwen2vl_processor"
+#: The bundled processor folder of each backbone ``model_type``.
+BUNDLED_PROCESSOR_DIRS: dict[str, Path] = {
+    "qwen2_vl": BUNDLED_PROCESSOR_DIR,
+    "qwen2_5_vl": ASSETS_DIR / "qwen2_5_vl_processor",
+    "qwen3_vl": ASSETS_DIR / "qwen3_vl_processor",
+}
+#: Where the shared Qwen2 BPE files live (reused by the bundled folders that do not carry them).
+SHARED_BPE_DIR = BUNDLED_PROCESSOR_DIR
+BPE_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_FILES = "tokenizer.json or vocab.json + merges.txt"
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 #: Token ids the official loader gives the three U-MARVEL tokens on the 151,657-entry tokenizer.
 OFFICIAL_ADDED_IDS = {"<emb>": 151657, "<instruction_start>": 151658, "<instruction_end>": 151659}
+
+
+def bundled_processor_dir(model_type: str) -> Path:
+    """The bundled processor folder of a backbone ``model_type``.
+
+    Raises:
+        CheckpointError: naming the backbones that have bundled files.
+    """
+    try:
+        return BUNDLED_PROCESSOR_DIRS[model_type]
+    except KeyError:
+        raise CheckpointError(f"no bundled processor files for model_type {model_type!r}; "
+                              f"bundled: {sorted(BUNDLED_PROCESSOR_DIRS)}") from None
+
+
+def _is_bundled(path: Path) -> bool:
+    return path.resolve().parent == ASSETS_DIR.resolve()
+
+
+def missing_processor_files(path: str | Path) -> list[str]:
+    """What a folder lacks to load a tokenizer and an image processor ([] when complete).
+
+    Bundled folders count the shared BPE files as present.
+    """
+    p = Path(path)
+    missing = []
+    if not has_processor_files(p) and not (_is_bundled(p) and (p / "tokenizer_config.json").is_file()):
+        missing.append(TOKENIZER_FILES)
+    if not (p / IMAGE_PROCESSOR_FILE).is_file():
+        missing.append(IMAGE_PROCESSOR_FILE)
+    return missing
 
 
 def load_tokenizer(path: str | Path, add_umarvel_tokens: bool = True):
     """Load the tokenizer of a checkpoint folder and add ``<emb>`` and the instruction markers.
 
     The tokens are added one at a time as plain (non-special) tokens, as the official loader does,
-    so they get ids 151657-151659 on the stock Qwen2-VL tokenizer.
+    so they get ids 151657-151659 on the stock Qwen2-VL tokenizer (151665-151667 on Qwen2.5-VL,
+    151669-151671 on Qwen3-VL, whose tokenizers carry 8 / 12 more added tokens). A bundled folder without
+    ``vocab.json`` / ``merges.txt`` takes them from :data:`SHARED_BPE_DIR`.
+
+    Raises:
+        CheckpointError: naming the folder and the missing tokenizer files.
     """
     from transformers import AutoTokenizer
 
+    p = Path(path)
+    kwargs = {}
+    if not has_processor_files(p):
+        if not (_is_bundled(p) and (p / "tokenizer_config.json").is_file()):
+            raise CheckpointError(f"{p}: no tokenizer files (needs {TOKENIZER_FILES})")
+        kwargs = {"vocab_file": str(SHARED_BPE_DIR / BPE_FILES[0]), "merges_file": str(SHARED_BPE_DIR / BPE_FILES[1])}
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(p), **kwargs)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load a tokenizer ({exc})") from None
+        raise CheckpointError(f"{p}: cannot load a tokenizer ({exc})") from None
     if add_umarvel_tokens:
         for t in UMARVEL_TOKENS:
             if t not in tok.get_vocab():
@@ -45,7 +105,10 @@ def load_tokenizer(path: str | Path, add_umarvel_tokens: bool = True):
 
 
 def _image_processor_class():
-    """The PIL Qwen2-VL image processor class (named ``Qwen2VLImageProcessorPil`` in transformers 5.x)."""
+    """The PIL Qwen2-VL image processor class (named ``Qwen2VLImageProcessorPil`` in transformers 5.x).
+
+    Qwen2.5-VL and Qwen3-VL use the same image processor (different patch size / mean / std in their files).
+    """
     try:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         return Qwen2VLImageProcessorPil
@@ -55,28 +118,46 @@ def _image_processor_class():
 
 
 def load_image_processor(path: str | Path, min_pixels: int, max_pixels: int):
-    """The PIL image processor of a checkpoint folder, with the given pixel budget."""
+    """The PIL image processor of a checkpoint folder, with the given pixel budget.
+
+    Raises:
+        CheckpointError: naming the folder when ``preprocessor_config.json`` is missing or unreadable.
+    """
+    p = Path(path)
+    if not (p / IMAGE_PROCESSOR_FILE).is_file():
+        raise CheckpointError(f"{p}: no {IMAGE_PROCESSOR_FILE} (the image processor's configuration)")
     cls = _image_processor_class()
     try:
-        ip = cls.from_pretrained(str(path))
+        ip = cls.from_pretrained(str(p))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load the image processor ({exc})") from None
+        raise CheckpointError(f"{p}: cannot load the image processor ({exc})") from None
+    return set_image_budget(ip, min_pixels, max_pixels)
+
+
+def set_image_budget(image_processor, min_pixels: int, max_pixels: int):
+    """Give a loaded image processor the pixel budget ``[min_pixels, max_pixels]`` (returns it)."""
     # transformers 5.x reads the budget from ``size``; the legacy min/max attributes only trigger a
     # deprecation warning at call time. umarvel resizes images itself (``umarvel.data.images``) and
     # calls the processor with ``do_resize=False``, so this only matters for direct users.
-    ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     for legacy in ("min_pixels", "max_pixels"):
-        if getattr(ip, legacy, None) is not None:
-            setattr(ip, legacy, None)
-    return ip
+        if getattr(image_processor, legacy, None) is not None:
+            setattr(image_processor, legacy, None)
+    return image_processor
 
 
-@lru_cache(maxsize=1)
-def _processor_class():
-    from transformers import Qwen2VLProcessor
+#: transformers processor class of each backbone (built without the torchvision-only video processor).
+_HF_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 
-    class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
-        """``Qwen2VLProcessor`` without the torchvision-only video processor."""
+
+@lru_cache(maxsize=None)
+def _processor_class(model_type: str = "qwen2_vl"):
+    import transformers
+
+    base = getattr(transformers, _HF_PROCESSORS.get(model_type, "Qwen2VLProcessor"))
+
+    class ImageTextProcessor(base):
+        """The backbone's transformers processor without the torchvision-only video processor."""
 
         attributes = ["image_processor", "tokenizer"]
 
@@ -84,13 +165,15 @@ def _processor_class():
             super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                              chat_template=chat_template, **kwargs)
 
-    return Qwen2VLImageTextProcessor
+    ImageTextProcessor.__name__ = ImageTextProcessor.__qualname__ = f"{base.__name__}ImageText"
+    return ImageTextProcessor
 
 
-def build_hf_processor(tokenizer, image_processor):
-    """A transformers ``Qwen2VLProcessor`` (image + text) built from loaded parts, for users who want one."""
-    return _processor_class()(image_processor=image_processor, tokenizer=tokenizer,
-                              chat_template=getattr(tokenizer, "chat_template", None))
+def build_hf_processor(tokenizer, image_processor, model_type: str = "qwen2_vl"):
+    """A transformers ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` (image + text)
+    built from loaded parts, for users who want one."""
+    return _processor_class(model_type)(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=getattr(tokenizer, "chat_template", None))
 
 
 def has_processor_files(path: str | Path) -> bool:

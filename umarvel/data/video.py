@@ -6,11 +6,13 @@ Pipeline of the official ``fetch_video`` (``qwen_vl_utils`` fork), reimplemented
 2. pick ``n`` frames (:func:`smart_nframes`): a fixed ``nframes`` rounded to an even count (MSVD: 12), or
    ``fps=2`` sampling clamped to ``[4, min(768, total_frames)]`` and rounded to even (MSR-VTT);
 3. frame indices ``linspace(0, total_frames - 1, n).round()`` (:func:`sample_indices`);
-4. resize every frame to one ``smart_resize`` size (factor 28) within the per-frame budget
+4. resize every frame to one ``smart_resize`` size (factor 28; Qwen3-VL 32, :meth:`VideoSpec.for_factor`) within
+   the per-frame budget
    ``[VIDEO_MIN_PIXELS, max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / n * 2), int(1.05 * VIDEO_MIN_PIXELS))]``
    (:func:`frame_pixel_budget`), bicubic;
 5. patches: :func:`umarvel.data.visual.video_patches` (rescale 1/255, CLIP mean/std, temporal patch 2, patch 14,
-   2x2 merge order, exactly as transformers' Qwen2-VL video processor flattens them).
+   2x2 merge order, exactly as transformers' Qwen2-VL video processor flattens them); :func:`load_video_input`
+   also keeps each temporal patch's time (the Qwen3-VL processor's timestamps: frame index / stream fps).
 
 Resize difference: the official code resizes the uint8 frame tensor with torchvision's antialiased bicubic;
 here each frame is resized with PIL's bicubic (which always antialiases when downscaling). torchvision's
@@ -21,14 +23,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
 
 from umarvel.data.images import round_by, smart_resize
 from umarvel.errors import DataError
+
+if TYPE_CHECKING:
+    from umarvel.data.visual import PatchSpec, VideoInput
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ class VideoSpec:
         fps: target sampling rate when ``nframes`` is None.
         min_frames / max_frames: clamp of the fps sampling (``max_frames`` is also capped by the clip length).
         min_pixels / max_pixels / total_pixels: per-frame budget, see :func:`frame_pixel_budget`.
+        factor: frames are resized to multiples of it (the backbone's ``patch_size * merge_size``).
     """
 
     nframes: int | None = None
@@ -60,6 +66,19 @@ class VideoSpec:
     min_pixels: int = VIDEO_MIN_PIXELS
     max_pixels: int = VIDEO_MAX_PIXELS
     total_pixels: int = VIDEO_TOTAL_PIXELS
+    factor: int = VIDEO_FACTOR
+
+    def for_factor(self, factor: int) -> "VideoSpec":
+        """The same sampling on a backbone of resize multiple ``factor``, budgets kept in tokens.
+
+        ``qwen_vl_utils`` writes video budgets as tokens times ``factor**2`` (128 / 768 / 24576 tokens of 28x28
+        here); on Qwen3-VL (factor 32) they become 128*32*32 etc. Pixel overrides are applied after this.
+        """
+        if factor == self.factor:
+            return self
+        scale = (factor * factor) / (self.factor * self.factor)
+        return replace(self, factor=factor, min_pixels=round(self.min_pixels * scale),
+                       max_pixels=round(self.max_pixels * scale), total_pixels=round(self.total_pixels * scale))
 
 
 #: MSVD: 12 uniformly spaced frames.
@@ -195,30 +214,23 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int], video_id: str
 
 def resize_frames(frames: Sequence[Image.Image], spec: VideoSpec = VideoSpec(),
                   label: str = "video") -> list[Image.Image]:
-    """Resize all frames to one ``smart_resize`` size (factor 28) inside :func:`frame_pixel_budget`, bicubic.
+    """Resize all frames to one ``smart_resize`` size (``spec.factor``) inside :func:`frame_pixel_budget`, bicubic.
 
-    Shapes: n frames (H, W) -> n frames (h, w), h and w multiples of 28.
+    Shapes: n frames (H, W) -> n frames (h, w), h and w multiples of ``spec.factor`` (28; Qwen3-VL 32).
     """
     if not frames:
         raise DataError(f"{label}: no frames to resize")
     width, height = frames[0].size
     min_px, max_px = frame_pixel_budget(len(frames), spec)
     try:
-        h, w = smart_resize(height, width, VIDEO_FACTOR, min_px, max_px)
+        h, w = smart_resize(height, width, spec.factor, min_px, max_px)
     except DataError as exc:
         raise DataError(f"{label}: {exc}") from None
     return [f if f.size == (w, h) else f.resize((w, h), resample=Image.BICUBIC) for f in frames]
 
 
-def load_video(path: str | os.PathLike, spec: VideoSpec = VideoSpec(), video_id: str | None = None) -> list[Image.Image]:
-    """Decode, sample and resize a video as the official ``fetch_video`` does.
-
-    Returns:
-        n RGB PIL frames of one size (multiples of 28), n even.
-
-    Raises:
-        DataError: naming ``video_id`` and the path for a missing, corrupt or too short video.
-    """
+def _sample_video(path, spec: VideoSpec, video_id: str | None) -> tuple[list[Image.Image], np.ndarray, float | None]:
+    """Decoded, sampled and resized frames, with the sampled frame indices and the stream fps."""
     label = _label(path, video_id)
     total, fps = probe_video(path, video_id)
     try:
@@ -228,4 +240,32 @@ def load_video(path: str | os.PathLike, spec: VideoSpec = VideoSpec(), video_id:
     idx = sample_indices(total, n)
     frames = decode_frames(path, idx.tolist(), video_id)
     logger.debug("%s: %d frames at %s fps -> %d sampled", label, total, fps, n)
-    return resize_frames(frames, spec, label)
+    return resize_frames(frames, spec, label), idx, fps
+
+
+def load_video(path: str | os.PathLike, spec: VideoSpec = VideoSpec(), video_id: str | None = None) -> list[Image.Image]:
+    """Decode, sample and resize a video as the official ``fetch_video`` does.
+
+    Returns:
+        n RGB PIL frames of one size (multiples of ``spec.factor``), n even.
+
+    Raises:
+        DataError: naming ``video_id`` and the path for a missing, corrupt or too short video.
+    """
+    return _sample_video(path, spec, video_id)[0]
+
+
+def load_video_input(path: str | os.PathLike, spec: VideoSpec = VideoSpec(), patch_spec: PatchSpec | None = None,
+                     video_id: str | None = None) -> VideoInput:
+    """:func:`load_video` turned into patches, each temporal patch with its time in seconds.
+
+    The times are the Qwen3-VL processor's (``frame_timestamps`` of the sampled indices at the stream's fps;
+    ``qwen_vl_utils`` passes the same indices and fps); without a known fps the frame-list default applies.
+    """
+    # lazy: data.visual imports torch; this module stays torch-free for the CLI's zero-shot options
+    from umarvel.data.visual import PatchSpec, VideoInput, frame_timestamps
+
+    patch_spec = patch_spec or PatchSpec()
+    frames, idx, fps = _sample_video(path, spec, video_id)
+    times = frame_timestamps(idx.tolist(), fps, patch_spec.temporal_patch_size) if fps else None
+    return VideoInput.from_frames(frames, patch_spec, times)

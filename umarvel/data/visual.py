@@ -11,6 +11,11 @@ patchified in loader threads instead of the collation thread. Images and videos 
 Tokens. An image or video of patch grid ``(t, h, w)`` takes ``t * h * w / merge_size**2`` language-model
 tokens: its single ``<|image_pad|>`` / ``<|video_pad|>`` placeholder in the rendered chat is repeated that
 many times (:func:`expand_pads`), for the embedding and the reranker collators alike.
+
+Videos on Qwen3-VL (``PatchSpec.video_timestamps``): as the Qwen3-VL processor does, the chat's
+``<|vision_start|><|video_pad|><|vision_end|>`` is replaced by one block per temporal patch,
+``<{t:.1f} seconds><|vision_start|><|video_pad|><|vision_end|>``, each pad then repeated ``h * w / merge**2``
+times (:func:`timestamped_video_text`, :func:`frame_timestamps`); Qwen3-VL's M-RoPE index expects this layout.
 """
 from __future__ import annotations
 
@@ -32,6 +37,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+#: Sampling rate assumed for frames given without timestamps (``qwen_vl_utils``' default for a frame list).
+FRAME_LIST_FPS = 2.0
 
 FramesLike = Union[Sequence[Image.Image], np.ndarray]
 #: One visual's patches: float32 (N, C*T*P*P) pixel rows and its int64 (1, 3) ``[[t, h, w]]`` grid.
@@ -40,20 +49,28 @@ Patches = tuple[np.ndarray, np.ndarray]
 
 @dataclass(frozen=True)
 class PatchSpec:
-    """Patch geometry and normalisation of a Qwen2-VL image processor."""
+    """Patch geometry and normalisation of a Qwen2-VL-style image processor, and the video token layout.
+
+    Attributes:
+        patch_size / temporal_patch_size / merge_size / image_mean / image_std: from the image processor
+            (Qwen2-VL / Qwen2.5-VL: 14, 2, 2, CLIP mean/std; Qwen3-VL: 16, 2, 2, 0.5/0.5).
+        video_timestamps: the Qwen3-VL video layout (one ``<t seconds>`` block per temporal patch); a property
+            of the backbone, not of the processor files (``umarvel.model.backbones.BackboneSpec``).
+    """
 
     patch_size: int = PATCH_SIZE
     temporal_patch_size: int = TEMPORAL_PATCH_SIZE
     merge_size: int = MERGE_SIZE
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
+    video_timestamps: bool = False
 
     @classmethod
-    def from_processor(cls, image_processor) -> "PatchSpec":
+    def from_processor(cls, image_processor, video_timestamps: bool = False) -> "PatchSpec":
         """Read the geometry and mean/std from a transformers Qwen2-VL image processor."""
         return cls(int(image_processor.patch_size), int(image_processor.temporal_patch_size),
                    int(image_processor.merge_size), tuple(float(v) for v in image_processor.image_mean),
-                   tuple(float(v) for v in image_processor.image_std))
+                   tuple(float(v) for v in image_processor.image_std), video_timestamps)
 
     @property
     def factor(self) -> int:
@@ -131,6 +148,21 @@ def video_patches(frames: FramesLike, spec: PatchSpec = PatchSpec()) -> Patches:
     return frame_patches(_frames_array(frames).astype(np.uint8, copy=False), spec, "video_patches: frame")
 
 
+def frame_timestamps(indices: Sequence[int], fps: float, temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> list[float]:
+    """Seconds of each temporal patch: the Qwen3-VL processor's ``_calculate_timestamps``.
+
+    The sampled frame ``indices`` (padded by repeating the last to a multiple of ``temporal_patch_size``)
+    become ``index / fps`` seconds; each group of ``temporal_patch_size`` frames gets the mean of its first
+    and last time. Returns ``ceil(len(indices) / temporal_patch_size)`` floats.
+    """
+    idx = [int(i) for i in indices]
+    if not idx or fps <= 0:
+        raise DataError(f"frame_timestamps: need frame indices and a positive fps (got {len(idx)} frames, fps {fps})")
+    idx += [idx[-1]] * (-len(idx) % temporal_patch_size)
+    times = [i / fps for i in idx]
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
 @dataclass(frozen=True)
 class VideoInput:
     """A video already turned into Qwen2-VL patches.
@@ -138,16 +170,42 @@ class VideoInput:
     Attributes:
         pixel_values: float32 (t*h*w, C*T*P*P) patches.
         grid_thw: (t, h, w) patch grid.
+        timestamps: seconds of each of the t temporal patches (:func:`frame_timestamps`), used by the
+            Qwen3-VL layout; ``None``: frames taken as sampled at :data:`FRAME_LIST_FPS` from frame 0.
     """
 
     pixel_values: np.ndarray
     grid_thw: tuple[int, int, int]
+    timestamps: tuple[float, ...] | None = None
 
     @classmethod
-    def from_frames(cls, frames: FramesLike, spec: PatchSpec = PatchSpec()) -> "VideoInput":
-        """Patches of resized frames (see :func:`video_patches`)."""
+    def from_frames(cls, frames: FramesLike, spec: PatchSpec = PatchSpec(),
+                    timestamps: Sequence[float] | None = None) -> "VideoInput":
+        """Patches of resized frames (see :func:`video_patches`); ``timestamps``: one per temporal patch."""
         pv, grid = video_patches(frames, spec)
-        return cls(pv, tuple(int(g) for g in grid[0]))
+        grid_thw = tuple(int(g) for g in grid[0])
+        if timestamps is not None and len(timestamps) != grid_thw[0]:
+            raise DataError(f"VideoInput: {len(timestamps)} timestamps for {grid_thw[0]} temporal patches")
+        return cls(pv, grid_thw, None if timestamps is None else tuple(float(t) for t in timestamps))
+
+    def times(self, temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> list[float]:
+        """Seconds of each temporal patch (:attr:`timestamps`, or the frame-list default)."""
+        if self.timestamps is not None:
+            return list(self.timestamps)
+        return frame_timestamps(range(self.grid_thw[0] * temporal_patch_size), FRAME_LIST_FPS, temporal_patch_size)
+
+
+def timestamped_video_text(times: Sequence[float]) -> str:
+    """The Qwen3-VL video placeholder: ``<{t:.1f} seconds><|vision_start|><|video_pad|><|vision_end|>`` per patch."""
+    return "".join(f"<{t:.1f} seconds>{VISION_START}{VIDEO_PAD}{VISION_END}" for t in times)
+
+
+def video_token_counts(video: VideoInput, spec: PatchSpec) -> list[int]:
+    """Token counts of the video's ``<|video_pad|>`` runs: one run (Qwen2/2.5-VL) or one per temporal patch."""
+    t, h, w = video.grid_thw
+    if spec.video_timestamps:
+        return [token_count((1, h, w), spec.merge_size)] * t
+    return [token_count((t, h, w), spec.merge_size)]
 
 
 # ------------------------------------------------------------------------------------------ token counts

@@ -1,4 +1,4 @@
-"""The U-MARVEL embedding module: bidirectional Qwen2-VL, mean pooling, L2 normalisation.
+"""The U-MARVEL embedding module: a bidirectional Qwen2-VL (or Qwen2.5-VL / Qwen3-VL), mean pooling, L2 normalisation.
 
 Conventions (method spec section 1, decisions D5/D6; golden README "Parity conditions"):
 - attention is always bidirectional (also for a batch of one and batches without padding): the
@@ -19,7 +19,6 @@ vectors (fp32: within 1e-5). A frozen vision tower always runs without autograd.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Literal
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from umarvel.model.attention import install_packed_attention, packed_kwargs, packing_supported, segment_ids
-from umarvel.model.backbones import BackboneSpec
+from umarvel.model.backbones import BackboneSpec, vision_frozen  # noqa: F401 (re-exported)
 from umarvel.model.constants import DEFAULT_TEMPERATURE
 from umarvel.model.positions import position_ids as batch_positions
 
@@ -177,12 +176,16 @@ class UMarvelEmbedder(nn.Module):
                       seq_lens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states of the language model: (B, L, D), or (1, T, D) for a packed row.
 
-        A packed row (``cu_seqlens`` given, see ``umarvel.data.packing``) attends within each sequence only;
-        ``position_ids`` default to 0.. per sequence.
+        The backbone's :meth:`BackboneSpec.embed_inputs` puts the visual features into the ``<|image_pad|>``
+        / ``<|video_pad|>`` positions and returns what else the language model takes (Qwen3-VL: DeepStack,
+        at the visual positions of the padded batch or of the packed row). A packed row (``cu_seqlens``
+        given, see ``umarvel.data.packing``) attends within each sequence only; ``position_ids`` default to
+        0.. per sequence. Masks and positions go through the spec's ``lm_attention_mask`` / ``lm_position_ids``.
         """
-        embeds = self.input_embeddings(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        lm = self.spec.language_model(self.hf_model)
-        layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+        model = self.hf_model
+        embeds, lm_inputs = self.spec.embed_inputs(model, input_ids, pixel_values, image_grid_thw,
+                                                   pixel_values_videos, video_grid_thw)
+        lm = self.spec.language_model(model)
         if cu_seqlens is not None:
             if not self.supports_packing:
                 raise ValueError(f"packed batches need positions='1d', a packing-aware attention and no "
@@ -191,8 +194,9 @@ class UMarvelEmbedder(nn.Module):
                                  f"{getattr(lm.config, '_attn_implementation', None)!r}); use padded batches")
             if position_ids is None:
                 position_ids = packed_positions(cu_seqlens, input_ids.shape[1])
-            out = lm(inputs_embeds=embeds, attention_mask={t: None for t in layer_types}, position_ids=position_ids,
-                     use_cache=False, **packed_kwargs(cu_seqlens, packed_max_len(cu_seqlens, seq_lens)))
+            out = lm(inputs_embeds=embeds, attention_mask=self.spec.lm_attention_mask(lm, None, embeds, packed=True),
+                     position_ids=self.spec.lm_position_ids(position_ids), use_cache=False,
+                     **packed_kwargs(cu_seqlens, packed_max_len(cu_seqlens, seq_lens)), **lm_inputs)
             return out.last_hidden_state
         # D5: compat="official" reproduces the SDPA early exit (no padding in the batch -> causal).
         official_causal = self.causal_when_unpadded and bool(attention_mask.all())
@@ -200,10 +204,10 @@ class UMarvelEmbedder(nn.Module):
             mask = pad_key_mask(attention_mask, embeds.dtype)
         else:
             mask = _causal_mask(attention_mask, embeds.dtype)
-        out = lm(inputs_embeds=embeds, attention_mask={t: mask for t in layer_types},
-                 position_ids=batch_positions(self.positions, self.spec, self.hf_model, input_ids, attention_mask,
-                                              image_grid_thw, video_grid_thw),
-                 use_cache=False)
+        pos = batch_positions(self.positions, self.spec, model, input_ids, attention_mask, image_grid_thw,
+                              video_grid_thw)
+        out = lm(inputs_embeds=embeds, attention_mask=self.spec.lm_attention_mask(lm, mask, embeds),
+                 position_ids=self.spec.lm_position_ids(pos), use_cache=False, **lm_inputs)
         return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor,
@@ -234,36 +238,14 @@ def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return (torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seg])[None]
 
 
-def vision_frozen(visual: nn.Module) -> bool:
-    """Whether no parameter of the vision tower is trainable."""
-    return not any(p.requires_grad for p in visual.parameters())
-
-
 def multimodal_embeddings(spec: BackboneSpec, model: nn.Module, input_ids: torch.Tensor,
                           pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                           pixel_values_videos: torch.Tensor | None = None,
                           video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
     """Token embeddings (``input_ids.shape + (D,)``) with vision features in the ``<|image_pad|>`` /
-    ``<|video_pad|>`` positions; one tower call per modality, under ``no_grad`` when the tower is frozen.
-
-    The placeholder count is checked against the features where that costs no device sync (CPU tensors).
-    """
-    cfg = model.config
-    embeds = spec.inner(model).get_input_embeddings()(input_ids)
-    visual = spec.visual(model)
-    for pix, grid, token_id, fn in (
-            (pixel_values, image_grid_thw, cfg.image_token_id, spec.image_features),
-            (pixel_values_videos, video_grid_thw, cfg.video_token_id, spec.video_features)):
-        if pix is None:
-            continue
-        ctx = torch.no_grad() if vision_frozen(visual) else contextlib.nullcontext()
-        with ctx:
-            feats = fn(model, pix.to(next(visual.parameters()).dtype), grid).to(embeds.dtype)
-        slots = (input_ids == token_id).unsqueeze(-1)
-        if input_ids.device.type == "cpu" and int(slots.sum()) != feats.shape[0]:
-            raise ValueError(f"{int(slots.sum())} visual placeholder tokens but {feats.shape[0]} visual features")
-        embeds = embeds.masked_scatter(slots.expand_as(embeds), feats)
-    return embeds
+    ``<|video_pad|>`` positions (:meth:`BackboneSpec.embed_inputs`: one tower call per modality, under
+    ``no_grad`` when the tower is frozen; DeepStack inputs are not returned here)."""
+    return spec.embed_inputs(model, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)[0]
 
 
 def _causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

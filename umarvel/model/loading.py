@@ -3,6 +3,8 @@
 Accepted folders:
 - a released / official checkpoint: a ``Qwen2VLForConditionalGeneration`` folder in the
   transformers 4.x key layout (``model.*``, ``visual.*``), tokenizer WITHOUT the U-MARVEL tokens;
+- a stock Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (the backbone is read from ``config.json``'s
+  ``model_type``, :mod:`umarvel.model.backbones`);
 - a folder written by umarvel (transformers 5.x layout, tokenizer with the tokens, ``umarvel.json``);
 - a peft LoRA adapter folder (``adapter_config.json``) on top of either.
 
@@ -20,10 +22,14 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from umarvel.data.formatting import UMARVEL_TOKENS
+from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget
+from umarvel.data.processor import (IMAGE_PROCESSOR_FILE, TOKENIZER_FILES, has_processor_files, load_image_processor,
+                                    set_image_budget)
 from umarvel.errors import CheckpointError
 from umarvel.model.backbones import BackboneSpec, get_backbone_spec
 from umarvel.utils.io import atomic_dir
@@ -106,6 +112,38 @@ def load_hf_backbone(path: str | os.PathLike, dtype: torch.dtype, device: str | 
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{p}: cannot load {cls.__name__} ({exc})") from None
     return model.to(device).eval(), spec
+
+
+def processor_dirs(base: Path, adapters: Sequence[Path], spec: BackboneSpec) -> tuple[Path, Path]:
+    """``(tokenizer folder, image-processor folder)`` of a checkpoint: the newest adapter or the base folder
+    carrying the files, else the backbone's bundled files (with a warning naming what is missing)."""
+    tok_dir = next((p for p in [*adapters[::-1], base] if has_processor_files(p)), None)
+    if tok_dir is None:
+        logger.warning("%s has no tokenizer files (%s); using the bundled %s tokenizer (%s)", base, TOKENIZER_FILES,
+                       spec.name or spec.model_type, spec.processor_dir)
+        tok_dir = spec.processor_dir
+    proc_dir = base
+    if not (base / IMAGE_PROCESSOR_FILE).is_file():
+        logger.warning("%s has no %s; using the bundled %s image processor (%s)", base, IMAGE_PROCESSOR_FILE,
+                       spec.name or spec.model_type, spec.processor_dir)
+        proc_dir = spec.processor_dir
+    return tok_dir, proc_dir
+
+
+def load_image_processor_for(proc_dir: str | os.PathLike, spec: BackboneSpec, model: torch.nn.Module,
+                             min_pixels: int | None, max_pixels: int | None) -> tuple[object, ImageBudget]:
+    """The image processor of ``proc_dir`` and the image budget resolved for the backbone.
+
+    Returns:
+        ``(image_processor, ImageBudget)``: the processor carries the budget; the budget's ``factor`` is the
+        processor's ``patch_size * merge_size`` (``ImageBudget.for_backbone``).
+    Raises:
+        CheckpointError: the processor's patch geometry does not fit the vision tower, or its file is missing.
+    """
+    ip = load_image_processor(proc_dir, MIN_PIXELS, MAX_PIXELS)
+    spec.check_processor(model, ip, str(proc_dir))
+    budget = ImageBudget.for_backbone(min_pixels, max_pixels, spec.patch_spec(ip).factor)
+    return set_image_budget(ip, budget.min_pixels, budget.max_pixels), budget
 
 
 def ensure_token_rows(model: torch.nn.Module, tokenizer, seed: int = MARKER_SEED) -> str:

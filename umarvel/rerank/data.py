@@ -27,6 +27,7 @@ from umarvel.data.mbeir import (InstructionTable, choose_instruction, parse_quer
                                         read_pool)
 from umarvel.data.records import Candidate, Query
 from umarvel.data.runfiles import MinedRow, iter_mined
+from umarvel.data.visual import PatchSpec
 from umarvel.rerank.collate import RerankTokenizer, RerankTrainCollator
 from umarvel.rerank.prompts import TRAIN_MAX_TEXT_TOKENS, RerankPair
 from umarvel.rerank.score import load_pair_images, pair_from_records
@@ -105,7 +106,7 @@ class RerankBatchCollator:
     """
 
     def __init__(self, tokenizer, image_processor, max_length: int = 2048, answer_only_loss: bool = False):
-        self.tok = RerankTokenizer(tokenizer, training=True)
+        self.tok = RerankTokenizer(tokenizer, training=True, spec=PatchSpec.from_processor(image_processor))
         self.collate = RerankTrainCollator(tokenizer, image_processor, answer_only_loss=answer_only_loss)
         self.max_length = max_length
 

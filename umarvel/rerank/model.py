@@ -1,6 +1,7 @@
 """The point-wise reranker: a stock causal Qwen2-VL answering ``Yes`` / ``No`` (method spec section 4).
 
-- Model: stock ``Qwen2VLForConditionalGeneration`` with causal attention and NO added tokens
+- Model: stock ``Qwen2VLForConditionalGeneration`` (or Qwen2.5-VL / Qwen3-VL, whichever ``config.json``
+  names; its own forward, DeepStack included) with causal attention and NO added tokens
   (tokenizer loaded with ``add_umarvel_tokens=False``); LoRA (``task_type=CAUSAL_LM``) on every
   language-model linear, vision tower and merger frozen.
 - Training loss: the HF causal-LM loss (shift by one, mean CE over labels != -100), but vocabulary
@@ -34,12 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget
-from umarvel.data.processor import BUNDLED_PROCESSOR_DIR, has_processor_files, load_image_processor, load_tokenizer
+from umarvel.data.processor import load_tokenizer
 from umarvel.errors import CheckpointError
 from umarvel.model import loading
 from umarvel.model.attention import install_packed_attention, packed_kwargs, packing_supported
 from umarvel.model.backbones import BackboneSpec
-from umarvel.model.embedder import multimodal_embeddings, packed_max_len
+from umarvel.model.embedder import packed_max_len, packed_positions
 from umarvel.model.positions import POSITIONS, Positions, position_ids
 from umarvel.rerank.collate import IGNORE_INDEX, answer_token_ids
 from umarvel.utils.compat import DEFAULT, check_compat
@@ -96,11 +97,14 @@ class Reranker(nn.Module):
             if (positions or self.positions) != "1d" or not self.supports_packing:
                 raise ValueError("packed reranker batches need positions='1d' and a packing-aware attention")
             model = self.hf_model
-            embeds = multimodal_embeddings(self.spec, model, input_ids, pixel_values, image_grid_thw)
+            # the backbone's hooks: DeepStack inputs at the packed row's visual positions, its mask / position format
+            embeds, lm_inputs = self.spec.embed_inputs(model, input_ids, pixel_values, image_grid_thw)
             lm = self.spec.language_model(model)
-            layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
-            out = lm(inputs_embeds=embeds, attention_mask={t: None for t in layer_types}, position_ids=position_ids,
-                     use_cache=False, **packed_kwargs(cu_seqlens, packed_max_len(cu_seqlens, seq_lens)))
+            if position_ids is None:
+                position_ids = packed_positions(cu_seqlens, input_ids.shape[1])
+            out = lm(inputs_embeds=embeds, attention_mask=self.spec.lm_attention_mask(lm, None, embeds, packed=True),
+                     position_ids=self.spec.lm_position_ids(position_ids), use_cache=False,
+                     **packed_kwargs(cu_seqlens, packed_max_len(cu_seqlens, seq_lens)), **lm_inputs)
             return out.last_hidden_state
         inner = self.spec.inner(self.hf_model)
         if pixel_values is not None:
@@ -231,12 +235,14 @@ class LoadedReranker:
 
 def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                   adapter: str | os.PathLike | None = None, positions: Positions = "1d",
-                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                  min_pixels: int | None = MIN_PIXELS, max_pixels: int | None = MAX_PIXELS,
                   attn_implementation: str = "sdpa", trainable_adapter: bool = False,
                   compat: str = DEFAULT) -> LoadedReranker:
     """Load a reranker checkpoint folder (stock or merged), optionally with a LoRA adapter on top.
 
-    A LoRA adapter folder given as ``path`` loads its base (``base_model_name_or_path``) first.
+    A LoRA adapter folder given as ``path`` loads its base (``base_model_name_or_path``) first. The backbone
+    (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) comes from ``config.json``; the image budget is resolved for it
+    (``ImageBudget.for_backbone``: the 4..300-token defaults keep their token counts on Qwen3-VL).
     ``compat="official"``: scoring uses :meth:`Reranker.p_yes_generate` and the official batching
     (``umarvel.rerank.score.score_pairs``); ``positions`` is then unused.
     """
@@ -256,10 +262,9 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
     if adapter is not None:
         adapters.append(loading.check_checkpoint_dir(adapter))
     model, spec = loading.load_hf_backbone(base, torch_dtype, device, attn_implementation)
-    tok_dir = next((d for d in [*adapters[::-1], base] if has_processor_files(d)), BUNDLED_PROCESSOR_DIR)
+    tok_dir, proc_dir = loading.processor_dirs(Path(base), adapters, spec)
     tokenizer = load_tokenizer(tok_dir, add_umarvel_tokens=False)
-    proc_dir = base if (Path(base) / "preprocessor_config.json").is_file() else BUNDLED_PROCESSOR_DIR
-    image_processor = load_image_processor(proc_dir, min_pixels, max_pixels)
+    image_processor, budget = loading.load_image_processor_for(proc_dir, spec, model, min_pixels, max_pixels)
     yes_id, no_id = answer_token_ids(tokenizer)
     reranker = Reranker(model, spec, yes_id, no_id, positions)
     for a in adapters:
@@ -268,4 +273,4 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
     logger.info("loaded reranker %s (%s on %s, %s, Yes/No ids %d/%d)", p, torch_dtype, device,
                 "official generate scoring" if compat != DEFAULT else f"positions {positions}", yes_id, no_id)
     return LoadedReranker(reranker, tokenizer, image_processor, torch.device(device), torch_dtype, str(p),
-                          ImageBudget(min_pixels, max_pixels), compat)
+                          budget, compat)

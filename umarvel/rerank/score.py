@@ -24,6 +24,7 @@ from umarvel.errors import DataError
 from umarvel.data.records import Candidate, Query
 from umarvel.log import progress_disabled
 from umarvel.model.positions import Positions
+from umarvel.data.visual import PatchSpec
 from umarvel.rerank.collate import RerankScoreCollator, RerankTokenizer
 from umarvel.rerank.model import LoadedReranker
 from umarvel.rerank.prompts import RerankPair, RerankSide, make_side, rerank_candidate_text, rerank_query_text
@@ -73,7 +74,7 @@ def score_pairs(reranker: LoadedReranker, pairs: Sequence[RerankPair], batch_siz
     if not pairs:
         return out
     budget = budget or reranker.budget
-    rt = RerankTokenizer(reranker.tokenizer, training=False)
+    rt = RerankTokenizer(reranker.tokenizer, training=False, spec=PatchSpec.from_processor(reranker.image_processor))
     collate = RerankScoreCollator(reranker.tokenizer, reranker.image_processor)
     max_tokens = max_tokens or batch_size * 2048
     show = (len(pairs) >= 64 and not progress_disabled()) if show_progress is None else show_progress

@@ -30,6 +30,7 @@ from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokeniz
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import ImageBudget, load_image
 from umarvel.data.packing import PackedCollator, plan_packs
+from umarvel.data.visual import PatchSpec
 from umarvel.train.datasets import TrainDataset, TrainExample, row_source
 
 
@@ -143,13 +144,15 @@ class PairCollator:
         tokenizer / image_processor: of the checkpoint. style: suffix / generation-prompt policy.
         budget: image resize budget. mask_instruction: pool without the instruction span.
         chunk_size / chunk_tokens: chunk limits. reference: official layout-order batching (see module doc).
+        patch_spec: the backbone's patch geometry and video layout (``UMarvel.patch_spec``; default: read
+            from ``image_processor``, Qwen2-VL video layout).
         packing: packed chunks without padding (ignored with ``reference``).
     """
 
     def __init__(self, tokenizer, image_processor, style: PromptStyle, budget: ImageBudget = ImageBudget(),
                  mask_instruction: bool = True, chunk_size: int = 32, chunk_tokens: int | None = None,
-                 reference: bool = False, packing: bool = False):
-        self.tok = EmbeddingTokenizer(tokenizer, style)
+                 reference: bool = False, patch_spec: PatchSpec | None = None, packing: bool = False):
+        self.tok = EmbeddingTokenizer(tokenizer, style, patch_spec or PatchSpec.from_processor(image_processor))
         self.collator = EmbeddingCollator(tokenizer, image_processor, padding_side="left",
                                           mask_instruction=mask_instruction)
         self.packed = PackedCollator(tokenizer, image_processor, mask_instruction=mask_instruction)

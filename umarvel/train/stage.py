@@ -99,10 +99,11 @@ class EmbeddingTask:
     def _collator(self) -> PairCollator:
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
         style = PromptStyle(suffix=d.suffix, image_only_suffix="image", add_generation_prompt=d.add_generation_prompt)
+        spec = self.model.patch_spec
         return PairCollator(self.model.tokenizer, self.model.image_processor, style,
-                            ImageBudget(m.min_pixels, m.max_pixels), mask_instruction=d.mask_instruction,
-                            chunk_size=t.chunk_size, chunk_tokens=t.chunk_tokens,
-                            packing=t.packing and self.embedder.supports_packing)
+                            ImageBudget.for_backbone(m.min_pixels, m.max_pixels, spec.factor),
+                            mask_instruction=d.mask_instruction, chunk_size=t.chunk_size, chunk_tokens=t.chunk_tokens,
+                            patch_spec=spec, packing=t.packing and self.embedder.supports_packing)
 
     def param_groups(self, params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
         """LoRA weights with weight decay; the learnable temperature (if any) without (D2)."""

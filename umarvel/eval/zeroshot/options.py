@@ -44,12 +44,18 @@ class ZeroShotOptions:
     def __post_init__(self) -> None:
         check_compat(self.compat, "ZeroShotOptions.compat")
 
-    def video_spec(self, name: str) -> VideoSpec:
-        """The frame sampling of a set's ``video_spec`` name with the pixel overrides applied."""
+    def video_spec(self, name: str, factor: int | None = None) -> VideoSpec:
+        """The frame sampling of a set's ``video_spec`` name with the pixel overrides applied.
+
+        ``factor``: the model's resize multiple (``PatchSpec.factor``; 32 on Qwen3-VL): the published budgets keep
+        their token counts (``VideoSpec.for_factor``); the pixel overrides are pixels.
+        """
         try:
             spec = VIDEO_SPECS[name]
         except KeyError:
             raise DataError(f"unknown video spec {name!r} (known: {', '.join(VIDEO_SPECS)})") from None
+        if factor is not None:
+            spec = spec.for_factor(factor)
         over = {k: v for k, v in (("min_pixels", self.video_min_pixels), ("max_pixels", self.video_max_pixels),
                                   ("total_pixels", self.video_total_pixels)) if v is not None}
         return replace(spec, **over) if over else spec

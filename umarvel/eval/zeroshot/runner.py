@@ -2,7 +2,7 @@
 
 For each task (``umarvel.eval.zeroshot.tasks``): read the set (absent data -> ``skipped: <set> (missing
 <path>)``, recorded, never a crash) -> build one loader per item (images resized with the model's budget,
-videos decoded with PyAV and turned into Qwen2-VL patches, VIST stories as interleaved content, texts from
+videos decoded with PyAV and turned into the backbone's patches, VIST stories as interleaved content, texts from
 :meth:`ZSItem.final_text`, exactly as the official per-set scripts build them) -> encode each side through the
 embedding cache with the set's prompt style (no suffix except Flickr30K) -> re-normalise the float16 cache
 vectors in fp32 -> exact scores -> metrics. CIRCO test writes the top-50 submission JSON instead.
@@ -39,8 +39,8 @@ import numpy as np
 from umarvel.data.collate import EmbedInput
 from umarvel.data.formatting import PromptStyle
 from umarvel.data.images import load_image
-from umarvel.data.video import VideoSpec, load_video
-from umarvel.data.visual import VideoInput
+from umarvel.data.video import VideoSpec, load_video_input
+from umarvel.data.visual import PatchSpec
 from umarvel.errors import ConfigError, DataError
 from umarvel.eval.cache import EmbeddingCache
 from umarvel.eval.search import unit_rows_fp32
@@ -105,8 +105,11 @@ def item_record(item: ZSItem, compat: str = DEFAULT) -> dict:
     return rec
 
 
-def make_loader(rec: Mapping[str, Any], budget, video_spec: VideoSpec | None, what: str) -> Callable[[], EmbedInput]:
+def make_loader(rec: Mapping[str, Any], budget, video_spec: VideoSpec | None, what: str,
+                patch_spec: PatchSpec = PatchSpec()) -> Callable[[], EmbedInput]:
     """A zero-argument loader building the :class:`EmbedInput` of one :func:`item_record` (decoding inside).
+
+    ``patch_spec``: the model's patch geometry (videos become patches in the loader; Qwen3-VL keeps their times).
 
     Raises (when called):
         DataError / ImageLoadError: naming ``what`` (set, side, item id) and the file.
@@ -124,8 +127,7 @@ def make_loader(rec: Mapping[str, Any], budget, video_spec: VideoSpec | None, wh
             raise DataError(f"{what}: a video item in a set without a video spec")
 
         def load_video_item() -> EmbedInput:
-            frames = load_video(video, video_spec, video_id=str(rec["id"]))
-            return EmbedInput(text, video=VideoInput.from_frames(frames))
+            return EmbedInput(text, video=load_video_input(video, video_spec, patch_spec, video_id=str(rec["id"])))
         return load_video_item
     if image is not None:
         return lambda: EmbedInput(text, (load_image(image, budget, what=what),))
@@ -145,6 +147,7 @@ class SetEncoder:
         self.cache = cache
         self.options = options
         self.fingerprint = model.fingerprint()
+        self.patch_spec: PatchSpec = getattr(model, "patch_spec", PatchSpec())
 
     def encode(self, cache_name: str, side: str, items: Sequence[ZSItem], style: PromptStyle,
                video_spec: VideoSpec | None = None, set_name: str | None = None) -> np.ndarray:
@@ -166,7 +169,8 @@ class SetEncoder:
         what = f"{cache_name} {side}"
 
         def loaders_of(recs: Sequence[dict]) -> list:
-            return [make_loader(r, self.model.budget, video_spec, f"{what} item {r['id']}") for r in recs]
+            return [make_loader(r, self.model.budget, video_spec, f"{what} item {r['id']}", self.patch_spec)
+                    for r in recs]
 
         head = loaders_of(records[:batch]) if official else None  # completes the last official batch
 
@@ -204,7 +208,7 @@ def evaluate_set(task: Task, zs: ZeroShotSet, encoder: SetEncoder) -> TaskOutcom
     gallery scores; PairSet -> row-wise accuracy.
     """
     style = set_style(zs)
-    spec = encoder.options.video_spec(zs.video_spec) if zs.video_spec else None
+    spec = encoder.options.video_spec(zs.video_spec, encoder.patch_spec.factor) if zs.video_spec else None
     cache_name = task.options.get("cache_name", zs.name)
     if isinstance(zs, RetrievalSet):
         gallery_name = "circo" if zs.name in ("circo", "circo_test") else cache_name  # val and test share it
@@ -331,7 +335,7 @@ def run_zeroshot(model, data_root: str | Path, output_dir: str | Path, tasks: st
         "data_root": str(data_root),
         "settings": model.settings.as_dict(),
         "options": asdict(options),
-        "video_specs": {k: asdict(options.video_spec(k)) for k in VIDEO_SPECS},
+        "video_specs": {k: asdict(options.video_spec(k, encoder.patch_spec.factor)) for k in VIDEO_SPECS},
         "tasks": entries,
         "paper_table": table_values(entries, PAPER_COLUMNS),
         "extra_table": table_values(entries, EXTRA_COLUMNS),
