@@ -1,6 +1,7 @@
 """Shared test fixtures: the sibling ``shared/`` folder (golden fixtures) and tiny checkpoints."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -57,3 +58,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_logging():
+    """Log handlers bound to this test's captured stderr (setup_logging configures once per process)."""
+    lg = logging.getLogger("umarvel")
+    saved = lg.handlers[:], getattr(lg, "_umarvel_configured", False)
+    lg.handlers.clear()
+    lg._umarvel_configured = False
+    yield
+    lg.handlers[:] = saved[0]
+    lg._umarvel_configured = saved[1]

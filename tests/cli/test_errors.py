@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import subprocess
 
@@ -22,15 +21,8 @@ NO_MODEL = "/nonexistent/model"  # the checks must fail before the model is look
 
 
 @pytest.fixture(autouse=True)
-def _fresh_logging():
-    """Log handlers bound to this test's captured stderr (setup_logging configures once per process)."""
-    lg = logging.getLogger("umarvel")
-    saved = lg.handlers[:], getattr(lg, "_umarvel_configured", False)
-    lg.handlers.clear()
-    lg._umarvel_configured = False
-    yield
-    lg.handlers[:] = saved[0]
-    lg._umarvel_configured = saved[1]
+def _fresh_logging(fresh_logging):
+    """Every test here reads the CLI's one-line errors from its own captured stderr."""
 
 
 def _items(tmp_path, *records, raw: bytes | None = None):

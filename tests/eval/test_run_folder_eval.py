@@ -21,15 +21,8 @@ TASK = "nights_task4"
 
 
 @pytest.fixture(autouse=True)
-def _fresh_logging():
-    """Log handlers bound to this test's captured stderr (setup_logging configures once per process)."""
-    lg = logging.getLogger("umarvel")
-    saved = lg.handlers[:], getattr(lg, "_umarvel_configured", False)
-    lg.handlers.clear()
-    lg._umarvel_configured = False
-    yield
-    lg.handlers[:] = saved[0]
-    lg._umarvel_configured = saved[1]
+def _fresh_logging(fresh_logging):
+    """Every test here reads the CLI's one-line errors from its own captured stderr."""
 
 
 @pytest.fixture(scope="module")
