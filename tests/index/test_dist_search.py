@@ -64,7 +64,8 @@ def test_two_ranks_merge_to_the_single_process_result(tmp_path):
         ref_s, ref_r = idx.search_arrays(queries, k, device="cpu")
         for rank in range(WORLD):
             np.testing.assert_array_equal(np.load(out / f"r{rank}_k{k}_rows.npy"), ref_r)
-            np.testing.assert_array_equal(np.load(out / f"r{rank}_k{k}_scores.npy"), ref_s)
+            # the same hits; scores equal up to the last float bit (the shard GEMMs block differently)
+            np.testing.assert_allclose(np.load(out / f"r{rank}_k{k}_scores.npy"), ref_s, rtol=0, atol=1e-6)
     assert ref_r[0, 0] == 10 and ref_r[1, 0] == 149  # duplicates: the lower row first, on both paths
     assert (ref_r[:, len(vecs):] == -1).all()
     ids = [h.id for h in idx.search(queries[:1], 3, device="cpu")[0]]

@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 import pytest
 
 import umarvel.cli as cli
+import umarvel.commands as commands
 from umarvel.data.mbeir import read_qrels
 from umarvel.data.registry import get_task
 from umarvel.data.synthetic import make_synthetic_mbeir
@@ -63,8 +64,8 @@ def evaluated(tiny_checkpoint, tmp_path_factory):
     base = tmp_path_factory.mktemp("html_eval")
     root = make_synthetic_mbeir(base / "M-BEIR", seed=0, n_queries_per_task=6, n_candidates_per_task=10, tasks=TASKS)
     out = {}
-    saved = cli.setup_logging
-    cli.setup_logging = lambda level: None  # keep pytest's log capture intact
+    saved = commands.setup_logging
+    commands.setup_logging = lambda level: None  # keep pytest's log capture intact
     try:
         for protocol in ("local", "global"):
             folder, page = base / protocol, base / f"{protocol}.html"
@@ -74,7 +75,7 @@ def evaluated(tiny_checkpoint, tmp_path_factory):
                              "--html-queries", "3"]) == 0
             out[protocol] = (folder, page)
     finally:
-        cli.setup_logging = saved
+        commands.setup_logging = saved
     return root, out
 
 
