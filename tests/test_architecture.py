@@ -187,7 +187,7 @@ def function_level_imports_without_reason(path: Path) -> list[str]:
         imports = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
         ours = [n for n in imports
                 if (n.module if isinstance(n, ast.ImportFrom) else n.names[0].name or "").startswith("umarvel")]
-        has_reason = any("# lazy" in lines[i] for n in imports for i in range(n.lineno - 1, n.end_lineno))
+        has_reason = any("# lazy" in lines[i] for n in imports for i in range(max(n.lineno - 2, 0), n.end_lineno))
         if ours and not has_reason:
             bad.extend(f"{path.relative_to(PKG.parent)}:{n.lineno}" for n in ours)
     return bad

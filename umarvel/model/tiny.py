@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from umarvel.data.processor import _image_processor_class, load_tokenizer
 from umarvel.data.processor import bundled_processor_dir
+from umarvel.model.backbones import get_backbone_spec
 from umarvel.model.constants import BACKBONES
 
 TINY_BACKBONES = BACKBONES
@@ -91,8 +93,6 @@ def tiny_qwen2vl_config(**kwargs):
 
 def build_tiny(backbone: str = "qwen2_vl", seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
     """A randomly initialised tiny ``...ForConditionalGeneration`` of ``backbone`` (deterministic for ``seed``)."""
-    from umarvel.model.backbones import get_backbone_spec
-
     cls = get_backbone_spec(backbone).model_class()
     torch.manual_seed(seed)
     model = cls(tiny_config(backbone, **config_kwargs))
@@ -107,8 +107,6 @@ def build_tiny_qwen2vl(seed: int = 0, dtype: torch.dtype = torch.float32, **conf
 def save_tiny_checkpoint(path: str | Path, seed: int = 0, backbone: str = "qwen2_vl", **config_kwargs) -> Path:
     """Write a tiny random checkpoint folder (weights + the backbone's bundled tokenizer/processor files),
     laid out like a released checkpoint: the U-MARVEL tokens are added at load time."""
-    from umarvel.data.processor import _image_processor_class, load_tokenizer
-
     path = Path(path)
     files = bundled_processor_dir(backbone)
     model = build_tiny(backbone, seed=seed, **config_kwargs)
