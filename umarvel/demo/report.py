@@ -222,6 +222,12 @@ def results_markdown(result: "DemoResult") -> str:
     gains = gains_markdown(result)
     if gains:
         parts += ["## What each stage added", "", gains, ""]
+    if result.reranker_check:
+        c = result.reranker_check
+        verdict = "a better" if c["reranker_recall"] > c["embedding_recall"] else "not a better"
+        parts += [f"Reranker check (before it teaches): ordering the stage-3 model's {c['split']} top {c['top_k']} "
+                  f"({c['protocol']} pools) by the reranker's P(yes) alone gives Recall@5 {c['reranker_recall']:.1f}, "
+                  f"the stage-3 embedding's own order {c['embedding_recall']:.1f}: {verdict} ranker.", ""]
     if result.plus:
         w = result.plus["weights"]
         parts += [f"U-MARVEL+: the reranker's P(yes) of the stage-5 top {result.plus['top_k']} is added to each "
