@@ -38,6 +38,9 @@ from umarvel.data.synthetic import (COLOURS, POSITIONS, SHAPES, SIZES, SYNTHETIC
                                     pool_object_count)
 from umarvel.errors import ConfigError
 from umarvel.utils.io import atomic_write_json
+from umarvel.data.mbeir import read_qrels
+from umarvel.data.synthetic import make_synthetic_mbeir
+from umarvel.train.toy_data import make_toy_cc3m, make_toy_nli
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +196,6 @@ def make_demo_benchmark(root: str | Path, spec: BenchmarkSpec) -> DemoBenchmark:
 
     A folder holding anything else is replaced: the generator owns ``root``.
     """
-    from umarvel.data.synthetic import make_synthetic_mbeir
-    from umarvel.train.toy_data import make_toy_cc3m, make_toy_nli
-
     root = Path(root)
     bench = _paths(root, spec)
     marker = root / SPEC_FILE
@@ -243,9 +243,6 @@ def chance_recall(mbeir_root: str | Path, tasks: Sequence[str], pool_sizes: Mapp
     Returns:
         ``{task: percent}`` plus ``"average"`` (unweighted, as the M-BEIR average).
     """
-    from umarvel.data.mbeir import read_qrels
-    from umarvel.data.registry import get_task
-
     out: dict[str, float] = {}
     for name in tasks:
         task = get_task(name)

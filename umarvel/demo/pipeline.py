@@ -46,10 +46,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import umarvel
+from umarvel.api import UMarvel
+from umarvel.config import load_config
 from umarvel.demo.benchmark import DemoBenchmark, chance_recall, make_demo_benchmark
 from umarvel.demo.plan import DemoPlan, DemoResult, StagePlan, StageResult
 from umarvel.demo.progress import Job, Progress
+from umarvel.demo.report import write_report
 from umarvel.errors import ConfigError
+from umarvel.eval.mbeir.runner import MBeirEvalConfig, evaluate_mbeir
+from umarvel.index.html import write_demo_retrievals
+from umarvel.model.tiny import save_tiny_checkpoint
+from umarvel.pipelines.mining import MineConfig, mine
+from umarvel.pipelines.plus import WEIGHT_FILE, PlusConfig, evaluate_plus
+from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
+from umarvel.rerank.model import load_reranker
+from umarvel.rerank.train import RerankTrainConfig, train_reranker
+from umarvel.train.config import load_stage_config
+from umarvel.train.stage import run_stage
 from umarvel.train.trainer import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -83,8 +97,6 @@ STAGE_LABELS: dict[str, str] = {
 
 def configs_dir() -> Path:
     """The repository's ``configs/`` folder (the demo runs the real stage YAML files)."""
-    import umarvel
-
     path = Path(umarvel.__file__).resolve().parents[1] / "configs"
     if not (path / "stages").is_dir():
         raise ConfigError(f"{path}/stages not found: the demo runs the repository's stage configs; run it from a "
@@ -166,9 +178,6 @@ def evaluate_checkpoint(checkpoint: str | Path, bench: DemoBenchmark, out_dir: P
     The pools are encoded once and shared by both protocols (``out_dir/cache``).
     Returns ``{protocol: results.json object}``.
     """
-    from umarvel.api import UMarvel
-    from umarvel.eval.mbeir.runner import MBeirEvalConfig, evaluate_mbeir
-
     encoder = UMarvel.from_pretrained(checkpoint, device=device, dtype=dtype)
     out = {}
     for protocol in protocols:
@@ -278,9 +287,6 @@ class DemoRun:
 
     def train_stage(self, key: str, yaml_name: str, init_from: Path) -> Path:
         """Train one embedding stage with its real YAML + the demo overrides; returns its merged checkpoint."""
-        from umarvel.train.config import load_stage_config
-        from umarvel.train.stage import run_stage
-
         shutil.rmtree(self.runs / key, ignore_errors=True)
         cfg = load_stage_config(configs_dir() / "stages" / yaml_name, self._stage_overrides(key, init_from))
         t0 = time.perf_counter()
@@ -298,9 +304,6 @@ class DemoRun:
 
     def mine(self, key: str, model: Path, **kw) -> dict[str, Path]:
         """``umarvel mine`` on the train split (``MineConfig`` fields in ``kw``)."""
-        from umarvel.api import UMarvel
-        from umarvel.pipelines.mining import MineConfig, mine
-
         out = self.runs / key
         shutil.rmtree(out, ignore_errors=True)
         cfg = MineConfig(model=str(model), mbeir_root=str(self.bench.mbeir), output=str(out),
@@ -312,13 +315,9 @@ class DemoRun:
 
     def train_reranker(self, mined_local: Path) -> Path:
         """The point-wise reranker (``configs/rerank/reranker.yaml`` + overrides), from the tiny base model."""
-        from umarvel.config import load_config
-        from umarvel.rerank.train import RerankTrainConfig, train_reranker
-
         r = self.plan.rerank
         out = self.runs / "rerank"
         shutil.rmtree(out, ignore_errors=True)
-        from umarvel.model.tiny import save_tiny_checkpoint
 
         # The published reranker starts from the pretrained Qwen2-VL-Instruct, whose language-model head
         # separates answers; a random tiny model's tied head (init std 0.02, hidden 64) gives logits of
@@ -350,8 +349,6 @@ class DemoRun:
     def reranker_check(self, stage3: Path, reranker) -> dict:
         """The reranker as a ranker on its own, before it teaches: Recall@5 of the stage-3 val top-k (local pools)
         ordered by P(yes) alone, next to the stage-3 embedding's order of the same lists."""
-        from umarvel.pipelines.plus import WEIGHT_FILE, PlusConfig, evaluate_plus
-
         self.evaluate("stage3", stage3, split="val", protocols=("local",))
         out = self.evals / "rerank_check"
         evaluate_plus(PlusConfig(run_dir=str(self.evals / "stage3_val" / "local"), reranker=str(self.runs / "rerank" /
@@ -367,8 +364,6 @@ class DemoRun:
 
     def teacher(self, reranker, mined_local: Path) -> Path:
         """Stage-5 teacher lists (``umarvel teacher``): P(yes) of the top-k fused with the cosines."""
-        from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
-
         out = self.runs / "teacher"
         shutil.rmtree(out, ignore_errors=True)
         # the plan's one weight for every task, else the published per-task weights
@@ -400,8 +395,6 @@ class DemoRun:
 
     def plus(self, reranker, stage5: Path) -> dict:
         """U-MARVEL+: rerank the stage-5 top-k of val (choose the fusion weight) and test, per protocol."""
-        from umarvel.pipelines.plus import WEIGHT_FILE, PlusConfig, evaluate_plus
-
         self.evaluate("stage5", stage5, split="val")
         out: dict[str, Any] = {}
         common = dict(reranker=str(self.runs / "rerank" / "merged"), top_k=self.plan.plus_top_k, batch_size=32,
@@ -434,10 +427,6 @@ class DemoRun:
 
     def run(self) -> DemoResult:
         """Run every job; writes the report files and returns the results."""
-        from umarvel.demo.report import write_report
-        from umarvel.model.tiny import save_tiny_checkpoint
-        from umarvel.rerank.model import load_reranker
-
         t_start = time.perf_counter()
         self.result.environment = environment_info(self.threads)
         for folder in (self.runs, self.evals):
@@ -506,7 +495,6 @@ class DemoRun:
                 self.progress.close()
         self.result.total_seconds = time.perf_counter() - t_start
         write_report(self.result, self.output)  # final timings included
-        from umarvel.index.html import write_demo_retrievals  # retrievals.html: the test queries after each stage
         write_demo_retrievals(self.output, self.bench.mbeir, self.evals, [(r.label, r.key) for r in self.result.stages])
         return self.result
 
@@ -522,8 +510,6 @@ def evaluate_model(model: str | Path, output: str | Path, plan: DemoPlan, thread
 
     Writes the same report files as a training run, with one model row next to the chance level.
     """
-    from umarvel.demo.report import write_report
-
     t_start = time.perf_counter()
     output = Path(output).resolve()
     result = DemoResult(mode=f"evaluate ({plan.name} benchmark)", plan=asdict(plan), output=output,
