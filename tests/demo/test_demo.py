@@ -18,7 +18,7 @@ def _averages(results: dict, protocol: str) -> dict[str, float]:
 
 
 def test_quick_demo_recall_rises_through_stage3_and_every_stage_runs_slow(tmp_path, capsys):
-    """The whole recipe (stages 1-5, mining, reranker and its check, teacher, U-MARVEL+) on the quick preset (~2.5 min
+    """The whole recipe (stages 1-5, mining, reranker and its check, teacher, U-MARVEL+) on the quick preset (~3 min
     on 2 CPUs): what the quick run guarantees is the rising order random < NLI < image-caption < M-BEIR, in the local
     and the global protocol (stages 4-5 and U-MARVEL+ are shown by the default run, see the README)."""
     out = tmp_path / "demo"

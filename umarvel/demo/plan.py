@@ -1,7 +1,7 @@
 """The demo presets: data sizes, the tiny model and the step counts of every stage.
 
 The numbers were chosen by measurement on the shared 2-core reference machine (one torch thread, see
-``umarvel demo --threads``): ``quick`` takes about 165 s of CPU (user + sys) and ``default`` 290-330 s; the wall
+``umarvel demo --threads``): ``quick`` takes about 190 s of CPU (user + sys) and ``default`` 290-330 s; the wall
 clock is about the same on an idle machine (both presets use the same generated benchmark; ``default`` trains
 longer). Every stage runs its real YAML (``configs/stages/0N_*.yaml``) with the overrides listed here: tiny
 model in float32, no DeepSpeed, no gradient checkpointing, LoRA r16, learning rates 3e-3 (stages 1-3) /
@@ -18,12 +18,12 @@ departures from the published stages 4-5, both measured on this benchmark (seed 
 
 What the run shows (measured over seeds 0, 1, 2, see the README): the average Recall@5 rises from the random
 model through stages 1, 2 and 3 (default, local about 19 -> 32 -> 50 -> 78, global 3 -> 10 -> 17 -> 61;
-chance 11 / 2). Stages 4, 5 and U-MARVEL+ run the real code but do not add at this scale: their changes (-3
-to +1.5 points) are below the seed-to-seed spread of stage 3 itself (16 points). The reason is the reranker:
-a point-wise cross-encoder of the demo's size does not become a better ranker than the stage-3 embedding
-within any budget tried (the run measures it before it teaches, ``DemoResult.reranker_check``: P(yes) alone
-orders the stage-3 val top 10 at Recall@5 51-54 against the embedding's 64-80), so the teacher lists and
-U-MARVEL+ have nothing to add. Tried on this benchmark, up to 750 optimiser steps (three times the default
+chance 11 / 2). Stages 4, 5 and U-MARVEL+ run the real code but do not add at this scale: their changes (-3.2
+to +1.5 points) are inside the seed-to-seed spread of stage 3 itself (16 points). Stage 5 and U-MARVEL+ rely on
+the reranker, and a point-wise cross-encoder of the demo's size does not become a better ranker than the
+stage-3 embedding within any budget tried (the run measures it before it teaches, ``DemoResult.reranker_check``:
+P(yes) alone orders the stage-3 val top 10 at Recall@5 51-54 against the embedding's 64-80), so the teacher
+lists and U-MARVEL+ have nothing to add. Tried on this benchmark, up to 750 optimiser steps (three times the default
 budget): random initialisations (std 0.02 and 0.3), the stage-3 weights with a scaled answer head, Yes/No-only
 loss, LoRA r16 and r64, learning rates 1e-3 to 3e-2, four layers: its pairwise accuracy (positive above the
 mined negative) stayed at 0.5-0.6; on the text-only WebQA pairs alone it starts to learn after about 150
