@@ -1,7 +1,7 @@
 """The demo presets: data sizes, the tiny model and the step counts of every stage.
 
 The numbers were chosen by measurement on the shared 2-core reference machine (one torch thread, see
-``umarvel demo --threads``): ``quick`` takes about 165 s of CPU (user + sys) and ``default`` 290-330 s; the wall
+``umarvel demo --threads``): ``quick`` takes about 190 s of CPU (user + sys) and ``default`` 290-330 s; the wall
 clock is about the same on an idle machine (both presets use the same generated benchmark; ``default`` trains
 longer). Every stage runs its real YAML (``configs/stages/0N_*.yaml``) with the overrides listed here: tiny
 model in float32, no DeepSpeed, no gradient checkpointing, LoRA r16, learning rates 3e-3 (stages 1-3) /

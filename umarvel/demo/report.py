@@ -45,7 +45,7 @@ STAGE_ROLES: dict[str, StageRole] = {
     "stage1": StageRole("a text-only warm-up on NLI paraphrases", "stage0", "up"),
     "stage2": StageRole("drawings aligned with their captions", "stage1", "up"),
     "stage3": StageRole("the seven instructed tasks, with in-batch negatives", "stage2", "up"),
-    "stage4": StageRole("the stage-3 model's near misses as negatives (other colours, other positions)", "stage3",
+    "stage4": StageRole("the stage-3 model's near misses (other colours, other positions) as negatives", "stage3",
                         "up"),
     "stage5": StageRole("the reranker's scores of the top candidates as soft targets", "stage4", "up"),
     "plus": StageRole("the reranker re-scoring the final model's top candidates", "stage5", "up"),
