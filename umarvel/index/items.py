@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from umarvel.errors import DataError, ImageLoadError
 from umarvel.utils.io import iter_jsonl
@@ -69,6 +69,17 @@ def _resolve_image(item: dict, root: Path, where: str) -> None:
         raise ImageLoadError(f"{where}: item {item['id']!r}: image file not found: {p}")
     item["image"] = str(p.resolve())
 
+def _checked(records: Iterable[tuple[str, Any]], root: Path) -> tuple[list[dict], list[str]]:
+    """``(where, record)`` pairs -> the checked items (images resolved against ``root``) and their ``where``s."""
+    items, wheres = [], []
+    for where, rec in records:
+        it = _check_item(rec, where)
+        _resolve_image(it, root, where)
+        items.append(it)
+        wheres.append(where)
+    return items, wheres
+
+
 
 def _check_unique(items: Sequence[dict], wheres: Sequence[str]) -> None:
     """DataError naming both places of the first duplicated id."""
@@ -89,13 +100,7 @@ def read_jsonl_items(path: str | os.PathLike, image_root: str | os.PathLike | No
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    items, wheres = [], []
-    for lineno, rec in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        it = _check_item(rec, where)
-        _resolve_image(it, root, where)
-        items.append(it)
-        wheres.append(where)
+    items, wheres = _checked(((f"{path}:{lineno}", rec) for lineno, rec in iter_jsonl(path)), root)
     if not items:
         raise DataError(f"{path}: no items (empty file)")
     _check_unique(items, wheres)
@@ -179,13 +184,7 @@ def read_items(source: Any, image_root: str | os.PathLike | None = None,
     if isinstance(source, Mapping) or not isinstance(source, Sequence):
         raise DataError(f"items must be a JSONL path, a folder or a list of dicts, got {type(source).__name__}")
     root = Path(image_root) if image_root else Path.cwd()
-    items, wheres = [], []
-    for n, rec in enumerate(source):
-        where = f"item {n}"
-        it = _check_item(rec, where)
-        _resolve_image(it, root, where)
-        items.append(it)
-        wheres.append(where)
+    items, wheres = _checked(((f"item {n}", rec) for n, rec in enumerate(source)), root)
     if not items:
         raise DataError("no items given (empty list)")
     _check_unique(items, wheres)

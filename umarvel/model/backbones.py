@@ -147,10 +147,6 @@ class BackboneSpec:
         """Merged features of all images of a batch: (sum t*h*w/4, hidden)."""
         return self.vision_features(model, pixel_values, grid_thw, "image").embeds
 
-    def video_features(self, model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Merged features of all videos of a batch: (sum t*h*w/4, hidden)."""
-        return self.vision_features(model, pixel_values, grid_thw, "video").embeds
-
     def embed_inputs(self, model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                      video_grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:

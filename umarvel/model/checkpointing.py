@@ -3,7 +3,7 @@
 transformers' switch (``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``) is used
 to install the non-reentrant checkpoint function; which layers then recompute is set per decoder layer (its
 ``gradient_checkpointing`` flag). The vision tower is never checkpointed: it is frozen and runs without autograd
-(``umarvel.model.embedder.multimodal_embeddings``), so there is nothing to recompute.
+(``BackboneSpec.vision_features``), so there is nothing to recompute.
 """
 from __future__ import annotations
 

@@ -157,18 +157,6 @@ class UMarvelEmbedder(nn.Module):
         return getattr(getattr(cfg, "text_config", cfg), "hidden_size")
 
     # -- forward ------------------------------------------------------------------------------
-    def input_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                         image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-                         video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the visual features scattered into the placeholders: same shape as ids + (D,).
-
-        All images (videos) of the batch go through the vision tower in one call, without autograd when
-        the tower is frozen (its activations would otherwise be kept for a backward pass that never
-        reaches a trainable weight).
-        """
-        return multimodal_embeddings(self.spec, self.hf_model, input_ids, pixel_values, image_grid_thw,
-                                     pixel_values_videos, video_grid_thw)
-
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                       pixel_values_videos: torch.Tensor | None = None,
@@ -236,16 +224,6 @@ def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Positions 0..n_i-1 restarting at every sequence of a packed row: (1, T) int64."""
     seg = segment_ids(cu_seqlens, total)
     return (torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seg])[None]
-
-
-def multimodal_embeddings(spec: BackboneSpec, model: nn.Module, input_ids: torch.Tensor,
-                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                          pixel_values_videos: torch.Tensor | None = None,
-                          video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-    """Token embeddings (``input_ids.shape + (D,)``) with vision features in the ``<|image_pad|>`` /
-    ``<|video_pad|>`` positions (:meth:`BackboneSpec.embed_inputs`: one tower call per modality, under
-    ``no_grad`` when the tower is frozen; DeepStack inputs are not returned here)."""
-    return spec.embed_inputs(model, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)[0]
 
 
 def _causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
