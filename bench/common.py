@@ -58,10 +58,10 @@ def build_model(shape: str, device: str):
     """A random model of ``shape`` ("tiny" or "7b") on ``device`` (bf16 on CUDA, fp32 on CPU)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from umarvel.model.tiny import build_tiny_qwen2vl
+    from umarvel.model.tiny import build_tiny
 
     if shape == "tiny":
-        return build_tiny_qwen2vl(seed=0).to(device)
+        return build_tiny("qwen2_vl", seed=0).to(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     with torch.device(device):

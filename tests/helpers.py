@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from umarvel.train.config import StageConfig, load_stage_config
+from umarvel.utils.io import iter_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,11 @@ GOLDEN_TRAIN = shared_dir() / "golden" / "umarvel_train_tiny"
 requires_golden = pytest.mark.skipif(
     not (GOLDEN_TINY / "checkpoint" / "config.json").is_file(),
     reason=f"golden fixture not found at {GOLDEN_TINY} (a user's clone has no ../shared; set UMARVEL_SHARED)")
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every record of a JSONL file (``umarvel.utils.io.iter_jsonl``), as a list."""
+    return [rec for _, rec in iter_jsonl(path)]
 
 
 

@@ -7,8 +7,8 @@
   ``WORLD_SIZE > 1``), :func:`process_group` (the same as a context manager that also destroys what it
   created), :func:`shutdown`. :func:`device_for_rank` gives each rank its own GPU.
 - Group view: :func:`is_dist`, :func:`get_rank`, :func:`get_world_size`, :func:`barrier`,
-  :func:`broadcast_object`, :func:`all_gather_object`, :func:`rank_zero_only`; all are identities / no-ops
-  when no process group is initialised.
+  :func:`broadcast_object`, :func:`all_gather_object`; all are identities / no-ops when no process group
+  is initialised.
 - THE cross-GPU gather (conventions section 8, pattern 3): every cross-device negative in umarvel goes
   through :func:`all_gather_with_grad`: each rank scores its B local queries against the N = B * world
   candidates gathered here, with targets offset by :func:`local_slice_offset`; averaging the gradients over
@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import logging
 import os
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: Collective timeout. Long on purpose: rank 0 alone writes merged checkpoints and searches the 5.6M global
 #: pool while the other ranks wait in a barrier.
@@ -133,16 +130,6 @@ def barrier(group: Any = None) -> None:
     """``dist.barrier`` when distributed, otherwise nothing."""
     if is_dist():
         dist.barrier(group)
-
-
-def rank_zero_only(fn: F) -> F:
-    """Decorator: run ``fn`` on global rank 0 only; other ranks get None."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs) if get_rank() == 0 else None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -1,12 +1,14 @@
 """Input construction: format_string, suffixes, smart resize, image loading and bad-input errors."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from umarvel.data.formatting import (INFERENCE_STYLE, SUFFIX_IMAGE, SUFFIX_IMAGE_TEXT, SUFFIX_TEXT, TRAIN_STYLE,
-                                     TRAIN_STYLE_NO_SUFFIX, build_messages, format_string,
+                                     build_messages, format_string,
                                      query_text_with_instruction)
 from umarvel.data.images import ImageBudget, load_image, smart_resize
 from umarvel.data.visual import PatchSpec, image_patches
@@ -34,7 +36,7 @@ def test_suffixes_per_style():
     assert text(build_messages("Hi.", True, INFERENCE_STYLE)) == "Hi." + SUFFIX_IMAGE_TEXT
     assert text(build_messages("", True, INFERENCE_STYLE)) == SUFFIX_IMAGE_TEXT  # D15 eval quirk
     assert text(build_messages("", True, TRAIN_STYLE)) == SUFFIX_IMAGE
-    assert text(build_messages("Hi.", True, TRAIN_STYLE_NO_SUFFIX)) == "Hi."
+    assert text(build_messages("Hi.", True, replace(TRAIN_STYLE, suffix=False))) == "Hi."
     msgs = build_messages("Hi.", True, INFERENCE_STYLE)
     assert msgs[0]["content"][0] == {"type": "image"} and msgs[1]["content"][0]["text"] == "<emb>."
 

@@ -14,7 +14,7 @@ from umarvel.data.mbeir import (
 )
 from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (
-    GLOBAL_PROTOCOL, MBEIR_TASK_ORDER, Task, get_task, list_tasks, mbeir_global_pool_files, register_task,
+    GLOBAL_PROTOCOL, MBEIR_TASK_ORDER, Task, get_task, list_tasks, register_task,
 )
 
 
@@ -222,15 +222,14 @@ def test_registry_has_the_16_tasks_in_paper_order():
     assert vn.queries == "query/test/mbeir_visualnews_task3_test.jsonl"
     assert vn.pool == "cand_pool/local/mbeir_visualnews_task3_cand_pool.jsonl"
     assert vn.qrels == "qrels/test/mbeir_visualnews_task3_test_qrels.txt"
-    assert len(mbeir_global_pool_files("test")) == 16 and "no modality filter" in GLOBAL_PROTOCOL
+    assert len({get_task(n).files("test").pool for n in MBEIR_TASK_ORDER}) == 16 and "no modality filter" in GLOBAL_PROTOCOL
 
 
 def test_registry_train_side_definitions():
     for name in ("oven_task6", "infoseek_task6", "oven_task8", "infoseek_task8"):
         assert get_task(name).train.pool_dataset_ids == frozenset({5, 6})
     t = get_task("oven_task8").train
-    assert t.pool_modality == "image,text" and t.selects_candidate(6, "image,text")
-    assert not t.selects_candidate(6, "text") and t.selects_query(5, 8) and not t.selects_query(6, 8)
+    assert t.pool_modality == "image,text" and t.selects_query(5, 8) and not t.selects_query(6, 8)
     w = get_task("webqa_task2").train
     assert w.pool_dataset_ids == frozenset({2}) and w.pool_modality == "image,text"
     assert w.qrels == "qrels/train/mbeir_webqa_train_qrels.txt"

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import read_jsonl
 from umarvel.data.synthetic import COLOURS, SYNTHETIC_TASKS, make_synthetic_mbeir
 from umarvel.data.mbeir import (
     TASK_MODALITIES, dataset_id_of, load_mbeir_task, read_instructions, read_pool, read_pool_modalities,
     read_qrels, read_queries,
 )
 from umarvel.data.registry import MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, get_task
-from umarvel.utils.io import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_train_side_files(tree):
         spec = get_task(name).train
         rows = [r for r in union if spec.selects_query(dataset_id_of(r["qid"]), r["task_id"])]
         assert rows, name
-        task_pool = {d for d, m in pool.items() if spec.selects_candidate(dataset_id_of(d), m)}
+        task_pool = {d for d, m in pool.items() if dataset_id_of(d) in spec.pool_dataset_ids and m == spec.pool_modality}
         assert all(set(r["pos_cand_list"]) <= task_pool for r in rows)
         qrels = read_qrels(tree / spec.qrels)
         assert all(tuple(r["pos_cand_list"]) == qrels[r["qid"]] for r in rows)

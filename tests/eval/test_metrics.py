@@ -4,7 +4,7 @@ import pytest
 
 from umarvel.errors import DataError
 from umarvel.eval.metrics import (
-    TaskResult, average, first_hit_rank, hit_matrix, recall_at_k, score_task, top_k,
+    TaskResult, average, hit_matrix, recall_at_k, score_task, top_k,
 )
 from umarvel.data.registry import get_task
 
@@ -26,11 +26,10 @@ RETRIEVED = [
 POSITIVES = [{"9:1"}, {"9:7"}, {"9:99"}, {"9:3", "9:1", "9:2"}, set()]
 
 
-def test_hit_matrix_and_first_rank():
+def test_hit_matrix():
     hits = hit_matrix(RETRIEVED, POSITIVES)
     assert hits.shape == (5, 4)
     assert hits[3].tolist() == [False, True, True, True]
-    assert first_hit_rank(RETRIEVED, POSITIVES).tolist() == [0, 2, 4, 1, 4]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 10, 50])

@@ -83,7 +83,7 @@ def test_model_on_recorded_tensors(golden_model, name):
         kw["image_grid_thw"] = torch.from_numpy(arrays["image_grid_thw"])
         spec, hf = golden_model.embedder.spec, golden_model.embedder.hf_model
         with torch.no_grad():
-            feats = spec.image_features(hf, kw["pixel_values"], kw["image_grid_thw"])
+            feats = spec.vision_features(hf, kw["pixel_values"], kw["image_grid_thw"], "image").embeds
         assert np.abs(feats.numpy() - arrays["image_embeds"]).max() <= 1e-5
     with torch.no_grad():
         emb = golden_model.embedder(**kw).numpy()

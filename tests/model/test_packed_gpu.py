@@ -34,9 +34,9 @@ def wide_model(layers: int, device: str, dims: dict = WIDE):
     from transformers import Qwen2VLForConditionalGeneration
 
     from umarvel.api import UMarvel
-    from umarvel.model.tiny import tiny_qwen2vl_config
+    from umarvel.model.tiny import tiny_config
 
-    cfg = tiny_qwen2vl_config(layers=layers, **dims)
+    cfg = tiny_config("qwen2_vl", layers=layers, **dims)
     torch.manual_seed(0)
     with torch.device(device):
         hf = Qwen2VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")

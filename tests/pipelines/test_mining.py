@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import read_jsonl
 from umarvel.data.records import Candidate
 from umarvel.data.registry import MBEIR_UNION_TRAIN_QUERIES, get_task
 from umarvel.data.runfiles import iter_mined, mined_file_name
 from umarvel.train.hardneg import select_hard_negatives
 from umarvel.pipelines.mining import (MineConfig, build_train_pools, draw_distill_subset, mine,
                                   partition_train_queries, pool_key)
-from umarvel.utils.io import read_jsonl
 
 TASKS = ("mscoco_task0", "webqa_task1", "mscoco_task3", "cirr_task7")
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import GOLDEN_TINY, GOLDEN_TRAIN, requires_golden
-from umarvel.data.formatting import TRAIN_STYLE_NO_SUFFIX
-from umarvel.data.images import DISTILL_MAX_PIXELS, MAX_PIXELS, MIN_PIXELS, ImageBudget
+from helpers import GOLDEN_TINY, GOLDEN_TRAIN, requires_golden, read_jsonl
+from umarvel.data.formatting import TRAIN_STYLE
+from umarvel.data.images import MAX_PIXELS, MIN_PIXELS, ImageBudget
 from umarvel.errors import ConfigError, DataError
 from umarvel.train.config import DataSection, LossSection
 from umarvel.data.runfiles import MinedRow
 from umarvel.train.hardneg import select_hard_negatives
+
+TRAIN_STYLE_NO_SUFFIX = replace(TRAIN_STYLE, suffix=False)
+DISTILL_MAX_PIXELS = 224 * 224  # configs/stages/05_mbeir_distill.yaml
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -205,7 +209,6 @@ def _tiny_tree(tmp: Path):
 def _brute_mined(root: Path, out: Path, shuffle_qid: bool = False) -> Path:
     """A mined file by hand: every row lists the whole pool in file order (no model needed)."""
     from umarvel.data.registry import MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
-    from umarvel.utils.io import read_jsonl
 
     rows = read_jsonl(root / MBEIR_UNION_TRAIN_QUERIES)
     pool = [c["did"] for c in read_jsonl(root / MBEIR_UNION_POOLS["train"])]
@@ -243,7 +246,6 @@ def test_hardneg_dataset_alignment_errors_and_negatives(tmp_path, tiny_model):
 def test_distill_dataset_errors(tmp_path, tiny_model):
     from umarvel.train.datasets import build_dataset
     from umarvel.data.registry import MBEIR_UNION_TRAIN_QUERIES
-    from umarvel.utils.io import read_jsonl
 
     root = _tiny_tree(tmp_path)
     rows = read_jsonl(root / MBEIR_UNION_TRAIN_QUERIES)
@@ -329,7 +331,6 @@ def test_teacher_file_pairs_each_candidate_with_its_own_scores(e2e, teacher):
     from umarvel.rerank.score import pair_from_records, score_pairs
     from umarvel.data.runfiles import iter_mined
     from umarvel.pipelines.mining import partition_train_queries
-    from umarvel.utils.io import read_jsonl
 
     base, root, files = e2e
     cfg, path, mined_local, reranker = teacher

@@ -240,4 +240,3 @@ def test_temperature_module_and_policy():
     assert L.initial_temperature("carry", 0.031) == 0.031
     with pytest.raises(ValueError):
         L.initial_temperature("carry", None)
-    assert [L.temperature_learnable(s) for s in range(1, 6)] == [False, False, True, True, True]

@@ -64,7 +64,6 @@ class PromptStyle:
 
 INFERENCE_STYLE = PromptStyle()
 TRAIN_STYLE = PromptStyle(suffix=True, image_only_suffix="image", add_generation_prompt=False)
-TRAIN_STYLE_NO_SUFFIX = PromptStyle(suffix=False, image_only_suffix="image", add_generation_prompt=False)
 
 
 def pick_suffix(has_image: bool, text: str, style: PromptStyle) -> str:

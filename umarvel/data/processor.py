@@ -57,20 +57,6 @@ def _is_bundled(path: Path) -> bool:
     return path.resolve().parent == ASSETS_DIR.resolve()
 
 
-def missing_processor_files(path: str | Path) -> list[str]:
-    """What a folder lacks to load a tokenizer and an image processor ([] when complete).
-
-    Bundled folders count the shared BPE files as present.
-    """
-    p = Path(path)
-    missing = []
-    if not has_processor_files(p) and not (_is_bundled(p) and (p / "tokenizer_config.json").is_file()):
-        missing.append(TOKENIZER_FILES)
-    if not (p / IMAGE_PROCESSOR_FILE).is_file():
-        missing.append(IMAGE_PROCESSOR_FILE)
-    return missing
-
-
 def load_tokenizer(path: str | Path, add_umarvel_tokens: bool = True):
     """Load the tokenizer of a checkpoint folder and add ``<emb>`` and the instruction markers.
 

@@ -7,11 +7,8 @@ the ids the scorer needs. ``to_encode_item()`` gives the dict accepted by
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
-
 from umarvel.errors import DataError
 
-Modality = Literal["text", "image", "image,text"]
 MODALITIES: tuple[str, ...] = ("text", "image", "image,text")
 
 

@@ -113,10 +113,6 @@ class TrainSpec:
         """Whether a train query (dataset id of its qid, its task_id) belongs to this task."""
         return dataset_id == self.query_dataset_id and task_id == self.query_task_id
 
-    def selects_candidate(self, dataset_id: int, modality: str) -> bool:
-        """Whether a train-pool candidate (dataset id of its did, its modality) is in this task's pool."""
-        return dataset_id in self.pool_dataset_ids and modality == self.pool_modality
-
 
 @dataclass(frozen=True)
 class Task:
@@ -287,11 +283,6 @@ def _mbeir_task(name: str) -> Task:
         train=mbeir_train_spec(dataset, task_id),
         options={"dataset_key": dataset},
     )
-
-
-def mbeir_global_pool_files(split: str = "test") -> list[str]:
-    """The local pool files whose concatenation (in this order) is the global pool of ``split`` (D8)."""
-    return [get_task(n).files(split).pool for n in MBEIR_TASK_ORDER]
 
 
 for _name in MBEIR_TASK_ORDER:

@@ -106,11 +106,6 @@ class CachedEmbeddings:
         return int(self.vector_blocks()[0].shape[1])
 
     @property
-    def offsets(self) -> list[int]:
-        """Row offset of each block (length ``len(blocks) + 1``)."""
-        return np.cumsum([0] + [len(b) for b in self.vector_blocks()]).tolist()
-
-    @property
     def vectors(self) -> np.ndarray:
         """``(N, D)`` float16: a memmap for a single entry (no copy); a concatenation copies into RAM —
         pass the object itself to :func:`umarvel.eval.search.search` to stream blocks instead."""

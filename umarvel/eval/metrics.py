@@ -75,15 +75,6 @@ def hit_matrix(retrieved: np.ndarray | Sequence[Sequence], positives: Sequence[C
     return np.isin(ret_keys, pos_keys).reshape(n_q, k)
 
 
-def first_hit_rank(retrieved: np.ndarray | Sequence[Sequence], positives: Sequence[Collection]) -> np.ndarray:
-    """(Q,) 0-based rank of each query's first positive; ``K`` (one past the list) when none is retrieved."""
-    hits = hit_matrix(retrieved, positives)
-    n_q, k = hits.shape
-    if k == 0:
-        return np.zeros(n_q, dtype=np.int64)
-    return np.where(hits.any(axis=1), hits.argmax(axis=1), k).astype(np.int64)
-
-
 def recall_at_k(retrieved: np.ndarray | Sequence[Sequence], positives: Sequence[Collection],
                 ks: Iterable[int]) -> dict[int, float]:
     """Official hit-rate ``{k: fraction in [0, 1]}`` for each cutoff ``k`` (any positive in the top k).

@@ -143,10 +143,6 @@ class BackboneSpec:
     def _deepstack_of(self, out) -> list[torch.Tensor] | None:
         return None
 
-    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Merged features of all images of a batch: (sum t*h*w/4, hidden)."""
-        return self.vision_features(model, pixel_values, grid_thw, "image").embeds
-
     def embed_inputs(self, model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                      video_grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -295,11 +291,6 @@ def get_backbone_spec(model_type: str) -> BackboneSpec:
     except KeyError:
         raise CheckpointError(
             f"unsupported backbone model_type {model_type!r}; supported: {sorted(_REGISTRY)}") from None
-
-
-def supported_model_types() -> list[str]:
-    """Registered ``model_type`` names."""
-    return sorted(_REGISTRY)
 
 
 register_backbone(BackboneSpec("qwen2_vl", _qwen2_vl_class, _LM_LORA, name="Qwen2-VL"))

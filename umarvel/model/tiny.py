@@ -86,22 +86,12 @@ def tiny_config(backbone: str = "qwen2_vl", hidden: int = 64, layers: int = 2, h
     raise ValueError(f"no tiny config for backbone {backbone!r}; known: {TINY_BACKBONES}")
 
 
-def tiny_qwen2vl_config(**kwargs):
-    """A transformers ``Qwen2VLConfig`` of a tiny model (mrope sections sum to head_dim/2)."""
-    return tiny_config("qwen2_vl", **kwargs)
-
-
 def build_tiny(backbone: str = "qwen2_vl", seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
     """A randomly initialised tiny ``...ForConditionalGeneration`` of ``backbone`` (deterministic for ``seed``)."""
     cls = get_backbone_spec(backbone).model_class()
     torch.manual_seed(seed)
     model = cls(tiny_config(backbone, **config_kwargs))
     return model.to(dtype).eval()
-
-
-def build_tiny_qwen2vl(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
-    """A randomly initialised tiny ``Qwen2VLForConditionalGeneration`` (deterministic for ``seed``)."""
-    return build_tiny("qwen2_vl", seed, dtype, **config_kwargs)
 
 
 def save_tiny_checkpoint(path: str | Path, seed: int = 0, backbone: str = "qwen2_vl", **config_kwargs) -> Path:

@@ -432,8 +432,3 @@ def initial_temperature(
     if not init > 0:
         raise ValueError(f"temperature init must be > 0, got {init}")
     return float(init)
-
-
-def temperature_learnable(stage: int, from_stage: int = 3) -> bool:
-    """Whether tau is trained in 1-based ``stage`` (official: frozen in stages 1-2, learnable from 3)."""
-    return stage >= from_stage

@@ -253,11 +253,6 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a whole JSONL file into a list of dicts (see :func:`iter_jsonl`)."""
-    return [rec for _, rec in iter_jsonl(path)]
-
-
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     """Write records as JSONL atomically."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:

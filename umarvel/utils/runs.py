@@ -247,10 +247,6 @@ class RunLock:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def _read(self, fd: int) -> dict | None:
         try:
             raw = os.pread(fd, 65536, 0)
