@@ -25,7 +25,8 @@ from umarvel.data.synthetic import SYNTHETIC_TASKS, make_synthetic_mbeir
 from umarvel.errors import ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import EmbeddingCache
 from umarvel.data.mbeir import load_mbeir_task, read_instructions, read_pool_modalities
-from umarvel.eval.mbeir.runner import MBeirEvalConfig, Retrieval, evaluate_mbeir, retrieve, select_tasks
+from umarvel.eval.mbeir.runner import (MBeirEvalConfig, Retrieval, encode_records, evaluate_mbeir, search_embeddings,
+                                       select_tasks)
 from umarvel.eval.metrics import score_task
 from umarvel.eval.outputs import read_results_json
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, get_task
@@ -247,18 +248,19 @@ def test_results_identical_across_batch_sizes(base, tree, tiny_checkpoint, tiny_
             np.testing.assert_array_equal(r.retrievals[n].indices, base["local"].retrievals[n].indices)
 
 
-def test_retrieve_is_reusable_for_mining(base, tree, tiny_model):
-    """The mining entry point: records in, cached vectors reused, same top-k as the evaluation."""
+def test_records_path_is_reusable_for_mining(base, tree, tiny_model):
+    """The mining path (encode_records + search_embeddings): cached vectors reused, same top-k as the evaluation."""
     local = base["local"]
     table = read_instructions(tree / MBEIR_INSTRUCTIONS)
     d = load_mbeir_task(tree, get_task("webqa_task1"), "test", instructions=table, seed=2023,
                         global_modalities=read_pool_modalities(tree / MBEIR_UNION_POOLS["test"]))
     cache = EmbeddingCache(base["cache"])
-    ret = retrieve(Wrapped(tiny_model, forbid=True), d.queries, local.pools["webqa_task1"], 50, cache,
-                   "mbeir_webqa_task1_test_queries", device="cpu")
+    q = encode_records(Wrapped(tiny_model, forbid=True), d.queries, cache, "mbeir_webqa_task1_test_queries")
+    ret = search_embeddings(q, local.pools["webqa_task1"], 50, device="cpu")
     assert cache.stats["encoded"] == 0
     np.testing.assert_array_equal(ret.indices, local.retrievals["webqa_task1"].indices)
-    mem = retrieve(tiny_model, d.queries, list(d.pool), 3, cache, "mining_probe", pool_name="mining_probe_pool")
+    mem = search_embeddings(encode_records(tiny_model, d.queries, cache, "mining_probe"),
+                            encode_records(tiny_model, list(d.pool), cache, "mining_probe_pool"), 3)
     assert mem.indices.shape == (6, 3) and cache.stats["encoded"] == 18
     np.testing.assert_array_equal(mem.indices, local.retrievals["webqa_task1"].indices[:, :3])
 

@@ -9,9 +9,10 @@
    the task's target modality. Tasks with the same (dataset set, modality) share one pool, encoded once
    (OVEN/InfoSeek tasks 6 and 8). The global train pool is the concatenation of the distinct pools in registry
    order, each did once (the official concatenation held the OVEN/InfoSeek pools twice).
-3. Retrieve the top ``k`` (100) of each query through :func:`umarvel.eval.mbeir.runner.retrieve` (embedding
-   cache + exact search; INFERENCE style, suffix on, D3), in its local pool and/or the global pool; also the
-   cosine of each ground-truth doc (``gt_scores``, for the stage-4 margin option).
+3. Retrieve the top ``k`` (100) of each query through :func:`umarvel.eval.mbeir.runner.encode_records` and
+   :func:`~umarvel.eval.mbeir.runner.search_embeddings` (embedding cache + exact search; INFERENCE style,
+   suffix on, D3), in its local pool and/or the global pool; also the cosine of each ground-truth doc
+   (``gt_scores``, for the stage-4 margin option).
 4. Write, per scope, ``rerank_data_all_eval_train_{local,global}.jsonl`` (:mod:`umarvel.data.runfiles`): one line
    per union-train row, same order, ``{qid, gt_docs, top100_docs, score, gt_scores}`` (``top100_docs`` is the raw
    retrieved list, which may hold positives: consumers exclude ``gt_docs``). ``gt_docs`` are the task's train qrels

@@ -2,8 +2,8 @@
 
 Three layers, so that hard-negative mining (train pools) reuses the same cache + search path:
 
-1. :func:`encode_records` / :func:`search_embeddings` / :func:`retrieve`: encoder-agnostic building
-   blocks. An *encoder* is anything with ``fingerprint()``, ``encode_queries(items, batch_size=)`` and
+1. :func:`encode_records` / :func:`search_embeddings`: encoder-agnostic building blocks. An *encoder* is
+   anything with ``fingerprint()``, ``encode_queries(items, batch_size=)`` and
    ``encode_candidates(items, batch_size=)`` (:class:`umarvel.api.UMarvel`, or a wrapper of it).
    Every query file / pool goes through :class:`~umarvel.eval.cache.EmbeddingCache`, so it is encoded
    once per checkpoint + settings, resumably, sharded by rank under torchrun.
@@ -197,34 +197,6 @@ def search_embeddings(queries: CachedEmbeddings, pool: CachedEmbeddings, k: int,
     searcher = searcher or make_searcher(pool, backend=backend, device=device, normalize=True)
     scores, indices = searcher.search(queries.vectors, k)
     return Retrieval(qids=list(queries.ids), pool_ids=pool.ids, scores=scores, indices=indices)
-
-
-def retrieve(encoder: Any, queries: Sequence[Query] | CachedEmbeddings,
-             pool: Sequence[Candidate] | CachedEmbeddings, k: int, cache: EmbeddingCache, name: str, *,
-             pool_name: str | None = None, pool_source: str | os.PathLike | None = None,
-             batch_size: int = 32, shard_size: int = DEFAULT_SHARD_SIZE, backend: str = "torch",
-             device: Any = None) -> Retrieval:
-    """Encode (through the cache) and search: the one path shared by evaluation and hard-negative mining.
-
-    Args:
-        encoder: see :class:`Encoder`.
-        queries: ``Query`` records with instructions assigned, or already cached query embeddings.
-        pool: ``Candidate`` records, or cached pool embeddings (e.g. a :func:`concat_cached` union).
-        k: candidates per query.
-        cache: the embedding cache.
-        name: cache entry name of the queries; the pool's is ``pool_name`` (default ``name + "_pool"``).
-        pool_source: the pool file (cheap cache identity); queries are identified by content.
-        backend / device: search backend and torch device (default: cuda if available).
-    Returns:
-        :class:`Retrieval` (``dids`` gives the (Q, k) candidate ids).
-    """
-    fp = encoder.fingerprint()
-    q = queries if isinstance(queries, CachedEmbeddings) else encode_records(
-        encoder, queries, cache, name, fingerprint=fp, batch_size=batch_size, shard_size=shard_size)
-    p = pool if isinstance(pool, CachedEmbeddings) else encode_records(
-        encoder, pool, cache, pool_name or f"{name}_pool", fingerprint=fp, batch_size=batch_size,
-        shard_size=shard_size, source=pool_source)
-    return search_embeddings(q, p, k, backend=backend, device=device)
 
 
 # ----------------------------------------------------------------------------------- task loading
@@ -511,6 +483,6 @@ def run_mbeir_eval(cfg: MBeirEvalConfig, *, check_images: bool = True) -> MBeirE
 
 __all__ = [
     "MBeirEvalConfig", "Encoder", "encoder_settings", "encode_records", "Retrieval", "search_embeddings",
-    "retrieve", "select_tasks", "MBeirEvalResult", "evaluate_mbeir",
+    "select_tasks", "MBeirEvalResult", "evaluate_mbeir",
     "load_encoder", "run_mbeir_eval", "CONFIG_FILE", "RUN_INFO_FILE", "RUNS_DIR", "RESULTS_JSON", "RESULTS_MD",
 ]
