@@ -323,24 +323,26 @@ def load_config(path: str | os.PathLike, cls: type[T], overrides: Sequence[str] 
 
 
 # ------------------------------------------------------------------------------------------------- dump
-def _plain(obj: Any) -> Any:
-    """Dataclasses / tuples / paths -> YAML-safe dicts, lists and strings."""
+def to_plain(obj: Any) -> Any:
+    """Dataclasses / mappings / tuples / paths -> YAML- and JSON-safe dicts, lists, strings and numbers."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
-        return {_plain(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_plain(v) for v in obj]
     if isinstance(obj, PurePath):
         return str(obj)
-    return obj
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
 
 
 def dump_resolved(cfg: Any) -> str:
     """The resolved config as YAML (field order kept); :func:`load_config` of it gives an equal config."""
     if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
         raise TypeError(f"expected a dataclass instance, got {type(cfg).__name__}")
-    return yaml.safe_dump(_plain(cfg), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def save_resolved(cfg: Any, path: str | os.PathLike) -> Path:

@@ -43,7 +43,7 @@ from umarvel.api import UMarvel
 from umarvel.data.images import open_image
 from umarvel.dist import barrier, get_rank, get_world_size, is_dist
 from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
-from umarvel.eval.cache import DEFAULT_SHARD_SIZE, EmbeddingCache
+from umarvel.eval.cache import EmbeddingCache
 from umarvel.eval.dist_search import RankShardedSearcher
 from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall
 from umarvel.index.items import encode_item, read_items

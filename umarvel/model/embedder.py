@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from umarvel.model.attention import install_packed_attention, packed_kwargs, packing_supported, segment_ids
-from umarvel.model.backbones import BackboneSpec, vision_frozen  # noqa: F401 (re-exported)
+from umarvel.model.backbones import BackboneSpec
 from umarvel.model.constants import DEFAULT_TEMPERATURE
 from umarvel.model.positions import position_ids as batch_positions
 

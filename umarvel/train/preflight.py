@@ -25,6 +25,7 @@ from typing import Iterator
 
 import yaml
 
+from umarvel.config import to_plain
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 from umarvel.errors import ConfigError, EnvError
 from umarvel.model.loading import check_checkpoint_dir
@@ -32,7 +33,7 @@ from umarvel.train.checkpoint import latest_checkpoint
 from umarvel.train.config import StageConfig
 from umarvel.train.datasets import Cc3mDataset, MbeirTrainDataset, prepare_dataset
 from umarvel.utils.checks import check_device, check_input_file, scan_images
-from umarvel.utils.runs import RunClaim, RunIdentity, claim_run_dir, to_plain
+from umarvel.utils.runs import RunClaim, RunIdentity, claim_run_dir
 
 logger = logging.getLogger(__name__)
 

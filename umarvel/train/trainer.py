@@ -44,8 +44,7 @@ import torch
 import torch.distributed as dist
 
 from umarvel import dist as udist
-from umarvel.config import save_resolved
-from umarvel.config import _plain  # noqa: PLC2701 - the config as plain dicts
+from umarvel.config import save_resolved, to_plain
 from umarvel.errors import ConfigError, UMarvelError
 from umarvel.log import progress_disabled
 from umarvel.train import checkpoint as ckpt
@@ -514,7 +513,7 @@ class _Reporters:
 
 
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "umarvel"), name=name,
-                                        config=_plain(config), dir=str(output_dir))
+                                        config=to_plain(config), dir=str(output_dir))
             except ImportError:
                 if "wandb" in wanted:
                     logger.warning("wandb not installed: no W&B logs")

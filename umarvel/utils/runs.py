@@ -28,7 +28,6 @@ Typical use (one call where the run starts, before any model loads)::
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -41,9 +40,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from umarvel.config import to_plain
 from umarvel.errors import RunConflictError
 from umarvel.utils.checks import check_output_dir
 from umarvel.utils.io import atomic_write_json
@@ -64,21 +64,6 @@ _SHOWN_DIFFS = 6
 
 
 # ----------------------------------------------------------------------------------------------- identity
-def to_plain(obj: Any) -> Any:
-    """Dataclasses / mappings / tuples / paths -> JSON-able dicts, lists, strings and numbers."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, PurePath):
-        return str(obj)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return repr(obj)
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (lists are values)."""
     if isinstance(tree, Mapping) and tree:
@@ -521,5 +506,5 @@ def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
 
 __all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunIdentity", "RunLock", "RunClaim", "NoClaim", "claim_run_dir",
            "claim_on_rank0", "read_identity",
-           "identity_changes", "fingerprint_path", "to_plain", "flatten", "describe_holder", "under_launcher",
+           "identity_changes", "fingerprint_path", "flatten", "describe_holder", "under_launcher",
            "exit_with_parent"]
