@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from umarvel.train.config import StageConfig, load_stage_config
 from umarvel.utils.io import iter_jsonl
@@ -26,6 +27,17 @@ GOLDEN_TRAIN = shared_dir() / "golden" / "umarvel_train_tiny"
 requires_golden = pytest.mark.skipif(
     not (GOLDEN_TINY / "checkpoint" / "config.json").is_file(),
     reason=f"golden fixture not found at {GOLDEN_TINY} (a user's clone has no ../shared; set UMARVEL_SHARED)")
+
+
+class Tau(torch.nn.Module):
+    """A raw temperature tau as the embedder holds it (a 0-d parameter, trained when ``learnable``); ``tau()``."""
+
+    def __init__(self, init: float = 0.05, learnable: bool = False):
+        super().__init__()
+        self.temp = torch.nn.Parameter(torch.tensor(float(init)), requires_grad=learnable)
+
+    def forward(self) -> torch.Tensor:
+        return self.temp
 
 
 def read_jsonl(path) -> list[dict]:

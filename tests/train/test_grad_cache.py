@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import Tau
 from umarvel.train import losses as L
 from umarvel.train.grad_cache import RandContext, grad_cache_step
 
@@ -59,7 +60,7 @@ def _cached_step(model, tau, q, c, n, chunk, restore_rng=True):
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_grad_cache_matches_plain_step_with_dropout(chunk):
     torch.manual_seed(0)
-    model, tau = TinyEncoder(), L.Temperature(0.5, learnable=True)
+    model, tau = TinyEncoder(), Tau(0.5, learnable=True)
     q, c, n = _data()
     ref_loss = _plain_step(model, tau, q, c, n, chunk)
     ref = _grads(model, tau)
@@ -74,7 +75,7 @@ def test_grad_cache_matches_plain_step_with_dropout(chunk):
 
 def test_without_rng_restore_gradients_differ():
     torch.manual_seed(0)
-    model, tau = TinyEncoder(p=0.5), L.Temperature(0.5, learnable=True)
+    model, tau = TinyEncoder(p=0.5), Tau(0.5, learnable=True)
     q, c, n = _data()
     _plain_step(model, tau, q, c, n, 2)
     ref = _grads(model)
@@ -85,7 +86,7 @@ def test_without_rng_restore_gradients_differ():
 
 def test_grad_cache_without_dropout_equals_full_batch_forward():
     torch.manual_seed(0)
-    model, tau = TinyEncoder(p=0.0), L.Temperature(0.05)
+    model, tau = TinyEncoder(p=0.0), Tau(0.05)
     q, c, n = _data()
     loss = L.info_nce(model(q), model(c), tau(), hard_negatives=model(n))
     loss.backward()
@@ -110,7 +111,7 @@ def test_no_sync_used_for_all_but_last_backward():
         def __exit__(self, *a):
             return False
 
-    grad_cache_step(model, [_chunks(q, 2), _chunks(c, 3), _chunks(n, 6)], _loss(L.Temperature()),
+    grad_cache_step(model, [_chunks(q, 2), _chunks(c, 3), _chunks(n, 6)], _loss(Tau()),
                     no_sync=Ctx)
     assert len(entered) == 3 + 2 + 2 - 1
 

@@ -223,19 +223,7 @@ def test_distill_kl_forms():
                             L.distill_kl(sharp, teacher, 0.02).item(), rel_tol=1e-3)
 
 
-def test_temperature_module_and_policy():
-    t = L.Temperature()
-    assert t().item() == np.float32(0.05) and not t.learnable
-    lt = L.Temperature(0.05, learnable=True)
-    (1.0 / lt()).backward()
-    assert lt.temp.grad is not None and lt.temp.grad.item() < 0
-    with torch.no_grad():
-        lt.temp.fill_(-1.0)
-    assert lt().item() == pytest.approx(1e-3)
-    lt.clamp_()
-    assert lt.temp.item() == pytest.approx(1e-3)
-    with pytest.raises(ValueError):
-        L.Temperature(0.0)
+def test_temperature_policy():
     assert L.initial_temperature() == 0.05
     assert L.initial_temperature("carry", 0.031) == 0.031
     with pytest.raises(ValueError):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from helpers import free_port, spawn_and_wait
+from helpers import Tau, free_port, spawn_and_wait
 from umarvel import dist as udist
 from umarvel.train import losses as L
 from umarvel.train.grad_cache import grad_cache_step
@@ -30,7 +30,7 @@ def _setup():
     """Seeded encoder, temperature and the full (concatenated) batch, identical on every process."""
     torch.manual_seed(0)
     enc = nn.Linear(D_IN, D)
-    tau = L.Temperature(0.1, learnable=True)
+    tau = Tau(0.1, learnable=True)
     n = WORLD * B
     q, c, hn = torch.randn(n, D_IN), torch.randn(n, D_IN), torch.randn(K, n, D_IN)
     c[4] = c[1]  # a duplicated positive across ranks (rank 0 row 1, rank 1 row 1): masked by D12

@@ -5,7 +5,7 @@ What this module owns:
   the official slot-major column layout and an optional candidate->query term (stage 2 sums both).
 - :func:`duplicate_mask` / :func:`duplicate_mask_c2q`: in-batch false-negative masks (decision D12).
 - :func:`distill_kl`: the stage-5 reranker distillation KL (decision D11).
-- :class:`Temperature` and :func:`initial_temperature`: the raw temperature parameter (section 1.5, decision D2).
+- :func:`initial_temperature`: the raw temperature tau at a stage start (section 1.5, decision D2).
 
 Conventions (identical to the official code, checked against ``golden/umarvel_train_tiny`` cases c1-c5):
 - Embeddings are L2-normalised *inside* these functions (``normalize=True``, the default); cosines are dot
@@ -24,7 +24,6 @@ import math
 from typing import Hashable, Literal, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -32,10 +31,6 @@ from umarvel import dist as udist
 from umarvel.model.constants import DEFAULT_TEMPERATURE
 
 logger = logging.getLogger(__name__)
-
-#: Safety range for a learnable raw tau (the official code never clamps; tau stays ~0.05 in practice).
-DEFAULT_TEMPERATURE_RANGE = (1e-3, 1.0)
-
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _as_tau(temperature: float | Tensor, like: Tensor) -> Tensor | float:
@@ -365,50 +360,6 @@ def distill_kl(
 
 
 # ------------------------------------------------------------------------------------- temperature (D2)
-class Temperature(nn.Module):
-    """The raw temperature tau (``logits = cos / tau``), as the official ``Similarity.temp`` (spec 1.5).
-
-    Frozen in stages 1-2, learnable from stage 3 (``learnable=True``; then trained with the LoRA LR and no
-    weight decay). The forward clamps into ``[min, max]`` (identity inside the range, so parity with the
-    unclamped official code holds); :meth:`clamp_` clamps the stored value in place after an optimiser step.
-
-    Args:
-        init: initial tau (float32 0.05 by default, i.e. 0.05000000074505806).
-        learnable: whether tau is an ``nn.Parameter`` with ``requires_grad``.
-        min, max: clamp range of tau.
-    """
-
-    def __init__(
-        self,
-        init: float = DEFAULT_TEMPERATURE,
-        learnable: bool = False,
-        min: float = DEFAULT_TEMPERATURE_RANGE[0],  # noqa: A002 - mirrors torch.clamp
-        max: float = DEFAULT_TEMPERATURE_RANGE[1],  # noqa: A002
-    ) -> None:
-        super().__init__()
-        if not (0 < min <= init <= max):
-            raise ValueError(f"temperature init {init} outside the range [{min}, {max}] (min must be > 0)")
-        self.min, self.max = float(min), float(max)
-        self.temp = nn.Parameter(torch.tensor(float(init), dtype=torch.float32), requires_grad=learnable)
-
-    @property
-    def learnable(self) -> bool:
-        """Whether tau receives gradients."""
-        return self.temp.requires_grad
-
-    def forward(self) -> Tensor:
-        """Return tau as a 0-d tensor (clamped; gradient flows inside the range)."""
-        return self.temp.clamp(self.min, self.max)
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Clamp the stored value into range (call after ``optimizer.step()``)."""
-        self.temp.clamp_(self.min, self.max)
-
-    def extra_repr(self) -> str:
-        return f"value={self.temp.item():.6g}, learnable={self.learnable}, range=[{self.min}, {self.max}]"
-
-
 def initial_temperature(
     init: float | Literal["carry"] = DEFAULT_TEMPERATURE, carried: float | None = None
 ) -> float:
