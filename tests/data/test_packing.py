@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from umarvel.data.collate import EmbedInput, EmbeddingCollator, instruction_mask
-from umarvel.data.packing import (HOST_KEYS, PackedCollator, is_packed, pack_rows, packed_instruction_mask,
-                                  plan_packs, to_device)
+from umarvel.data.collate import EmbedInput, EmbeddingCollator, instruction_mask, pad_sequences
+from umarvel.data.packing import HOST_KEYS, PackedCollator, is_packed, pack_padded, plan_packs, to_device
 
 
 def test_plan_packs_covers_every_index_within_budget_and_item_cap():
@@ -35,20 +34,21 @@ def test_plan_packs_oversized_item_gets_its_own_pack():
         plan_packs([1], max_tokens=0)
 
 
-def test_pack_rows_positions_restart_per_sequence():
-    ids, pos, cu, lens = pack_rows([[5, 6, 7], [8], [9, 10]])
-    assert ids.tolist() == [[5, 6, 7, 8, 9, 10]]
-    assert pos.tolist() == [[0, 1, 2, 0, 0, 1]]
-    assert cu.tolist() == [0, 3, 4, 6] and cu.dtype == torch.int32
-    assert lens.tolist() == [3, 1, 2]
-    with pytest.raises(ValueError):
-        pack_rows([[1], []])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pack_padded_positions_restart_per_sequence(side):
+    ids, attn = pad_sequences([[5, 6, 7], [8], [9, 10]], 0, side)
+    packed = pack_padded({"input_ids": ids, "attention_mask": attn})
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]] and packed["attention_mask"].tolist() == [[1] * 6]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert packed["cu_seqlens"].tolist() == [0, 3, 4, 6] and packed["cu_seqlens"].dtype == torch.int32
+    assert packed["seq_lens"].tolist() == [3, 1, 2]
 
 
 def test_packed_instruction_mask_equals_per_sequence_mask_and_does_not_leak():
     seqs = [[1, 100, 2, 101, 3], [100, 4, 5], [6, 100, 7, 101]]  # the middle span is never closed
-    ids, _, cu, _ = pack_rows(seqs)
-    got = packed_instruction_mask(ids, cu, 100, 101)[0].tolist()
+    ids, attn = pad_sequences(seqs, 0, "left")
+    got = pack_padded({"input_ids": ids, "attention_mask": attn,
+                       "instruction_mask": instruction_mask(ids, 100, 101)})["instruction_mask"][0].tolist()
     want = [v for s in seqs for v in instruction_mask(torch.tensor([s]), 100, 101)[0].tolist()]
     assert got == want
     assert got[8:] == [0, 1, 1, 1]  # the third sequence starts outside any span

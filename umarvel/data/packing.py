@@ -22,7 +22,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from umarvel.data.collate import EmbedInput, EmbeddingCollator, EmbeddingTokenizer, TokenizedInput
@@ -72,36 +71,6 @@ def plan_packs(lengths: Sequence[int], max_tokens: int, max_items: int | None = 
     return packs
 
 
-def pack_rows(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate id lists: ``input_ids`` (1, T), ``position_ids`` (1, T), ``cu_seqlens`` (N+1,) int32,
-    ``seq_lens`` (N,) int64."""
-    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    if (lens < 1).any():
-        raise ValueError("cannot pack an empty sequence")
-    cu = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lens, out=cu[1:])
-    ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(cu[-1]))
-    pos = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lens)
-    return (torch.from_numpy(ids)[None], torch.from_numpy(pos)[None], torch.from_numpy(cu.astype(np.int32)),
-            torch.from_numpy(lens))
-
-
-def packed_instruction_mask(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, start_id: int,
-                            end_id: int) -> torch.Tensor:
-    """:func:`umarvel.data.collate.instruction_mask` per sequence of a packed row: (1, T) int64.
-
-    The marker depth restarts at every sequence start (an unclosed span never leaks into the next one).
-    """
-    ids = input_ids[0]
-    step = (ids == start_id).long() - (ids == end_id).long()
-    depth = torch.cumsum(step, 0)
-    starts = cu_seqlens[:-1].long()
-    before = torch.where(starts > 0, depth[(starts - 1).clamp(min=0)], torch.zeros_like(starts))
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    depth = depth - torch.repeat_interleave(before, lens)
-    return ((depth > 0) | (ids == end_id)).long()[None]
-
-
 def pack_padded(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A padded batch (left or right padding) as one packed row: every (B, L) tensor keeps its real tokens.
 
@@ -122,18 +91,12 @@ def pack_padded(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class PackedCollator(EmbeddingCollator):
-    """Tokenized inputs -> one packed batch (see the module docstring); same masks and visuals as the padded
-    :class:`~umarvel.data.collate.EmbeddingCollator`, without padding."""
+    """Tokenized inputs -> one packed batch (see the module docstring): the padded
+    :class:`~umarvel.data.collate.EmbeddingCollator` batch (per-sequence masks, same visuals) through
+    :func:`pack_padded`, so no padding is left."""
 
     def __call__(self, items: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
-        ids, pos, cu, lens = pack_rows([x.input_ids for x in items])
-        instr = packed_instruction_mask(ids, cu, self.start_id, self.end_id)
-        attn = torch.ones_like(ids)
-        pool = attn * (1 - instr) if self.mask_instruction else attn.clone()
-        batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "instruction_mask": instr,
-                 "pool_mask": pool, "cu_seqlens": cu, "seq_lens": lens}
-        batch.update(self.visuals(items))
-        return batch
+        return pack_padded(super().__call__(items))
 
 
 def chunk_bounds(n: int, chunk: int, first: int | None = None) -> list[int]:
