@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from helpers import free_port, spawn_and_wait
-from umarvel.eval.dist_search import RankShardedSearcher, shard_bounds
+from umarvel.eval.dist_search import RankShardedSearcher
+from umarvel.eval.search import shard_bounds
 
 pytestmark = pytest.mark.slow
 

@@ -108,19 +108,6 @@ def format_table(query: dict, hits: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _broadcast(obj):
-    """Rank 0's object on every rank (identity without a process group)."""
-    from umarvel.dist import is_dist  # lazy: keeps the CLI start-up free of torch
-
-    if not is_dist():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def run(args: argparse.Namespace) -> int:
     """Encode the queries, search, print / write the hits."""
     from umarvel.errors import ConfigError  # lazy: keeps the CLI start-up free of torch
@@ -131,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.index:
         raise ConfigError("--index is required (or --list-tasks)")
-    from umarvel.dist import get_rank
     from umarvel import dist
     from umarvel.index import Index
 
@@ -139,14 +125,14 @@ def run(args: argparse.Namespace) -> int:
     queries = read_queries(args)
     device = dist.device_for_rank(args.device)
     with dist.process_group(device):
-        rank = get_rank()  # read inside: the process group is gone after the block
+        rank = dist.get_rank()  # read inside: the process group is gone after the block
         vectors = None
         if rank == 0:
             model = index.load_model(args.model, device=device, dtype=args.dtype)
             vectors = index.encode_queries(model, [{k: q[k] for k in ("text", "image", "instruction") if k in q}
                                                    for q in queries], batch_size=args.batch_size)
         flat = index.backend == "flat" or args.exact
-        vectors = _broadcast(vectors) if flat else vectors
+        vectors = dist.broadcast_object(vectors) if flat else vectors
         if rank != 0 and not flat:
             return 0
         results = index.search(vectors, args.k, device=device, distributed=flat, exact=args.exact,

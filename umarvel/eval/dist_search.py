@@ -20,18 +20,13 @@ import torch
 
 from umarvel.dist import get_rank, get_world_size, is_dist
 from umarvel.errors import DataError
-from umarvel.eval.search import PAD_INDEX, PAD_SCORE, RowBlocks, TorchSearcher, _check_k, _pad, merge_topk
+from umarvel.eval.search import (PAD_INDEX, PAD_SCORE, RowBlocks, TorchSearcher, _check_k, _pad, merge_topk,
+                                 shard_bounds)
 
 logger = logging.getLogger(__name__)
 
 #: Index value of a padding slot while merging (larger than any row; distinct per slot of one rank).
 _SENTINEL = torch.iinfo(torch.int64).max
-
-
-def shard_bounds(n: int, world: int) -> list[int]:
-    """Row boundaries of ``world`` contiguous shards of ``n`` rows (``world + 1`` values, as
-    :class:`~umarvel.eval.search.ShardedTorchSearcher` splits across devices)."""
-    return np.linspace(0, n, world + 1).astype(int).tolist()
 
 
 class RankShardedSearcher:
@@ -58,8 +53,7 @@ class RankShardedSearcher:
         self.dim = source.dim
         self.local: TorchSearcher | None = None
         if self.hi > self.lo:
-            pieces = [p for _, p in source.chunks(self.hi - self.lo, self.lo, self.hi)]
-            self.local = TorchSearcher(RowBlocks(pieces), device=device, **kwargs)
+            self.local = TorchSearcher(source.rows(self.lo, self.hi), device=device, **kwargs)
         logger.info("rank %d of %d searches rows %d..%d of %d", self.rank, self.world, self.lo, self.hi, self.n)
 
     def __len__(self) -> int:
@@ -103,6 +97,3 @@ def _all_gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t)
     return torch.cat(parts, dim=dim).cpu()
-
-
-__all__ = ["RankShardedSearcher", "shard_bounds"]

@@ -103,6 +103,16 @@ class RowBlocks:
             for a in range(lo, hi, max_rows):
                 yield a, b[a - off: min(hi, a + max_rows) - off]
 
+    def rows(self, lo: int, hi: int) -> "RowBlocks":
+        """A view of global rows ``[lo, hi)`` (no copy)."""
+        return RowBlocks([p for _, p in self.chunks(hi - lo, lo, hi)])
+
+
+def shard_bounds(n: int, world: int) -> list[int]:
+    """Row boundaries of ``world`` contiguous shards of ``n`` rows (``world + 1`` values); the split of both
+    :class:`ShardedTorchSearcher` (devices) and :class:`umarvel.eval.dist_search.RankShardedSearcher` (ranks)."""
+    return np.linspace(0, n, world + 1).astype(int).tolist()
+
 
 def _to_device(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Numpy / torch ``(n, D)`` -> contiguous torch ``(n, D)`` of ``dtype`` on ``device`` (copy only as needed)."""
@@ -116,6 +126,23 @@ def _to_device(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor
         t = t.pin_memory() if t.numel() * t.element_size() <= (1 << 30) else t
         t = t.to(device, non_blocking=True)
     return t.to(device=device, dtype=dtype).contiguous()
+
+
+def _f32(x: Any) -> np.ndarray:
+    """``(n, D)`` numpy/torch -> C-contiguous float32 numpy."""
+    if torch.is_tensor(x):
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def gather_rows(source: RowBlocks, rows: np.ndarray) -> np.ndarray:
+    """Rows ``(m,)`` (sorted global indices) of a block concatenation -> ``(m, D)`` float32."""
+    out = []
+    for b, off in zip(source.blocks, source.offsets):
+        sel = rows[(rows >= off) & (rows < off + b.shape[0])] - off
+        if len(sel):
+            out.append(_f32(b[torch.as_tensor(sel)] if torch.is_tensor(b) else b[sel]))
+    return np.concatenate(out)
 
 
 def _as_queries(queries: Any) -> Any:
@@ -254,9 +281,7 @@ def inverse_norms(x: torch.Tensor) -> torch.Tensor:
 
 def unit_rows_fp32(x: Any) -> np.ndarray:
     """``(n, D)`` numpy / torch (any float dtype, e.g. float16 cache vectors) -> float32 rows of unit length."""
-    if torch.is_tensor(x):
-        x = x.detach().float().cpu().numpy()
-    a = np.asarray(x, dtype=np.float32)
+    a = _f32(x)
     n = np.linalg.norm(a, axis=1, keepdims=True)
     return a / np.where(n > 0, n, 1.0)
 
@@ -532,12 +557,10 @@ class ShardedTorchSearcher:
             raise DataError("candidate pool is empty: nothing to search")
         if not devices:
             raise ConfigError("devices must name at least one device")
-        bounds = np.linspace(0, n, len(devices) + 1).astype(int).tolist()
-        self.shards: list[tuple[int, TorchSearcher]] = []
-        for dev, lo, hi in zip(devices, bounds[:-1], bounds[1:]):
-            if hi > lo:
-                pieces = [p for _, p in source.chunks(hi - lo, lo, hi)]
-                self.shards.append((lo, TorchSearcher(RowBlocks(pieces), device=dev, **kwargs)))
+        bounds = shard_bounds(n, len(devices))
+        self.shards: list[tuple[int, TorchSearcher]] = [
+            (lo, TorchSearcher(source.rows(lo, hi), device=dev, **kwargs))
+            for dev, lo, hi in zip(devices, bounds[:-1], bounds[1:]) if hi > lo]
         self.n = n
 
     def __len__(self) -> int:
@@ -602,7 +625,7 @@ class FaissSearcher:
             rng = np.random.default_rng(seed)
             m = min(n, train_size or max(64 * nlist, 10_000))
             rows = np.sort(rng.choice(n, size=m, replace=False))
-            index.train(self._vecs(self._gather(source, rows)))
+            index.train(self._vecs(gather_rows(source, rows)))
             index.nprobe = min(nprobe, nlist)
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -629,26 +652,9 @@ class FaissSearcher:
         self.normalize = bool(normalize)
         return self
 
-    @staticmethod
-    def _f32(x: Any) -> np.ndarray:
-        """``(n, D)`` numpy/torch -> C-contiguous float32 numpy."""
-        if torch.is_tensor(x):
-            x = x.detach().float().cpu().numpy()
-        return np.ascontiguousarray(x, dtype=np.float32)
-
     def _vecs(self, x: Any) -> np.ndarray:
         """float32 rows for the index, of unit length in fp32 with ``normalize``."""
-        return unit_rows_fp32(x) if self.normalize else self._f32(x)
-
-    @classmethod
-    def _gather(cls, source: RowBlocks, rows: np.ndarray) -> np.ndarray:
-        """Rows ``(m,)`` (sorted global indices) -> ``(m, D)`` float32."""
-        out = []
-        for b, off in zip(source.blocks, source.offsets):
-            sel = rows[(rows >= off) & (rows < off + b.shape[0])] - off
-            if len(sel):
-                out.append(cls._f32(b[torch.as_tensor(sel)] if torch.is_tensor(b) else b[sel]))
-        return np.concatenate(out)
+        return unit_rows_fp32(x) if self.normalize else _f32(x)
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(Q, D)`` queries -> ``(Q, k)`` float32 scores and int64 indices (numpy, padded)."""

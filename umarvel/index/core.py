@@ -45,7 +45,7 @@ from umarvel.dist import barrier, get_rank, get_world_size, is_dist
 from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import EmbeddingCache
 from umarvel.eval.dist_search import RankShardedSearcher
-from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall
+from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall, gather_rows
 from umarvel.index.items import encode_item, read_items
 from umarvel.utils.io import atomic_path, atomic_write_json, read_json
 from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, RunLock, claim_on_rank0
@@ -133,17 +133,6 @@ def _diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{k}: index {va!r} vs model {vb!r}")
     return out
-
-
-def _row_gather(blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Rows ``(m,)`` (sorted) of the block concatenation -> ``(m, D)`` float32."""
-    out, off = [], 0
-    for b in blocks:
-        sel = rows[(rows >= off) & (rows < off + len(b))] - off
-        if len(sel):
-            out.append(np.asarray(b[sel], dtype=np.float32))
-        off += len(b)
-    return np.concatenate(out)
 
 
 def _auto_resident(n: int, dim: int, device: torch.device) -> bool:
@@ -416,7 +405,7 @@ class Index:
         n = len(self)
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(max(1, sample), n), replace=False))
-        queries = _row_gather(self.vector_blocks(), rows)
+        queries = gather_rows(RowBlocks(self.vector_blocks()), rows)
         k = min(RECALL_K, n)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         _, exact = TorchSearcher(RowBlocks(self.vector_blocks()), device=dev).search(queries, k)

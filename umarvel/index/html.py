@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 
 from umarvel.data.mbeir import parse_candidate, read_qrels, read_queries
 from umarvel.data.registry import MBEIR_TASK_ORDER, get_task
+from umarvel.data.runfiles import read_trec_run
 from umarvel.errors import UMarvelError
 from umarvel.utils.io import atomic_write_text
 
@@ -231,6 +232,24 @@ def find_candidates(pool_files: Sequence[Path], root: Path, wanted: set[str]) ->
     return out
 
 
+def _present_pools(root: Path, split: str) -> list[Path]:
+    """The local pool files of ``split`` present under ``root``, registry order (the global pool's parts)."""
+    return [root / get_task(n).files(split).pool for n in MBEIR_TASK_ORDER
+            if (root / get_task(n).files(split).pool).is_file()]
+
+
+def _cards(ranked: Sequence[tuple[str, float]], cands: Mapping[str, Any], positives: frozenset,
+           thumb: int) -> list[Card]:
+    """Cards of ``(did, score)`` pairs in rank order: text / image from ``cands``, positives marked."""
+    cards = []
+    for r, (did, score) in enumerate(ranked, start=1):
+        c = cands.get(did)
+        img = c.image if c is not None else None
+        cards.append(Card(id=did, rank=r, score=float(score), text=c.text if c else None, image=img,
+                          src=embedded_thumb(img, thumb) if img else None, positive=did in positives))
+    return cards
+
+
 def mbeir_blocks(root: Path, split: str, task_name: str, retrieval: Any, pool_files: Sequence[Path],
                  n_queries: int, k: int, seed: int) -> list[QueryBlock]:
     """Sample queries of one task with their top ``k`` (positives from the qrels marked)."""
@@ -248,15 +267,8 @@ def mbeir_blocks(root: Path, split: str, task_name: str, retrieval: Any, pool_fi
         qid = retrieval.qids[p]
         q = queries.get(qid)
         pos = frozenset(qrels.get(qid, ()) or (q.positives if q else ()))
-        cards = []
-        for r in range(min(k, dids.shape[1])):
-            did = str(dids[p, r])
-            if not did:
-                continue
-            c = cands.get(did)
-            img = c.image if c is not None else None
-            cards.append(Card(id=did, rank=r + 1, score=float(retrieval.scores[p, r]), text=c.text if c else None,
-                              image=img, src=embedded_thumb(img, 160) if img else None, positive=did in pos))
+        ranked = [(str(d), s) for d, s in zip(dids[p, :k], retrieval.scores[p, :k]) if d]  # padding is last
+        cards = _cards(ranked, cands, pos, 160)
         found = any(c.positive for c in cards)
         blocks.append(QueryBlock(
             text=q.text if q else None, instruction=q.instruction if q else None,
@@ -278,11 +290,7 @@ def write_mbeir_page(path: str | os.PathLike, result: Any, mbeir_root: str | os.
     sections = []
     scores = {t.name: t for t in result.tasks}
     for name, ret in result.retrievals.items():
-        if protocol == "global":
-            pools = [root / get_task(n).files(split).pool for n in MBEIR_TASK_ORDER
-                     if (root / get_task(n).files(split).pool).is_file()]
-        else:
-            pools = [root / get_task(name).files(split).pool]
+        pools = _present_pools(root, split) if protocol == "global" else [root / get_task(name).files(split).pool]
         blocks = mbeir_blocks(root, split, name, ret, pools, n_queries, k, seed)
         tr = scores.get(name)
         head = f"{name}" + (f" \u2014 {tr.metric} {tr.value:.2f}" if tr is not None else "")
@@ -296,17 +304,6 @@ def write_mbeir_page(path: str | os.PathLike, result: Any, mbeir_root: str | os.
 
 
 # ---------------------------------------------------------------------------------- per-stage page
-def _read_trec(path: Path) -> dict[str, list[tuple[str, float]]]:
-    """``{qid: [(did, score), ...]}`` in rank order from a TREC run file."""
-    out: dict[str, list[tuple[str, float]]] = {}
-    with open(path, "r", encoding="utf-8") as fh:
-        for line in fh:
-            parts = line.split()
-            if len(parts) == 6:
-                out.setdefault(parts[0], []).append((parts[2], float(parts[4])))
-    return out
-
-
 def write_stage_page(path: str | os.PathLike, mbeir_root: str | os.PathLike, split: str,
                      stages: Sequence[tuple[str, str | os.PathLike]], n_queries: int = 3, k: int = 5,
                      seed: int = 0) -> Path:
@@ -320,10 +317,9 @@ def write_stage_page(path: str | os.PathLike, mbeir_root: str | os.PathLike, spl
     root = Path(mbeir_root)
     first = Path(stages[0][1]) / "runs"
     tasks = [t for t in MBEIR_TASK_ORDER if (first / f"{t}_{split}.trec").is_file()]
-    runs = {label: {t: _read_trec(Path(d) / "runs" / f"{t}_{split}.trec") for t in tasks
+    runs = {label: {t: read_trec_run(Path(d) / "runs" / f"{t}_{split}.trec") for t in tasks
                     if (Path(d) / "runs" / f"{t}_{split}.trec").is_file()} for label, d in stages}
-    pools = [root / get_task(n).files(split).pool for n in MBEIR_TASK_ORDER
-             if (root / get_task(n).files(split).pool).is_file()]
+    pools = _present_pools(root, split)
     sections = []
     for name in tasks:
         files = get_task(name).files(split)
@@ -339,12 +335,7 @@ def write_stage_page(path: str | os.PathLike, mbeir_root: str | os.PathLike, spl
             head = QueryBlock(text=q.text, image_src=embedded_thumb(q.image, 200) if q.image else None, label=q.qid)
             rows = []
             for label in runs:
-                cards = []
-                for r, (did, score) in enumerate(runs[label].get(name, {}).get(q.qid, [])[:k]):
-                    c = cands.get(did)
-                    img = c.image if c is not None else None
-                    cards.append(Card(id=did, rank=r + 1, score=score, text=c.text if c else None, image=img,
-                                      src=embedded_thumb(img, 140) if img else None, positive=did in pos))
+                cards = _cards(runs[label].get(name, {}).get(q.qid, [])[:k], cands, pos, 140)
                 rows.append(f'<div class="stage" data-stage="{escape(label)}"><div class="stage-label">'
                             f'{escape(label)}</div><div class="grid">{"".join(_card_html(c) for c in cards)}'
                             f'</div></div>')
