@@ -78,11 +78,6 @@ def unhash_did(h: int) -> str:
     return f"{int(h) // DID_HASH_BASE}:{int(h) % DID_HASH_BASE}"
 
 
-def hash_qids(qids: Iterable[str]) -> np.ndarray:
-    """Hashed query ids as an ``int64`` array of shape (N,)."""
-    return np.fromiter((hash_qid(q) for q in qids), dtype=np.int64)
-
-
 def hash_dids(dids: Iterable[str]) -> np.ndarray:
     """Hashed candidate ids as an ``int64`` array of shape (N,)."""
     return np.fromiter((hash_did(d) for d in dids), dtype=np.int64)
@@ -444,7 +439,7 @@ def load_mbeir_task(root: PathLike, task: Task, split: str = "test", *,
 
 __all__ = [
     "DATASET_IDS", "TASK_MODALITIES", "MODALITIES", "INSTRUCTION_MODES", "DEFAULT_INSTRUCTION_SEED",
-    "split_id", "hash_qid", "hash_did", "unhash_qid", "unhash_did", "hash_qids", "hash_dids",
+    "split_id", "hash_qid", "hash_did", "unhash_qid", "unhash_did", "hash_dids",
     "dataset_id_of", "parse_query", "parse_candidate", "read_queries", "read_pool",
     "read_pool_modalities", "read_qrels", "InstructionTable", "read_instructions", "instruction_rng",
     "positive_modality", "choose_instruction", "assign_instructions", "find_unknown_ids",

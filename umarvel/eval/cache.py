@@ -56,6 +56,12 @@ def _sha256(obj: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def encoder_settings(encoder: Any) -> dict:
+    """The encoder's JSON-able preprocessing settings (``settings.as_dict()``), ``{}`` if it has none."""
+    settings = getattr(encoder, "settings", None)
+    return dict(settings.as_dict()) if hasattr(settings, "as_dict") else {}
+
+
 def source_identity(source: str | os.PathLike | None, ids: Sequence[str], items: Sequence[dict]) -> dict:
     """Identity of the encoded input: ``{path, size, mtime_ns}`` of ``source`` when given, else a content
     hash of the ids and items (images by path / ``repr``)."""

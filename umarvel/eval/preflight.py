@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_TASK_ORDER, get_task
-from umarvel.errors import ConfigError, DataError
+from umarvel.errors import DataError
 from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.mbeir.runner import select_tasks
 from umarvel.eval.zeroshot.options import ZeroShotOptions
 from umarvel.model.loading import check_checkpoint_dir
-from umarvel.utils.checks import check_device, check_input_dir, check_input_file, check_output_dir, scan_images
+from umarvel.utils.checks import (check_device, check_input_dir, check_input_file, check_output_dir, check_positive,
+                                  scan_images)
 from umarvel.utils.runs import RunIdentity, claim_on_rank0
 
 #: What an M-BEIR evaluation writes into its folder (removed by ``--overwrite``).
@@ -115,9 +116,7 @@ def start_zeroshot_run(model: str, data_root: str, output_dir: str, tasks: Seque
     check_checkpoint_dir(model)
     root = check_input_dir(data_root, "--data-root")
     for key in ("batch_size", "video_batch_size"):
-        value = getattr(options, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
+        check_positive(getattr(options, key), f"--{key.replace('_', '-')}")
     check_output_dir(output_dir, "--output-dir")
     if check_images:
         sets = {}

@@ -43,7 +43,7 @@ from umarvel.api import UMarvel
 from umarvel.data.images import open_image
 from umarvel.dist import barrier, get_rank, get_world_size, is_dist
 from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
-from umarvel.eval.cache import EmbeddingCache
+from umarvel.eval.cache import EmbeddingCache, encoder_settings
 from umarvel.eval.dist_search import RankShardedSearcher
 from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall, gather_rows
 from umarvel.index.items import encode_item, read_items
@@ -115,12 +115,6 @@ class _ItemEncoder:
                     except ImageLoadError as bad:
                         raise ImageLoadError(f"item {it['id']!r}: {bad}") from exc
             raise ImageLoadError(f"items {items[0]['id']!r} .. {items[-1]['id']!r}: {exc}") from exc
-
-
-def _settings_of(model: Any) -> dict:
-    """The model's encode settings as JSON (``UMarvel.settings.as_dict()``; ``{}`` if it has none)."""
-    s = getattr(model, "settings", None)
-    return json.loads(json.dumps(s.as_dict(), default=str)) if hasattr(s, "as_dict") else {}
 
 
 def _diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
@@ -285,7 +279,7 @@ class Index:
         if get_rank() == 0:
             info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": _now(),
                     "updated": _now(), "model": {"path": _model_path(model), "fingerprint": fp},
-                    "encode": {"role": "candidate", "settings": _settings_of(model)},
+                    "encode": {"role": "candidate", "settings": encoder_settings(model)},
                     "count": len(rows), "dim": int(emb.dim), "dtype": "float16", "backend": backend,
                     "backend_params": dict(backend_params or {}), "faiss_file": None, "recall": None,
                     "parts": [_part_record(path, emb.path, len(rows), src)], "items_file": ITEMS_FILE}
@@ -432,7 +426,7 @@ class Index:
         fp = model.fingerprint()
         if fp == self.fingerprint:
             return
-        diff = _diff(self.info.get("encode", {}).get("settings", {}), _settings_of(model))
+        diff = _diff(self.info.get("encode", {}).get("settings", {}), encoder_settings(model))
         raise CheckpointError(
             f"{self.path}: built with model {self.model_path or '?'} (fingerprint {self.fingerprint}), but the "
             f"given model {getattr(model, 'source', None) or '?'} has fingerprint {fp}"
@@ -610,7 +604,7 @@ def _encode_part(path: Path, model: Any, rows: list[dict], fingerprint: str, bat
     cache = EmbeddingCache(path / VECTORS_DIR)
     return cache.get_or_encode(PART_NAME, rows, [r["id"] for r in rows], _ItemEncoder(model, batch_size),
                                fingerprint=fingerprint,
-                               settings={"role": "candidate", "encode": _settings_of(model)},
+                               settings={"role": "candidate", "encode": encoder_settings(model)},
                                shard_size=shard_size)
 
 

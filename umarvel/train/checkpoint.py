@@ -94,12 +94,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    n = state["numpy"]
-    if isinstance(n, dict):
-        np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.int64).astype(np.uint32), n["pos"],
-                             n["has_gauss"], n["cached_gaussian"]))
-    else:
-        np.random.set_state(n)
+    n = state["numpy"]  # always the dict of rng_state (torch.load(weights_only=True) refuses anything else)
+    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.int64).astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

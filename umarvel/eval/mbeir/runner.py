@@ -39,7 +39,7 @@ from umarvel import dist
 from umarvel.api import UMarvel
 from umarvel.config import save_resolved
 from umarvel.errors import ConfigError, DataError, ImageLoadError
-from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached
+from umarvel.eval.cache import DEFAULT_SHARD_SIZE, CachedEmbeddings, EmbeddingCache, concat_cached, encoder_settings
 from umarvel.data.mbeir import (
     TaskData, check_known_ids, load_mbeir_task, read_instructions, read_pool, read_pool_modalities, read_qrels,
     read_queries,
@@ -78,12 +78,6 @@ class Encoder(Protocol):
     def encode_queries(self, items: Sequence[Mapping], batch_size: int = 32) -> Any: ...
 
     def encode_candidates(self, items: Sequence[Mapping], batch_size: int = 32) -> Any: ...
-
-
-def encoder_settings(encoder: Any) -> dict:
-    """The encoder's JSON-able preprocessing settings (``settings.as_dict()``), ``{}`` if it has none."""
-    settings = getattr(encoder, "settings", None)
-    return dict(settings.as_dict()) if hasattr(settings, "as_dict") else {}
 
 
 def _role(records: Sequence[Query | Candidate]) -> str:
@@ -482,7 +476,7 @@ def run_mbeir_eval(cfg: MBeirEvalConfig, *, check_images: bool = True) -> MBeirE
 
 
 __all__ = [
-    "MBeirEvalConfig", "Encoder", "encoder_settings", "encode_records", "Retrieval", "search_embeddings",
+    "MBeirEvalConfig", "Encoder", "encode_records", "Retrieval", "search_embeddings",
     "select_tasks", "MBeirEvalResult", "evaluate_mbeir",
     "load_encoder", "run_mbeir_eval", "CONFIG_FILE", "RUN_INFO_FILE", "RUNS_DIR", "RESULTS_JSON", "RESULTS_MD",
 ]

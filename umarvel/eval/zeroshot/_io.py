@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from umarvel.errors import DataError
-from umarvel.utils.io import open_text, read_json
+from umarvel.utils.io import open_text
 from umarvel.eval.zeroshot.types import MissingSetData, ZSItem
 
 
@@ -22,11 +22,6 @@ def require_dir(set_name: str, path: Path) -> Path:
     if not path.is_dir():
         raise MissingSetData(set_name, path)
     return path
-
-
-def load_json(path: Path) -> Any:
-    """Parse a JSON file; malformed content raises :class:`DataError` naming the file."""
-    return read_json(path)
 
 
 def expect(cond: bool, path: Path, what: str) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from umarvel.errors import DataError
 from umarvel.eval.zeroshot import instructions as ins
-from umarvel.eval.zeroshot._io import (expect, load_json, load_torch_plain, read_text_first_line, require_dir,
-                                       require_file)
+from umarvel.eval.zeroshot._io import expect, load_torch_plain, read_text_first_line, require_dir, require_file
 from umarvel.eval.zeroshot.types import BidirectionalSet, MissingSetData, PairSet, ZSItem
+from umarvel.utils.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _bidirectional(name: str, captions: list[str], image_paths: list[Path], per_
 
 def _lamra_caption_grid(name: str, text_path: Path, img_dir: Path, ext: str) -> tuple[list[str], list[Path], list[int]]:
     """LamRA_Eval layout: a JSON list of strings, caption t belongs to image ``{t // 5}.{ext}``."""
-    caps = load_json(text_path)
+    caps = read_json(text_path)
     expect(isinstance(caps, list) and all(isinstance(c, str) for c in caps), text_path,
            "expected a JSON list of caption strings")
     expect(len(caps) > 0 and len(caps) % CAPTIONS_PER_IMAGE == 0, text_path,
@@ -48,7 +48,7 @@ def _lamra_caption_grid(name: str, text_path: Path, img_dir: Path, ext: str) -> 
 def _karpathy_test(name: str, ann_path: Path, img_dir: Path) -> tuple[list[str], list[Path], list[int]]:
     """Karpathy split JSON (``dataset_flickr30k.json`` / ``dataset_coco.json``): the ``test`` images, first 5
     ``raw`` sentences each; image path ``img_dir / [filepath /] filename``."""
-    data = load_json(ann_path)
+    data = read_json(ann_path)
     expect(isinstance(data, dict) and isinstance(data.get("images"), list), ann_path,
            "expected a Karpathy split object with an 'images' list")
     caps, paths, owner = [], [], []
@@ -105,7 +105,7 @@ def read_sharegpt4v(root: str | Path) -> BidirectionalSet:
     base = Path(root) / "sharegpt4v"
     ann_path = require_file(name, base / "datas_for_validation.json")
     img_dir = require_dir(name, base / "val_data")
-    ann = load_json(ann_path)
+    ann = read_json(ann_path)
     expect(isinstance(ann, list), ann_path, "expected a JSON list of {image_name, caption}")
     caps, paths = [], []
     for k, rec in enumerate(ann):
@@ -192,7 +192,7 @@ def read_sugarcrepe(root: str | Path, subset: str) -> PairSet:
     base = Path(root) / "sugar-crepe"
     ann_path = require_file(name, base / "data" / f"{subset}.json")
     img_dir = require_dir(name, base / "images" / "val2017")
-    ann = load_json(ann_path)
+    ann = read_json(ann_path)
     expect(isinstance(ann, dict), ann_path, "expected a JSON object id -> sample")
     instr = ins.IMAGE_TO_CAPTION if subset in ins.SUGARCREPE_WITH_INSTRUCTION else None
     images, pos, neg = [], [], []

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from umarvel.errors import DataError
 from umarvel.eval.zeroshot import instructions as ins
-from umarvel.eval.zeroshot._io import expect, load_json, official_order, require_dir, require_file
+from umarvel.eval.zeroshot._io import expect, official_order, require_dir, require_file
 from umarvel.eval.zeroshot.types import GallerySet, MissingSetData, RetrievalSet, ZSItem
+from umarvel.utils.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _circo_gallery_paths(name: str, base: Path) -> tuple[Path, Path]:
 def _circo_gallery(name: str, base: Path) -> tuple[list[ZSItem], dict[int, int]]:
     """Gallery items from the COCO-style ``image_info_unlabeled2017.json``; returns (items, image id -> index)."""
     info_path, img_dir = _circo_gallery_paths(name, base)
-    info = load_json(info_path)
+    info = read_json(info_path)
     expect(isinstance(info, dict) and isinstance(info.get("images"), list), info_path,
            "expected a COCO image-info object with an 'images' list")
     items, index = [], {}
@@ -68,7 +69,7 @@ def read_circo(root: str | Path, split: str = "val", exclude_reference: bool = F
     base = Path(root) / "circo"
     ann_path = require_file(name, base / "annotations" / f"{split}.json")
     candidates, index = _circo_gallery(name, base)
-    ann = load_json(ann_path)
+    ann = read_json(ann_path)
     expect(isinstance(ann, list), ann_path, "expected a JSON list of queries")
 
     def cand(iid, k: int, field: str) -> int:
@@ -131,7 +132,7 @@ def read_genecis(root: str | Path, subset: str) -> GallerySet:
     base = Path(root) / "genecis"
     ann_path = require_file(name, base / "annotations" / f"{subset}.json")
     require_dir(name, base / ("val2017" if subset.endswith("_object") else f"vg/{subset}"))
-    ann = load_json(ann_path)
+    ann = read_json(ann_path)
     expect(isinstance(ann, list), ann_path, "expected a JSON list of samples")
     candidates: list[ZSItem] = []
     cand_index: dict[str, int] = {}

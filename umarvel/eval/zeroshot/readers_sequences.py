@@ -11,9 +11,9 @@ from pathlib import Path
 
 from umarvel.errors import DataError
 from umarvel.eval.zeroshot import instructions as ins
-from umarvel.eval.zeroshot._io import expect, load_json, load_plain_pickle, official_order, require_dir, require_file
+from umarvel.eval.zeroshot._io import expect, load_plain_pickle, official_order, require_dir, require_file
 from umarvel.eval.zeroshot.types import RetrievalSet, ZSItem
-from umarvel.utils.io import open_text
+from umarvel.utils.io import open_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def read_visdial(root: str | Path) -> RetrievalSet:
     base = Path(root) / "visdial"
     ann_path = require_file(name, base / "visdial_1.0_val.json")
     img_dir = require_dir(name, base / "VisualDialog_val2018")
-    raw = load_json(ann_path)
+    raw = read_json(ann_path)
     try:
         data = raw["data"]
         questions, answers, dialogs = data["questions"], data["answers"], data["dialogs"]
@@ -69,7 +69,7 @@ def read_visdial(root: str | Path) -> RetrievalSet:
 
 def _vist_stories(ann_path: Path) -> "OrderedDict[str, list[dict]]":
     """story_id -> its 5 annotations sorted by ``worker_arranged_photo_order`` (file order of stories)."""
-    raw = load_json(ann_path)
+    raw = read_json(ann_path)
     expect(isinstance(raw, dict) and isinstance(raw.get("annotations"), list), ann_path,
            "expected a VIST SIS object with an 'annotations' list")
     stories: OrderedDict[str, list[dict]] = OrderedDict()
