@@ -11,10 +11,11 @@ from PIL import Image
 from helpers import read_jsonl
 from umarvel.data.synthetic import COLOURS, SYNTHETIC_TASKS, make_synthetic_mbeir
 from umarvel.data.mbeir import (
-    TASK_MODALITIES, dataset_id_of, load_mbeir_task, read_instructions, read_pool, read_pool_modalities,
+    dataset_id_of, load_mbeir_task, read_instructions, read_pool, read_pool_modalities,
     read_qrels, read_queries,
 )
-from umarvel.data.registry import MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, get_task
+from umarvel.data.registry import (MBEIR_TASK_ORDER, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, TASK_MODALITIES,
+                                   get_task)
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,8 @@ def config_from_args(args: argparse.Namespace) -> MBeirEvalConfig:
 
 def run_mbeir(args: argparse.Namespace) -> int:
     """Run one M-BEIR evaluation; rank 0 prints the results table (results.md) to stdout."""
-    from umarvel.eval.mbeir.runner import RESULTS_MD, run_mbeir_eval  # lazy: keeps the CLI start-up free of torch
+    from umarvel.eval.mbeir.runner import run_mbeir_eval  # lazy: keeps the CLI start-up free of torch
+    from umarvel.eval.outputs import RESULTS_MD
     from umarvel.eval.preflight import start_mbeir_run  # lazy: keeps the CLI start-up free of torch
 
     cfg = config_from_args(args)

@@ -23,8 +23,8 @@ from typing import Any, Container, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from umarvel.data.records import MODALITIES, Candidate, Query, check_modality
-from umarvel.data.registry import DATASET_IDS, TASK_MODALITIES, Task
+from umarvel.data.records import Candidate, Query, check_modality
+from umarvel.data.registry import TASK_MODALITIES, Task
 from umarvel.errors import DataError
 from umarvel.utils.io import iter_columns, iter_jsonl, open_text
 
@@ -435,13 +435,3 @@ def load_mbeir_task(root: PathLike, task: Task, split: str = "test", *,
     logger.info("%s (%s): %d queries, pool of %d candidates", task.name, split, len(queries), len(pool))
     return TaskData(task=task, split=split, queries=tuple(queries), pool=tuple(pool), qrels=qrels,
                     unknown=unknown)
-
-
-__all__ = [
-    "DATASET_IDS", "TASK_MODALITIES", "MODALITIES", "INSTRUCTION_MODES", "DEFAULT_INSTRUCTION_SEED",
-    "split_id", "hash_qid", "hash_did", "unhash_qid", "unhash_did", "hash_dids",
-    "dataset_id_of", "parse_query", "parse_candidate", "read_queries", "read_pool",
-    "read_pool_modalities", "read_qrels", "InstructionTable", "read_instructions", "instruction_rng",
-    "positive_modality", "choose_instruction", "assign_instructions", "find_unknown_ids",
-    "check_known_ids", "TaskData", "load_mbeir_task",
-]

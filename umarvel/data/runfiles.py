@@ -318,7 +318,3 @@ def write_trec_run(path: PathLike, qids: Sequence[str], retrieved: np.ndarray | 
                 fh.write(f"{qid} Q0 {did_s} {rank} {score:.6f} {run_id}\n")
                 n += 1
     return n
-
-
-__all__ = ["TEACHER_FILE", "mined_file_name", "MinedRow", "TeacherRow", "RunEntry", "iter_mined", "write_mined",
-           "iter_teacher", "write_teacher", "read_trec_run", "write_trec_run"]

@@ -438,6 +438,3 @@ def _write_unions(tree: _Tree, pools: dict[str, list[dict]], queries: dict[str, 
         union.extend(recs * (2 if ds in UPSAMPLED_DATASETS else 1))
     random.Random(f"{tree.seed}:union_train").shuffle(union)
     write_jsonl(tree.root / MBEIR_UNION_TRAIN_QUERIES, union)
-
-
-__all__ = ["make_synthetic_mbeir", "draw_object", "Obj", "UNIVERSE", "SYNTHETIC_TASKS", "INSTRUCTION_ROWS"]

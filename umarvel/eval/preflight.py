@@ -135,7 +135,3 @@ def start_zeroshot_run(model: str, data_root: str, output_dir: str, tasks: Seque
               "data_root": data_root, "output_dir": output_dir, "device": device}
     identity = RunIdentity.build("eval-zeroshot", config, ignore=ZEROSHOT_IGNORE, inputs={"model": model})
     return _claim(output_dir, identity, overwrite, ZEROSHOT_OUTPUTS, "--output-dir")
-
-
-__all__ = ["MBEIR_OUTPUTS", "MBEIR_IGNORE", "ZEROSHOT_OUTPUTS", "ZEROSHOT_IGNORE", "mbeir_input_files",
-           "start_mbeir_run", "zeroshot_image_refs", "start_zeroshot_run"]

@@ -416,8 +416,3 @@ def _image_refs(cfg: MineConfig, rows: TrainRows, pools: dict) -> Iterator[tuple
     yield from ((q.image, f"{rows.path}:{line} query {q.qid}") for q, line in zip(rows.queries, rows.lines) if q.image)
     for members in pools.values():
         yield from ((c.image, f"{cfg.path(cfg.pool)}: candidate {c.did}") for c in members if c.image)
-
-
-__all__ = ["MineConfig", "TrainRows", "SCOPES", "task_of", "partition_train_queries",
-           "pool_key", "pool_name", "build_train_pools", "load_gt_docs", "draw_distill_subset",
-           "write_distill_subset", "mine"]

@@ -229,6 +229,3 @@ def evaluate_plus(cfg: PlusConfig, reranker=None) -> dict:
 def qrels_of(data, qid: str) -> tuple[str, ...]:
     """Positive dids of one query (the official scorer's qrels)."""
     return tuple(data.qrels.get(qid, ()))
-
-
-__all__ = ["PlusConfig", "WEIGHT_FILE", "resolve_weight", "evaluate_plus"]

@@ -78,6 +78,3 @@ def start_teacher_run(cfg: Any, *, overwrite: bool = False, reranker: Any = None
         identity.inputs["reranker"] = f"object:{type(reranker).__name__}"
     return claim_on_rank0(cfg.output, identity, overwrite=overwrite, outputs=TEACHER_OUTPUTS, what="output",
                          override_hint=OVERRIDE_HINT)
-
-
-__all__ = ["MINE_OUTPUTS", "MINE_IGNORE", "TEACHER_OUTPUTS", "TEACHER_IGNORE", "start_mine_run", "start_teacher_run"]

@@ -188,6 +188,3 @@ def _build_teacher_file(cfg: TeacherConfig, reranker, check_images: bool) -> Pat
     logger.info("teacher file: %d rows (%d queries x %d candidates) -> %s", len(rows.queries), len(queries),
                 cfg.top_k, path)
     return path
-
-
-__all__ = ["TeacherConfig", "build_teacher_file"]

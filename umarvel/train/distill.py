@@ -128,7 +128,3 @@ class DistillObjective:
         with torch.no_grad():
             agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean().item()
         return loss, {"teacher_top1_agreement": agree}
-
-
-__all__ = ["MbeirDistillDataset", "attach_teacher", "build_distill_dataset",
-           "DistillObjective"]

@@ -163,7 +163,3 @@ def build_hardneg_dataset(data, tokenizer) -> MbeirHardNegDataset:
     logger.info("stage-4 hard negatives: K=%d from %s (skip top %d, margin %s)", ds.k, data.negatives,
                 data.hard_negative_skip_top, data.hard_negative_margin)
     return ds
-
-
-__all__ = ["select_hard_negatives", "MbeirHardNegDataset",
-           "attach_negatives", "build_hardneg_dataset"]

@@ -158,7 +158,3 @@ def start_stage_run(cfg: StageConfig, *, overwrite: bool = False, check_images: 
             claim.release()
         raise
     return claim
-
-
-__all__ = ["TRAIN_OUTPUTS", "STAGE_IGNORE", "stage_identity", "check_stage_config", "train_image_refs",
-           "start_stage_run"]

@@ -502,9 +502,3 @@ def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), sig)
     return True
-
-
-__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunIdentity", "RunLock", "RunClaim", "NoClaim", "claim_run_dir",
-           "claim_on_rank0", "read_identity",
-           "identity_changes", "fingerprint_path", "flatten", "describe_holder", "under_launcher",
-           "exit_with_parent"]

@@ -46,7 +46,7 @@ from umarvel.data.mbeir import (
 )
 from umarvel.eval.mbeir.config import MBeirEvalConfig
 from umarvel.eval.metrics import TaskResult, score_task
-from umarvel.eval.outputs import RESULTS_JSON, RESULTS_MD, build_results, write_results
+from umarvel.eval.outputs import RESULTS_JSON, build_results, write_results
 from umarvel.data.records import Candidate, Query
 from umarvel.data.runfiles import write_trec_run
 from umarvel.data.registry import (
@@ -473,10 +473,3 @@ def run_mbeir_eval(cfg: MBeirEvalConfig, *, check_images: bool = True) -> MBeirE
                                        cache_dir=str(cfg.resolved_cache_dir().resolve()),
                                        search_device=cfg.search_device or str(device))
         return evaluate_mbeir(encoder, resolved, check_images=check_images)
-
-
-__all__ = [
-    "MBeirEvalConfig", "Encoder", "encode_records", "Retrieval", "search_embeddings",
-    "select_tasks", "MBeirEvalResult", "evaluate_mbeir",
-    "load_encoder", "run_mbeir_eval", "CONFIG_FILE", "RUN_INFO_FILE", "RUNS_DIR", "RESULTS_JSON", "RESULTS_MD",
-]
