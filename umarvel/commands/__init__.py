@@ -42,6 +42,13 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
                         help="show the traceback of an error (accepted anywhere on the command line)")
 
 
+def add_run_flags(p: argparse.ArgumentParser, overwrite_help: str, before: str = "encoding") -> None:
+    """``--overwrite`` and ``--skip-image-check`` (run-folder and pre-work checks, not part of the config)."""
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--skip-image-check", action="store_true",
+                   help=f"do not check every referenced image before {before} (huge sets)")
+
+
 def positive_int(text: str) -> int:
     """``argparse`` type of counts such as ``--batch-size``: an integer >= 1."""
     try:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from umarvel.commands import add_log_level, dispatch, eval_plus, eval_zeroshot, pop_debug
+from umarvel.commands import add_log_level, add_run_flags, dispatch, eval_plus, eval_zeroshot, pop_debug
 from umarvel.commands.flags import add_config_flags, config_from_flags
 from umarvel.eval.mbeir.config import MBeirEvalConfig
 
@@ -37,13 +37,6 @@ def add_mbeir_arguments(p: argparse.ArgumentParser) -> None:
                         "(thumbnails embedded, positives marked)")
     p.add_argument("--html-queries", type=int, default=5, help="sample queries per task on the --html page")
     add_run_flags(p, "replace the results of another evaluation in --output (otherwise refused)")
-
-
-def add_run_flags(p: argparse.ArgumentParser, overwrite_help: str) -> None:
-    """``--overwrite`` and ``--skip-image-check`` (run-folder and pre-work checks, not part of the config)."""
-    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    p.add_argument("--skip-image-check", action="store_true",
-                   help="do not check every referenced image before encoding (huge sets)")
 
 
 def config_from_args(args: argparse.Namespace) -> MBeirEvalConfig:

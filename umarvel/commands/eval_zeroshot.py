@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from umarvel.commands import run_standalone
+from umarvel.commands import add_run_flags, run_standalone
 from umarvel.commands.flags import add_config_flags, config_from_flags
 from umarvel.eval.zeroshot.options import ZeroShotOptions
 
@@ -29,10 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     add_config_flags(p, ZeroShotOptions)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the results of another zero-shot run in --output-dir (otherwise refused)")
-    p.add_argument("--skip-image-check", action="store_true",
-                   help="do not check every referenced image before the model loads (huge sets)")
+    add_run_flags(p, "replace the results of another zero-shot run in --output-dir (otherwise refused)",
+                  before="the model loads")
 
 
 def add_zeroshot_parser(eval_subparsers) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from umarvel.commands import positive_int, run_standalone
+from umarvel.commands import add_run_flags, positive_int, run_standalone
 from umarvel.pipelines.mining import MineConfig, mine
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUTPUT/cache)")
     p.add_argument("--backend", default=d.backend, choices=["torch", "faiss", "faiss-ivf", "faiss-hnsw"])
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the files of another mining run in --output (otherwise refused)")
-    p.add_argument("--skip-image-check", action="store_true",
-                   help="do not check every referenced image before encoding (huge sets)")
+    add_run_flags(p, "replace the files of another mining run in --output (otherwise refused)")
 
 
 def add_subparser(sub) -> None:

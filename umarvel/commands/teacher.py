@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from umarvel.commands import run_standalone
+from umarvel.commands import add_run_flags, run_standalone
 from umarvel.config import load_config
 from umarvel.pipelines.teacher import TeacherConfig, build_teacher_file
 
@@ -24,10 +24,8 @@ logger = logging.getLogger(__name__)
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="teacher YAML (configs/teacher/teacher.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. top_k=50")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the files of another teacher run in the output folder (otherwise refused)")
-    p.add_argument("--skip-image-check", action="store_true",
-                   help="do not check the referenced images before scoring (huge sets)")
+    add_run_flags(p, "replace the files of another teacher run in the output folder (otherwise refused)",
+                  before="scoring")
 
 
 def add_subparser(sub) -> None:

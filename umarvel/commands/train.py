@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from umarvel.commands import run_standalone
+from umarvel.commands import add_run_flags, run_standalone
 from umarvel.train.config import load_stage_config
 
 logger = logging.getLogger(__name__)
@@ -19,11 +19,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="stage YAML (configs/stages/0N_*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.learning_rate=1e-4 data.path=/data/nli.csv")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in train.output_dir even if it holds a run (its checkpoints, adapter and "
-                        "merged model are removed); without it a run with another config is refused")
-    p.add_argument("--skip-image-check", action="store_true",
-                   help="do not check every referenced image before training (huge sets)")
+    add_run_flags(p, "start over in train.output_dir even if it holds a run (its checkpoints, adapter and merged "
+                     "model are removed); without it a run with another config is refused", before="training")
 
 
 def add_subparser(sub) -> None:
