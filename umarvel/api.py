@@ -153,17 +153,7 @@ class UMarvel:
         compat = check_compat(compat)
         path = loading.check_checkpoint_dir(path)
         torch_dtype = loading.resolve_dtype(dtype, device)
-        base, adapters = path, []
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            cfg = json.loads((path / "adapter_config.json").read_text())
-            meta = loading.read_meta(path)
-            base_name = meta.get("base_model") or cfg.get("base_model_name_or_path")
-            if not base_name:
-                raise CheckpointError(f"{path}: adapter folder without base_model_name_or_path")
-            base = loading.check_checkpoint_dir(base_name)
-            adapters.append(path)
-        if adapter is not None:
-            adapters.append(loading.check_checkpoint_dir(adapter))
+        base, adapters = loading.base_and_adapters(path, adapter)
         model, spec = loading.load_hf_backbone(base, torch_dtype, device, attn_implementation)
         tok_dir, proc_dir = loading.processor_dirs(base, adapters, spec)
         tokenizer = load_tokenizer(tok_dir)

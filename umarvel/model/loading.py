@@ -77,6 +77,22 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{f}: corrupt ({exc.msg})") from None
 
 
+def base_and_adapters(path: Path, adapter: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
+    """``(base checkpoint folder, LoRA adapter folders to apply in order)`` of the checkpoint folder ``path``:
+    an adapter folder loads its base (``umarvel.json``'s ``base_model``, else ``base_model_name_or_path``);
+    ``adapter`` is applied on top."""
+    base, adapters = path, []
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        base_name = read_meta(path).get("base_model") or cfg.get("base_model_name_or_path")
+        if not base_name:
+            raise CheckpointError(f"{path}: adapter folder without base_model_name_or_path")
+        base, adapters = check_checkpoint_dir(base_name), [path]
+    if adapter is not None:
+        adapters.append(check_checkpoint_dir(adapter))
+    return base, adapters
+
+
 def model_type_of(path: str | os.PathLike) -> str:
     """``model_type`` from ``config.json``."""
     cfg_file = Path(path) / "config.json"

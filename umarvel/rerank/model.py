@@ -247,20 +247,11 @@ def load_reranker(path: str | os.PathLike, device: str | torch.device = "cpu", d
     (``umarvel.rerank.score.score_pairs``); ``positions`` is then unused.
     """
     compat = check_compat(compat)
-    import json
-
     from peft import PeftModel
 
     p = loading.check_checkpoint_dir(path)
     torch_dtype = loading.resolve_dtype(dtype, device)
-    base, adapters = p, []
-    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
-        base_name = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base_name:
-            raise CheckpointError(f"{p}: adapter folder without base_model_name_or_path")
-        base, adapters = loading.check_checkpoint_dir(base_name), [p]
-    if adapter is not None:
-        adapters.append(loading.check_checkpoint_dir(adapter))
+    base, adapters = loading.base_and_adapters(p, adapter)
     model, spec = loading.load_hf_backbone(base, torch_dtype, device, attn_implementation)
     tok_dir, proc_dir = loading.processor_dirs(Path(base), adapters, spec)
     tokenizer = load_tokenizer(tok_dir, add_umarvel_tokens=False)
