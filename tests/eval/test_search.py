@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from umarvel.errors import ConfigError, DataError
-from umarvel.eval.search import (ann_recall, evaluate_ann, make_searcher, merge_topk, search, tile_topk)
+from umarvel.eval.search import (ann_recall, make_searcher, merge_topk, search, tile_topk)
 
 
 def unit(n, d, seed):
@@ -142,9 +142,11 @@ def test_ann_recall_reports():
     c = centers[rng.integers(0, 20, 2000)] + 0.05 * rng.standard_normal((2000, 16)).astype(np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     q = c[:50] + 0.01
-    rep = evaluate_ann(q, c, 5, nlist=20, nprobe=20, train_size=2000)
-    assert rep["faiss-ivf"]["recall"] == pytest.approx(1.0)  # all lists probed -> exact
-    assert 0.5 < rep["faiss-hnsw"]["recall"] <= 1.0
+    _, exact = search(q, c, 5, backend="torch", device="cpu")
+    _, ivf = make_searcher(c, backend="faiss-ivf", nlist=20, nprobe=20, train_size=2000).search(q, 5)
+    assert ann_recall(ivf, exact, 5) == pytest.approx(1.0)  # all lists probed -> exact
+    _, hnsw = make_searcher(c, backend="faiss-hnsw").search(q, 5)
+    assert 0.5 < ann_recall(hnsw, exact, 5) <= 1.0
 
 
 def _half_unit(rng, n, d):

@@ -10,8 +10,8 @@ One entry point, :func:`search`, with interchangeable backends:
   devices (``devices=[...]`` or ``device="cuda"`` with several visible GPUs) the candidates are split
   into contiguous shards, each device computes a local top-k, and the results are merged exactly.
 - ``"faiss"``: ``faiss.IndexFlatIP`` (exact, CPU; holds an fp32 copy of the candidates).
-- ``"faiss-ivf"`` / ``"faiss-hnsw"``: approximate faiss indexes; :func:`ann_recall` /
-  :func:`evaluate_ann` report their recall@k against the exact result.
+- ``"faiss-ivf"`` / ``"faiss-hnsw"``: approximate faiss indexes; :func:`ann_recall` reports their recall@k
+  against the exact result.
 
 Result contract (every backend): ``(scores, indices)`` numpy arrays of shape ``(Q, k)``, ``float32`` and
 ``int64``, each row sorted by score descending, **ties broken by lower candidate index first**. For the
@@ -758,27 +758,3 @@ def ann_recall(approx_indices: np.ndarray, exact_indices: np.ndarray, k: int | N
         hits += len(np.intersect1d(a[a >= 0], e))
         total += len(e)
     return hits / total if total else 1.0
-
-
-def evaluate_ann(queries: Any, candidates: Any, k: int,
-                 backends: Sequence[str] = ("faiss-ivf", "faiss-hnsw"), **kwargs: Any) -> dict[str, dict[str, float]]:
-    """Recall@k and timings of approximate faiss backends against the exact torch search.
-
-    ``kwargs`` are passed to every :class:`FaissSearcher`. Do not judge IVF recall on random Gaussian
-    vectors (no cluster structure; recall is meaningless there).
-
-    Returns:
-        ``{backend: {"recall": r, "build_s": s, "search_s": s}}`` plus ``"exact": {"search_s": s}``.
-    """
-    t0 = time.perf_counter()
-    _, exact = search(queries, candidates, k, backend="torch", device="cpu")
-    report: dict[str, dict[str, float]] = {"exact": {"search_s": time.perf_counter() - t0}}
-    for b in backends:
-        t0 = time.perf_counter()
-        s = make_searcher(candidates, backend=b, **kwargs)
-        t1 = time.perf_counter()
-        _, approx = s.search(queries, k)
-        report[b] = {"recall": ann_recall(approx, exact, k), "build_s": t1 - t0,
-                     "search_s": time.perf_counter() - t1}
-        logger.info("%s recall@%d = %.4f", b, k, report[b]["recall"])
-    return report

@@ -66,11 +66,10 @@ class SearchApp:
     """
 
     def __init__(self, index: Index, model: Any, k: int = 10, device: str | None = None,
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES, instructions: str | None = None, batch_size: int = 8):
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, instructions: str | None = None):
         index.check_model(model)
         self.index, self.model, self.k, self.device = index, model, k, device
         self.max_upload_bytes = max_upload_bytes
-        self.batch_size = batch_size
         self.tasks = {t.name: t for t in search_tasks(instructions)}
         self._lock = threading.Lock()
         self._thumb = functools.lru_cache(maxsize=4096)(self._make_thumb)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Iterator
 
 import yaml
 
 from umarvel.config import to_plain
+from umarvel.dist import env_rank, env_world_size
 from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES
 from umarvel.errors import ConfigError, EnvError
 from umarvel.model.loading import check_checkpoint_dir
@@ -50,10 +50,6 @@ STAGE_IGNORE = (
 )
 OVERRIDE_HINT = ("rerun with --overwrite to discard it and start over, or with train.resume=<its checkpoint> "
                  "to continue from its weights with the new config")
-
-
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def data_files(cfg: StageConfig) -> dict[str, str | None]:
@@ -138,7 +134,7 @@ def start_stage_run(cfg: StageConfig, *, overwrite: bool = False, check_images: 
         ConfigError / RunConflictError / EnvError / CheckpointError / DataError / ImageLoadError /
         FileAccessError: with one clear message; nothing was written and no model was loaded.
     """
-    rank, world = _rank_world()
+    rank, world = env_rank(), env_world_size()
     check_stage_config(cfg)
     claim = None
     if rank == 0:
