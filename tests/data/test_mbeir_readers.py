@@ -9,8 +9,8 @@ import pytest
 from umarvel.data.synthetic import make_synthetic_mbeir
 from umarvel.errors import ConfigError, DataError
 from umarvel.data.mbeir import (
-    InstructionTable, assign_instructions, hash_did, hash_dids, hash_qid, instruction_rng, load_mbeir_task, read_instructions,
-    read_pool, read_pool_modalities, read_qrels, read_queries, split_id, unhash_did, unhash_qid,
+    InstructionTable, assign_instructions, hash_did, instruction_rng, load_mbeir_task, read_instructions,
+    read_pool, read_pool_modalities, read_qrels, read_queries, split_id, unhash_did,
 )
 from umarvel.data.records import Candidate, Query
 from umarvel.data.registry import (
@@ -38,16 +38,13 @@ def _load(root, name, split="test", **kw):
 
 # ------------------------------------------------------------------------------------------- ids
 def test_hashing_round_trip_and_errors():
-    assert hash_qid("9:6") == 9 * 500_000 + 6
     assert hash_did("9:6") == 9 * 10_000_000 + 6
-    assert unhash_qid(hash_qid("5:49999")) == "5:49999"
     assert unhash_did(hash_did("0:888364")) == "0:888364"
-    assert hash_dids(["1:2", "0:3"]).tolist() == [10_000_002, 3]
     for bad in ("9-1", "x:1", "9:", 91):
         with pytest.raises(DataError, match="malformed M-BEIR id"):
             split_id(bad)
     with pytest.raises(DataError, match="hash base"):
-        hash_qid("1:500000")
+        hash_did("1:10000000")
 
 
 # --------------------------------------------------------------------------------------- readers

@@ -19,9 +19,7 @@ import random
 from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Container, Iterable, Mapping, Sequence
-
-import numpy as np
+from typing import Any, Container, Mapping, Sequence
 
 from umarvel.data.records import Candidate, Query, check_modality
 from umarvel.data.registry import TASK_MODALITIES, Task
@@ -31,7 +29,6 @@ from umarvel.utils.io import iter_columns, iter_jsonl, open_text
 
 logger = logging.getLogger(__name__)
 
-QID_HASH_BASE = 500_000
 DID_HASH_BASE = 10_000_000
 INSTRUCTION_MODES: tuple[str, ...] = ("random", "first")
 DEFAULT_INSTRUCTION_SEED = 2023
@@ -50,37 +47,17 @@ def split_id(id_: str, where: str = "id") -> tuple[int, int]:
     raise DataError(f"{where}: malformed M-BEIR id {id_!r} (expected '<dataset_id>:<n>')")
 
 
-def _hash(id_: str, base: int) -> int:
-    """``d * base + n`` with a range check (an ``n`` >= base would collide with the next dataset)."""
-    d, n = split_id(id_)
-    if n >= base:
-        raise DataError(f"id {id_!r}: number {n} does not fit the hash base {base}")
-    return d * base + n
-
-
-def hash_qid(qid: str) -> int:
-    """Integer id of a query: ``dataset_id * 500000 + n``."""
-    return _hash(qid, QID_HASH_BASE)
-
-
 def hash_did(did: str) -> int:
-    """Integer id of a candidate: ``dataset_id * 10000000 + n``."""
-    return _hash(did, DID_HASH_BASE)
-
-
-def unhash_qid(h: int) -> str:
-    """Inverse of :func:`hash_qid`."""
-    return f"{int(h) // QID_HASH_BASE}:{int(h) % QID_HASH_BASE}"
+    """Integer id of a candidate: ``dataset_id * 10000000 + n`` (an ``n`` that does not fit is an error)."""
+    d, n = split_id(did)
+    if n >= DID_HASH_BASE:
+        raise DataError(f"id {did!r}: number {n} does not fit the hash base {DID_HASH_BASE}")
+    return d * DID_HASH_BASE + n
 
 
 def unhash_did(h: int) -> str:
     """Inverse of :func:`hash_did`."""
     return f"{int(h) // DID_HASH_BASE}:{int(h) % DID_HASH_BASE}"
-
-
-def hash_dids(dids: Iterable[str]) -> np.ndarray:
-    """Hashed candidate ids as an ``int64`` array of shape (N,)."""
-    return np.fromiter((hash_did(d) for d in dids), dtype=np.int64)
 
 
 def dataset_id_of(id_: str) -> int:

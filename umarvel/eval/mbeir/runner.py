@@ -31,7 +31,7 @@ import time
 from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -70,16 +70,6 @@ OFFICIAL_BATCH_SIZE = 16
 
 
 # ---------------------------------------------------------------------------- encoder-level helpers
-class Encoder(Protocol):
-    """What the evaluation needs from a model (``umarvel.api.UMarvel`` satisfies it)."""
-
-    def fingerprint(self) -> str: ...
-
-    def encode_queries(self, items: Sequence[Mapping], batch_size: int = 32) -> Any: ...
-
-    def encode_candidates(self, items: Sequence[Mapping], batch_size: int = 32) -> Any: ...
-
-
 def _role(records: Sequence[Query | Candidate]) -> str:
     """``"query"`` or ``"candidate"``; DataError for a mixed or empty list."""
     kinds = {type(r) for r in records}
@@ -123,7 +113,7 @@ def encode_records(encoder: Any, records: Sequence[Query | Candidate], cache: Em
     """Embeddings of queries or candidates through the cache (encoded only if not cached yet).
 
     Args:
-        encoder: see :class:`Encoder`.
+        encoder: an *encoder* (see the module doc).
         records: N ``Query`` (instructions already assigned) or N ``Candidate`` objects, unique ids.
         cache: the embedding cache; the entry key covers ``name``, the encoder fingerprint and settings,
             the role and ``source``.
@@ -320,7 +310,7 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
     searches, scores and writes; all ranks meet at a final barrier.
 
     Args:
-        encoder: see :class:`Encoder` (its ``device`` attribute, if any, is the default search device).
+        encoder: an *encoder* (see the module doc; its ``device`` attribute, if any, is the default search device).
         cfg: the run settings.
         cache: an existing cache object (default: ``EmbeddingCache(cfg.resolved_cache_dir())``).
         model_name: the ``model`` written into results.json (default: ``cfg.model`` resolved).
