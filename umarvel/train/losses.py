@@ -8,9 +8,8 @@ What this module owns:
 - :func:`initial_temperature`: the raw temperature tau at a stage start (section 1.5, decision D2).
 
 Conventions (identical to the official code, checked against ``golden/umarvel_train_tiny`` cases c1-c5):
-- Embeddings are L2-normalised *inside* these functions (``normalize=True``, the default); cosines are dot
-  products of the normalised vectors and ``logits = cos / tau`` with the **raw** tau (not log-space).
-  Normalising already-normalised embeddings is harmless.
+- Embeddings are L2-normalised *inside* these functions (normalising normalised ones is harmless); cosines are
+  dot products of the normalised vectors and ``logits = cos / tau`` with the **raw** tau (not log-space).
 - No ``torch.distributed`` collective is called here. Gathering is the caller's job through
   :func:`umarvel.dist.all_gather_with_grad`; only the *default* label offset reads the rank.
 
@@ -110,21 +109,17 @@ def hard_negatives_from_gathered(gathered: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- InfoNCE
-def similarity_logits(q: Tensor, c: Tensor, temperature: float | Tensor, normalize: bool = True) -> Tensor:
-    """Cosine logits ``cos(q_i, c_j) / tau``.
+def similarity_logits(q: Tensor, c: Tensor, temperature: float | Tensor) -> Tensor:
+    """Cosine logits ``cos(q_i, c_j) / tau`` (both inputs L2-normalised first).
 
     Args:
         q: (B, D) queries. c: (C, D) candidates.
         temperature: raw tau (float or 0-d tensor, possibly learnable).
-        normalize: L2-normalise both inputs first (set False only if they are normalised already).
 
     Returns:
         (B, C) logits in the dtype of ``q``.
     """
-    if normalize:
-        q = F.normalize(q, dim=-1)
-        c = F.normalize(c, dim=-1)
-    return (q @ c.T) / _as_tau(temperature, q)
+    return (F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).T) / _as_tau(temperature, q)
 
 
 def _masked(logits: Tensor, mask: Tensor | None, labels: Tensor) -> Tensor:
@@ -149,7 +144,6 @@ def info_nce(
     bidirectional: bool = False,
     all_queries: Tensor | None = None,
     mask_c2q: Tensor | None = None,
-    normalize: bool = True,
 ) -> Tensor:
     """InfoNCE of local queries against (gathered) candidates, stages 1-4 (spec 2.1, 2.2).
 
@@ -158,7 +152,7 @@ def info_nce(
     DDP gradient averaging this equals the single-process loss on the concatenated batch.
 
     Args:
-        q: (B, D) local query embeddings (raw or normalised; see ``normalize``).
+        q: (B, D) local query embeddings (raw or normalised: they are normalised inside, as official).
         c: (N, D) positive candidates, gathered over ranks in rank order (N = B when single-process).
         temperature: raw tau, float or 0-d tensor (learnable from stage 3).
         hard_negatives: None, (K, N, D) or slot-major (K*N, D); see :func:`flatten_hard_negatives`.
@@ -169,8 +163,6 @@ def info_nce(
             Hard negatives take no part in it (as official: it is the transposed N x N block).
         all_queries: (N, D) queries gathered like ``c``; needed for ``bidirectional`` when N > B.
         mask_c2q: (B, N) bool mask of the c->q logits (:func:`duplicate_mask_c2q`).
-        normalize: L2-normalise embeddings inside (default). The official computes cosines of normalised
-            embeddings; pass False only for inputs that are already normalised.
 
     Returns:
         0-d loss tensor.
@@ -181,10 +173,10 @@ def info_nce(
     if labels is None:
         labels = default_labels(q.shape[0], num_pos, device=q.device)
     cols = c if hard_negatives is None else torch.cat([c, flatten_hard_negatives(hard_negatives, num_pos)], 0)
-    logits = _masked(similarity_logits(q, cols, temperature, normalize), mask, labels)  # (B, N + K*N)
+    logits = _masked(similarity_logits(q, cols, temperature), mask, labels)  # (B, N + K*N)
     loss = F.cross_entropy(logits, labels)
     if bidirectional:
-        loss = loss + _c2q_loss(q, c, temperature, labels, all_queries, mask_c2q, normalize)
+        loss = loss + _c2q_loss(q, c, temperature, labels, all_queries, mask_c2q)
     return loss
 
 
@@ -195,7 +187,6 @@ def _c2q_loss(
     labels: Tensor,
     all_queries: Tensor | None,
     mask_c2q: Tensor | None,
-    normalize: bool,
 ) -> Tensor:
     """Candidate->query CE: rows = local positives ``c[labels]`` (B, D), columns = all N queries."""
     if all_queries is None:
@@ -204,7 +195,7 @@ def _c2q_loss(
         all_queries = q
     if all_queries.shape[0] != c.shape[0]:
         raise ValueError(f"all_queries has {all_queries.shape[0]} rows, candidates {c.shape[0]}")
-    logits = _masked(similarity_logits(c[labels], all_queries, temperature, normalize), mask_c2q, labels)
+    logits = _masked(similarity_logits(c[labels], all_queries, temperature), mask_c2q, labels)
     return F.cross_entropy(logits, labels)
 
 
@@ -234,14 +225,12 @@ def duplicate_mask(
     cand_ids: Sequence[Hashable],
     labels: Tensor,
     query_ids: Sequence[Hashable] | None = None,
-    positive_ids: Sequence[Hashable] | None = None,
-    mask_duplicates: bool = True,
 ) -> Tensor:
     """False-negative mask for the q->c logits of :func:`info_nce` (decision D12).
 
     Column j of row i is masked when the candidate in column j is the row's positive record under another
-    column (``cand_ids[j] == positive_ids[i]``: the same did gathered twice, a shared positive, a hard negative
-    equal to the positive) or is the query record itself (``cand_ids[j] == query_ids[i]``), except the row's
+    column (``cand_ids[j] == cand_ids[labels[i]]``: the same did gathered twice, a shared positive, a hard
+    negative equal to the positive) or is the query record itself (``cand_ids[j] == query_ids[i]``), except the row's
     own positive column ``labels[i]``. Duplicates among negatives are *not* masked (official padding repeats
     a negative; golden c4).
 
@@ -251,20 +240,15 @@ def duplicate_mask(
         labels: (B,) target column of each local query.
         query_ids: B ids of the local query records, in the *same id space* as ``cand_ids`` (pass None to
             skip the self-match test, e.g. M-BEIR qids and dids are separate spaces).
-        positive_ids: B ids of the rows' positives; default ``cand_ids[labels[i]]``.
-        mask_duplicates: False returns an all-False mask: the official behaviour (no masking).
 
     Returns:
         (B, C) bool, True = drop the column for that row.
     """
     labels = labels.reshape(-1).cpu()
-    num_rows, num_cols = labels.shape[0], len(cand_ids)
-    if not mask_duplicates:
-        return torch.zeros(num_rows, num_cols, dtype=torch.bool)
-    if positive_ids is None:
-        positive_ids = [cand_ids[int(j)] for j in labels]
-    if len(positive_ids) != num_rows or (query_ids is not None and len(query_ids) != num_rows):
-        raise ValueError(f"query_ids / positive_ids must have {num_rows} entries (one per query)")
+    num_rows = labels.shape[0]
+    positive_ids = [cand_ids[int(j)] for j in labels]
+    if query_ids is not None and len(query_ids) != num_rows:
+        raise ValueError(f"query_ids must have {num_rows} entries (one per query)")
     rows = [(p,) if query_ids is None else (p, query_ids[i]) for i, p in enumerate(positive_ids)]
     mask = _overlap_mask(rows, [(x,) for x in cand_ids])
     return _keep_targets(mask, labels)
@@ -275,7 +259,6 @@ def duplicate_mask_c2q(
     all_positive_ids: Sequence[Hashable],
     labels: Tensor,
     same_id_space: bool = False,
-    mask_duplicates: bool = True,
 ) -> Tensor:
     """False-negative mask for the c->q logits of :func:`info_nce` (``bidirectional=True``).
 
@@ -287,7 +270,6 @@ def duplicate_mask_c2q(
     Args:
         all_query_ids: N ids of the gathered queries. all_positive_ids: N ids of their positives.
         labels: (B,) target columns. same_id_space: queries and candidates share one id space.
-        mask_duplicates: False returns an all-False mask (official behaviour).
 
     Returns:
         (B, N) bool.
@@ -295,15 +277,13 @@ def duplicate_mask_c2q(
     labels = labels.reshape(-1).cpu()
     if len(all_query_ids) != len(all_positive_ids):
         raise ValueError("all_query_ids and all_positive_ids must have the same length")
-    if not mask_duplicates:
-        return torch.zeros(labels.shape[0], len(all_query_ids), dtype=torch.bool)
     rows = [(all_positive_ids[int(j)],) for j in labels]
     cols = [(p, qid) if same_id_space else (p,) for qid, p in zip(all_query_ids, all_positive_ids)]
     return _keep_targets(_overlap_mask(rows, cols), labels)
 
 
 # ------------------------------------------------------------------------------------- distillation (D11)
-def per_query_scores(q: Tensor, candidates: Tensor, normalize: bool = True) -> Tensor:
+def per_query_scores(q: Tensor, candidates: Tensor) -> Tensor:
     """Cosine of each query with its own candidates (stage 5: no in-batch negatives).
 
     Args:
@@ -313,10 +293,7 @@ def per_query_scores(q: Tensor, candidates: Tensor, normalize: bool = True) -> T
     Returns:
         (B, K) cosines.
     """
-    if normalize:
-        q = F.normalize(q, dim=-1)
-        candidates = F.normalize(candidates, dim=-1)
-    return torch.einsum("bd,bkd->bk", q, candidates)
+    return torch.einsum("bd,bkd->bk", F.normalize(q, dim=-1), F.normalize(candidates, dim=-1))
 
 
 def distill_kl(
