@@ -191,13 +191,13 @@ class Task:
 _REGISTRY: dict[str, Task] = {}
 
 
-def register_task(task: Task, *, replace: bool = False) -> Task:
+def register_task(task: Task) -> Task:
     """Add ``task`` to the registry (kept in registration order) and return it.
 
     Raises:
-        ConfigError: if a task of that name exists and ``replace`` is False.
+        ConfigError: if a task of that name exists.
     """
-    if task.name in _REGISTRY and not replace:
+    if task.name in _REGISTRY:
         raise ConfigError(f"task {task.name!r} is already registered")
     _REGISTRY[task.name] = task
     return task

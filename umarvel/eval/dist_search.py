@@ -36,18 +36,15 @@ class RankShardedSearcher:
         candidates: the whole ``(N, D)`` matrix as anything :class:`RowBlocks` accepts (memmaps are only
             read in this rank's rows).
         device: this rank's search device (default cuda:<current> if available, else cpu).
-        rank / world: default: the process group's.
         kwargs: passed to :class:`TorchSearcher` (``resident``, ``q_tile``, ``c_tile``...).
     """
 
-    def __init__(self, candidates: Any, device: Any = None, rank: int | None = None, world: int | None = None,
-                 **kwargs: Any):
+    def __init__(self, candidates: Any, device: Any = None, **kwargs: Any):
         source = candidates if isinstance(candidates, RowBlocks) else RowBlocks(candidates)
         self.n = len(source)
         if self.n == 0:
             raise DataError("candidate pool is empty: nothing to search")
-        self.rank = get_rank() if rank is None else rank
-        self.world = get_world_size() if world is None else world
+        self.rank, self.world = get_rank(), get_world_size()
         bounds = shard_bounds(self.n, self.world)
         self.lo, self.hi = bounds[self.rank], bounds[self.rank + 1]
         self.dim = source.dim

@@ -228,16 +228,16 @@ def find_sibling_results(out_dir: PathLike, results: Mapping[str, Any]) -> tuple
     return matches[0] if matches else None
 
 
-def write_results(out_dir: PathLike, results: Mapping[str, Any], *, pair_siblings: bool = True) -> Path:
+def write_results(out_dir: PathLike, results: Mapping[str, Any]) -> Path:
     """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the json path.
 
-    With ``pair_siblings``, a matching other-protocol ``results.json`` in a sibling folder is shown
-    side by side, and that folder's ``results.md`` is refreshed to the same side-by-side table.
+    A matching other-protocol ``results.json`` in a sibling folder is shown side by side, and that folder's
+    ``results.md`` is refreshed to the same side-by-side table.
     """
     out_dir = Path(out_dir)
     json_path = out_dir / RESULTS_JSON
     write_results_json(json_path, results)
-    sibling = find_sibling_results(out_dir, results) if pair_siblings else None
+    sibling = find_sibling_results(out_dir, results)
     md = render_results_md([results] + ([sibling[1]] if sibling else []))
     atomic_write_text(out_dir / RESULTS_MD, md)
     if sibling:

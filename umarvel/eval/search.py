@@ -642,14 +642,13 @@ class FaissSearcher:
         return self.n
 
     @classmethod
-    def from_index(cls, index: Any, kind: str, normalize: bool = False) -> "FaissSearcher":
-        """Wrap an existing faiss index (e.g. ``faiss.read_index`` of a saved one) of ``kind`` without rebuilding;
-        ``normalize`` as in the constructor (applies to rows added later and to queries)."""
+    def from_index(cls, index: Any, kind: str) -> "FaissSearcher":
+        """Wrap an existing faiss index (e.g. ``faiss.read_index`` of a saved one) of ``kind`` without rebuilding
+        (queries are searched as given, ``normalize=False``)."""
         if kind not in ("flat", "ivf", "hnsw"):
             raise ConfigError(f"unknown faiss index kind {kind!r} (flat, ivf, hnsw)")
         self = cls.__new__(cls)
-        self.kind, self.n, self.index = kind, int(index.ntotal), index
-        self.normalize = bool(normalize)
+        self.kind, self.n, self.index, self.normalize = kind, int(index.ntotal), index, False
         return self
 
     def _vecs(self, x: Any) -> np.ndarray:

@@ -3,7 +3,7 @@
 - :func:`write_results_page`: ``umarvel search --html``: for each query, the query first (text, instruction,
   image), then a grid of its hits (thumbnail, rank, score, id, text snippet). Thumbnails are embedded as
   JPEG data URIs, so the page is one file that opens anywhere.
-- :func:`render_page` with a ``thumb_src`` callback: the same markup with thumbnail URLs (``umarvel serve``).
+- :func:`query_block` with a ``thumb_src`` callback: the same markup with thumbnail URLs (``umarvel serve``).
 - :func:`write_mbeir_page`: ``umarvel eval mbeir --html``: sample queries per task with their top 5, the
   positives marked.
 
@@ -176,11 +176,10 @@ def render_queries(blocks: Sequence[QueryBlock]) -> str:
     return "".join(_query_html(q) for q in blocks)
 
 
-def hit_cards(hits: Sequence[Any], thumb_src: Callable[[Any], str | None], positives: frozenset = frozenset()
-              ) -> list[Card]:
+def hit_cards(hits: Sequence[Any], thumb_src: Callable[[Any], str | None]) -> list[Card]:
     """Cards of :class:`~umarvel.index.core.Hit` objects; ``thumb_src(hit)`` gives each image's source."""
     return [Card(id=h.id, rank=h.rank, score=h.score, text=h.text, image=h.image,
-                 src=thumb_src(h) if h.image else None, positive=h.id in positives) for h in hits]
+                 src=thumb_src(h) if h.image else None) for h in hits]
 
 
 def query_block(query: Mapping[str, Any], hits: Sequence[Any], thumb_src: Callable[[Any], str | None],
@@ -196,11 +195,10 @@ def query_block(query: Mapping[str, Any], hits: Sequence[Any], thumb_src: Callab
 
 
 def render_page(results: Sequence[tuple[Mapping[str, Any], Sequence[Any]]], title: str = "umarvel search",
-                subtitle: str = "", thumb_src: Callable[[Any], str | None] | None = None) -> str:
-    """A results page: ``results`` = ``[(query dict, hits), ...]``; thumbnails embedded unless
-    ``thumb_src(hit)`` gives their URLs."""
-    src = thumb_src or (lambda h: embedded_thumb(h.image))
-    return page(title, subtitle, render_queries([query_block(q, h, src) for q, h in results]))
+                subtitle: str = "") -> str:
+    """A results page: ``results`` = ``[(query dict, hits), ...]``, thumbnails embedded."""
+    blocks = [query_block(q, h, lambda hit: embedded_thumb(hit.image)) for q, h in results]
+    return page(title, subtitle, render_queries(blocks))
 
 
 def write_results_page(path: str | os.PathLike, results: Sequence[tuple[Mapping[str, Any], Sequence[Any]]],

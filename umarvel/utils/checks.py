@@ -60,31 +60,29 @@ def _probe_writable(folder: Path, label: str) -> None:
                               "nothing was written") from None
 
 
-def _check_dir(path: Path, label: str, create: bool) -> Path:
+def _check_dir(path: Path, label: str) -> Path:
+    """Create the folder ``path`` and check that it is writable (``label`` names it in errors)."""
     if path.exists() and not path.is_dir():
         raise FileAccessError(f"{label}: is a file, not a folder; give a folder path")
     anchor = _existing_ancestor(path)
     if not anchor.is_dir():
         raise FileAccessError(f"{label}: {anchor} is a file, not a folder, so nothing can be created under it")
-    if create:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FileAccessError(f"{label}: cannot create the folder {path} ({exc.strerror or exc})") from None
-        _probe_writable(path, label)
-    else:
-        _probe_writable(anchor, label)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileAccessError(f"{label}: cannot create the folder {path} ({exc.strerror or exc})") from None
+    _probe_writable(path, label)
     return path
 
 
-def check_output_dir(path: str | os.PathLike, what: str | None = None, *, create: bool = True) -> Path:
-    """Make sure ``path`` is (or can become) a writable folder; create it when ``create``.
+def check_output_dir(path: str | os.PathLike, what: str | None = None) -> Path:
+    """Make sure ``path`` is (or can become) a writable folder, and create it.
 
     Raises:
         FileAccessError: ``path`` is a file, a parent of it is a file, or the folder is not writable.
     """
     path = Path(path)
-    return _check_dir(path, _label(what, path), create)
+    return _check_dir(path, _label(what, path))
 
 
 def check_output_file(path: str | os.PathLike, what: str | None = None) -> Path:
@@ -100,7 +98,7 @@ def check_output_file(path: str | os.PathLike, what: str | None = None) -> Path:
     anchor = _existing_ancestor(path.parent)
     if not anchor.is_dir():
         raise FileAccessError(f"{label}: {anchor} is a file, not a folder, so nothing can be created under it")
-    _check_dir(path.parent, label, create=True)
+    _check_dir(path.parent, label)
     return path
 
 

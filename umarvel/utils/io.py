@@ -37,9 +37,9 @@ def current_umask() -> int:
     return mask
 
 
-def os_error_message(exc: OSError, path: str | os.PathLike | None = None) -> str:
+def os_error_message(exc: OSError) -> str:
     """``"PATH: reason"`` of an ``OSError`` (disk full, permission denied, not a directory, ...)."""
-    where = exc.filename if exc.filename is not None else path
+    where = exc.filename
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += " (free space or quota exhausted)"
@@ -91,21 +91,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
 
-    Readers see the old complete folder or the new complete one, never a partial one. With
-    ``replace=True`` an existing ``path`` is swapped out (renamed aside, then removed); with
-    ``replace=False`` an existing ``path`` is an error (``FileExistsError``). On failure the temporary
-    folder is removed and ``path`` is untouched. The folder is created with the umask's permissions.
+    Readers see the old complete folder or the new complete one, never a partial one: an existing ``path``
+    is swapped out (renamed aside, then removed). On failure the temporary folder is removed and ``path``
+    is untouched. The folder is created with the umask's permissions.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_failed(path, exc) from exc
-    if path.exists() and not replace:
-        raise FileExistsError(path)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:

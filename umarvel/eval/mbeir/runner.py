@@ -302,8 +302,7 @@ def _default_search_device(encoder: Any) -> Any:
     return str(dev) if dev is not None else None
 
 
-def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache | None = None,
-                   model_name: str | None = None, check_images: bool = True) -> MBeirEvalResult:
+def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, check_images: bool = True) -> MBeirEvalResult:
     """Evaluate ``encoder`` on M-BEIR (``cfg.protocol``) and write the outputs into ``cfg.output``.
 
     Every rank reads the data and encodes its share of each cache entry (torchrun); rank 0 then
@@ -312,8 +311,6 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
     Args:
         encoder: an *encoder* (see the module doc; its ``device`` attribute, if any, is the default search device).
         cfg: the run settings.
-        cache: an existing cache object (default: ``EmbeddingCache(cfg.resolved_cache_dir())``).
-        model_name: the ``model`` written into results.json (default: ``cfg.model`` resolved).
         check_images: check every referenced image (exists, readable header) before encoding anything.
     Raises:
         DataError: missing files of requested tasks, malformed records, unknown positive ids (unless
@@ -326,7 +323,7 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
                           f"{enc_compat!r} (UMarvel.from_pretrained(..., compat={cfg.compat!r}))")
     root = Path(cfg.mbeir_root)
     out_dir = Path(cfg.output)
-    cache = cache or EmbeddingCache(cfg.resolved_cache_dir())
+    cache = EmbeddingCache(cfg.resolved_cache_dir())
     stats0 = dict(cache.stats)
     tasks, skipped = select_tasks(root, cfg.tasks, cfg.split)
     table = read_instructions(root / MBEIR_INSTRUCTIONS)
@@ -407,7 +404,7 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, cache: EmbeddingCache 
         result.retrievals[t.name] = ret
         result.tasks.append(res)
         logger.info("%s: %s = %.2f (%d queries, pool %d)", t.name, t.metric, res.value, res.num_queries, res.pool_size)
-    results = build_results(protocol=cfg.protocol, model=model_name or str(Path(cfg.model).resolve()),
+    results = build_results(protocol=cfg.protocol, model=str(Path(cfg.model).resolve()),
                             split=cfg.split, instruction_mode=cfg.instruction, instruction_seed=cfg.seed,
                             tasks=result.tasks, compat=cfg.compat)
     write_results(out_dir, results)
