@@ -20,7 +20,7 @@ ITEMS_Q = [{"text": "a red circle on the left", "instruction": "find the picture
 
 
 def test_merge_lora_equals_base_plus_adapter(tiny_checkpoint, tmp_path):
-    from umarvel.commands.merge import main as merge_main
+    from umarvel.cli import main
     from umarvel.train.stage import stage_trainer
 
     data = make_data(tmp_path / "toy")
@@ -31,8 +31,8 @@ def test_merge_lora_equals_base_plus_adapter(tiny_checkpoint, tmp_path):
     tau = json.loads((adapter / "umarvel.json").read_text())["temperature"]
     assert tau != pytest.approx(0.05, abs=1e-7)
     out = tmp_path / "merged"
-    assert merge_main(["--base", str(tiny_checkpoint), "--adapter", str(adapter), "--output", str(out),
-                       "--dtype", "float32"]) == 0
+    assert main(["merge-lora", "--base", str(tiny_checkpoint), "--adapter", str(adapter), "--output", str(out),
+                 "--dtype", "float32"]) == 0
     merged = UMarvel.from_pretrained(out)
     unmerged = UMarvel.from_pretrained(tiny_checkpoint, adapter=adapter)
     assert merged.temperature == pytest.approx(tau) == unmerged.temperature

@@ -3,20 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-
-from umarvel.commands import run_standalone
 
 logger = logging.getLogger(__name__)
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="checkpoint the adapter was trained on (the stage's init_from)")
-    p.add_argument("--adapter", required=True, help="LoRA adapter folder (output_dir/adapter)")
-    p.add_argument("--output", required=True, help="merged checkpoint folder to write")
-    p.add_argument("--dtype", default=None,
-                   help="merge dtype (default: the adapter's training dtype, bfloat16 for the published stages)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
 
 def add_subparser(sub) -> None:
@@ -24,7 +12,12 @@ def add_subparser(sub) -> None:
     p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base checkpoint",
                        description="Merge in the training dtype, keeping the learned temperature and the added "
                                    "tokens; the output loads with UMarvel.from_pretrained.")
-    _add_arguments(p)
+    p.add_argument("--base", required=True, help="checkpoint the adapter was trained on (the stage's init_from)")
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder (output_dir/adapter)")
+    p.add_argument("--output", required=True, help="merged checkpoint folder to write")
+    p.add_argument("--dtype", default=None,
+                   help="merge dtype (default: the adapter's training dtype, bfloat16 for the published stages)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.set_defaults(func=run)
 
 
@@ -34,12 +27,3 @@ def run(args: argparse.Namespace) -> int:
     out = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, device=args.device)
     print(out)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m umarvel.commands.merge``, used by the shell launchers)."""
-    return run_standalone("umarvel merge-lora", __doc__, _add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
