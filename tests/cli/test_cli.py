@@ -57,18 +57,21 @@ def test_encode_command_compat_official_is_recorded(tiny_checkpoint, tmp_path):
 def test_eval_commands_take_compat(tmp_path):
     import argparse
 
-    from umarvel.commands.eval import add_mbeir_arguments, config_from_args
+    from umarvel.commands.eval import add_mbeir_arguments
+    from umarvel.commands.flags import config_from_flags
+    from umarvel.eval.mbeir.config import MBeirEvalConfig
     from umarvel.commands.eval_plus import configure
     from umarvel.commands.eval_zeroshot import add_arguments
 
     p = argparse.ArgumentParser()
     add_mbeir_arguments(p)
     args = p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o", "--compat", "official"])
-    assert config_from_args(args).compat == "official"
-    assert config_from_args(p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o"])).compat == "default"
+    assert config_from_flags(args, MBeirEvalConfig).compat == "official"
+    default = config_from_flags(p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o"]), MBeirEvalConfig)
+    assert default.compat == "default"
     cfg = tmp_path / "e.yaml"
     cfg.write_text("model: m\nmbeir_root: r\noutput: o\ncompat: official\n")
-    assert config_from_args(p.parse_args(["--config", str(cfg)])).compat == "official"
+    assert config_from_flags(p.parse_args(["--config", str(cfg)]), MBeirEvalConfig).compat == "official"
     z = argparse.ArgumentParser()
     add_arguments(z)
     assert z.parse_args(["--model", "m", "--data-root", "d", "--output-dir", "o", "--compat", "official"]).compat == "official"

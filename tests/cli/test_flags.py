@@ -129,14 +129,14 @@ def test_mbeir_choices_match_the_runtime_constants():
 
 
 def test_mbeir_tasks_flag():
-    from umarvel.commands.eval import config_from_args
+    from umarvel.eval.mbeir.config import MBeirEvalConfig
 
     p = _subparser("eval", "mbeir")
     base = ["--model", "m", "--mbeir-root", "r", "--output", "o"]
-    assert config_from_args(p.parse_args([*base, "--tasks", "all"])).tasks is None
-    assert config_from_args(p.parse_args([*base, "--tasks", "a, b"])).tasks == ["a", "b"]
+    assert config_from_flags(p.parse_args([*base, "--tasks", "all"]), MBeirEvalConfig).tasks is None
+    assert config_from_flags(p.parse_args([*base, "--tasks", "a, b"]), MBeirEvalConfig).tasks == ["a", "b"]
     with pytest.raises(ConfigError, match="--tasks"):
-        config_from_args(p.parse_args([*base, "--tasks", " , "]))
+        config_from_flags(p.parse_args([*base, "--tasks", " , "]), MBeirEvalConfig)
 
 
 def test_plus_and_zeroshot_configs_from_flags():

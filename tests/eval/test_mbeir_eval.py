@@ -317,21 +317,24 @@ def test_three_commands(base, tree, tiny_checkpoint, tmp_path, monkeypatch, caps
 
 
 def test_config_file_and_flags(tmp_path):
-    from umarvel.commands.eval import add_mbeir_arguments, config_from_args
+    from umarvel.commands.eval import add_mbeir_arguments
+    from umarvel.commands.flags import config_from_flags
     import argparse
 
     p = argparse.ArgumentParser()
     add_mbeir_arguments(p)
-    cfg = config_from_args(p.parse_args(["--config", str(REPO / "configs/eval/mbeir_global.yaml"), "--set",
-                                         "split=val", "--model", "m", "--tasks", "cirr_task7,nights_task4"]))
+    args = p.parse_args(["--config", str(REPO / "configs/eval/mbeir_global.yaml"), "--set", "split=val", "--model", "m",
+                         "--tasks", "cirr_task7,nights_task4"])
+    cfg = config_from_flags(args, MBeirEvalConfig)
     assert (cfg.protocol, cfg.split, cfg.model, cfg.tasks) == ("global", "val", "m", ["cirr_task7", "nights_task4"])
     assert cfg.output == "outputs/mbeir/global" and cfg.seed == 2023
     local = load_config(REPO / "configs/eval/mbeir_local.yaml", MBeirEvalConfig)
     assert local == MBeirEvalConfig(model=local.model, mbeir_root=local.mbeir_root, output=local.output)
     with pytest.raises(ConfigError, match="--mbeir-root, --output required"):
-        config_from_args(p.parse_args(["--model", "m"]))
+        config_from_flags(p.parse_args(["--model", "m"]), MBeirEvalConfig)
     with pytest.raises(ConfigError, match="batch_size"):
-        config_from_args(p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o", "--batch-size", "0"]))
+        config_from_flags(p.parse_args(["--model", "m", "--mbeir-root", "r", "--output", "o", "--batch-size", "0"]),
+                          MBeirEvalConfig)
 
 
 def test_global_script_under_torchrun_two_ranks(base, tree, tiny_checkpoint, tmp_path):

@@ -39,22 +39,13 @@ def add_mbeir_arguments(p: argparse.ArgumentParser) -> None:
     add_run_flags(p, "replace the results of another evaluation in --output (otherwise refused)")
 
 
-def config_from_args(args: argparse.Namespace) -> MBeirEvalConfig:
-    """The :class:`MBeirEvalConfig` of parsed M-BEIR arguments (flags > ``--set`` > ``--config`` > defaults).
-
-    Raises:
-        ConfigError: a required path missing from both flags and config, or an invalid value.
-    """
-    return config_from_flags(args, MBeirEvalConfig)
-
-
 def run_mbeir(args: argparse.Namespace) -> int:
     """Run one M-BEIR evaluation; rank 0 prints the results table (results.md) to stdout."""
     from umarvel.eval.mbeir.runner import run_mbeir_eval  # lazy: keeps the CLI start-up free of torch
     from umarvel.eval.outputs import RESULTS_MD
     from umarvel.eval.preflight import start_mbeir_run  # lazy: keeps the CLI start-up free of torch
 
-    cfg = config_from_args(args)
+    cfg = config_from_flags(args, MBeirEvalConfig)
     with start_mbeir_run(cfg, overwrite=args.overwrite):  # checks + the output folder, before the model loads
         result = run_mbeir_eval(cfg, check_images=not args.skip_image_check)
     if result.results is not None:
