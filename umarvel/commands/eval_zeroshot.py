@@ -47,6 +47,7 @@ def add_zeroshot_parser(eval_subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Load the model once, run the suite, print the results table; exit 1 if a task failed on broken data."""
     from umarvel.api import UMarvel  # lazy: keeps the CLI start-up free of torch
+    from umarvel.dist import device_for_rank
     from umarvel.eval.zeroshot.runner import RESULTS_MD, run_zeroshot  # lazy: keeps the CLI start-up free of torch
     from umarvel.eval.zeroshot.tasks import resolve_zeroshot_names  # lazy: keeps the CLI start-up fast (0.09 s)
 
@@ -56,12 +57,8 @@ def run(args: argparse.Namespace) -> int:
     options = config_from_flags(args, ZeroShotOptions)
     with start_zeroshot_run(args.model, args.data_root, args.output_dir, tasks, options=options, device=args.device,
                             dtype=args.dtype, overwrite=args.overwrite, check_images=not args.skip_image_check):
-        device = args.device
-        if device is None:
-            import torch  # lazy: keeps the CLI start-up free of torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = UMarvel.from_pretrained(args.model, device=device, dtype=args.dtype, compat=options.compat)
+        model = UMarvel.from_pretrained(args.model, device=device_for_rank(args.device), dtype=args.dtype,
+                                        compat=options.compat)
         results = run_zeroshot(model, args.data_root, args.output_dir, tasks=args.tasks, cache_dir=args.cache_dir,
                                options=options, model_name=str(args.model))
     sys.stdout.write((Path(args.output_dir) / RESULTS_MD).read_text(encoding="utf-8"))
