@@ -277,14 +277,9 @@ class Index:
         fp = model.fingerprint()
         emb = _encode_part(path, model, rows, fp, batch_size, shard_size)
         if get_rank() == 0:
-            info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": _now(),
-                    "updated": _now(), "model": {"path": _model_path(model), "fingerprint": fp},
-                    "encode": {"role": "candidate", "settings": encoder_settings(model)},
-                    "count": len(rows), "dim": int(emb.dim), "dtype": "float16", "backend": backend,
-                    "backend_params": dict(backend_params or {}), "faiss_file": None, "recall": None,
-                    "parts": [_part_record(path, emb.path, len(rows), src)], "items_file": ITEMS_FILE}
-            idx = cls(path, info, rows)
-            idx._commit(rows, recall_sample, new_rows=None)
+            cls._create(path, rows, emb, {"path": _model_path(model), "fingerprint": fp},
+                        {"role": "candidate", "settings": encoder_settings(model)}, backend, backend_params,
+                        recall_sample, src)
         barrier()
         return cls.load(path)
 
@@ -309,15 +304,20 @@ class Index:
         emb = cache.get_or_encode(PART_NAME, rows, ids, lambda part: vecs[_rows_of(part, ids)],
                                   fingerprint=fingerprint, settings={"role": "vectors", "sha256": digest},
                                   shard_size=max(1, len(rows)))
-        info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": _now(),
-                "updated": _now(), "model": {"path": model_path, "fingerprint": fingerprint},
-                "encode": {"role": "vectors", "settings": {}}, "count": len(rows), "dim": int(vecs.shape[1]),
-                "dtype": "float16", "backend": backend, "backend_params": dict(backend_params or {}),
-                "faiss_file": None, "recall": None,
-                "parts": [_part_record(path, emb.path, len(rows), "<vectors>")], "items_file": ITEMS_FILE}
-        idx = cls(path, info, rows)
-        idx._commit(rows, recall_sample, new_rows=None)
+        cls._create(path, rows, emb, {"path": model_path, "fingerprint": fingerprint},
+                    {"role": "vectors", "settings": {}}, backend, backend_params, recall_sample, "<vectors>")
         return cls.load(path)
+
+    @classmethod
+    def _create(cls, path: Path, rows: list[dict], emb: Any, model: dict, encode: dict, backend: str,
+                backend_params: Mapping[str, Any] | None, recall_sample: int, source: str) -> None:
+        """Rank 0: the first ``index.json`` of a new index over the cache entry ``emb`` of ``rows``, committed."""
+        info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": _now(),
+                "updated": _now(), "model": model, "encode": encode, "count": len(rows), "dim": int(emb.dim),
+                "dtype": "float16", "backend": backend, "backend_params": dict(backend_params or {}),
+                "faiss_file": None, "recall": None, "parts": [_part_record(path, emb.path, len(rows), source)],
+                "items_file": ITEMS_FILE}
+        cls(path, info, rows)._commit(rows, recall_sample, new_rows=None)
 
     def add(self, model: Any, items: Any, *, batch_size: int = 32, shard_size: int = 1024,
             image_root: str | os.PathLike | None = None, recall_sample: int = DEFAULT_RECALL_SAMPLE,
