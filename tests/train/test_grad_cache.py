@@ -99,23 +99,6 @@ def test_grad_cache_without_dropout_equals_full_batch_forward():
     assert tau.temp.grad is None  # frozen tau stays untouched
 
 
-def test_no_sync_used_for_all_but_last_backward():
-    model = TinyEncoder(p=0.0)
-    q, c, n = _data()
-    entered = []
-
-    class Ctx:
-        def __enter__(self):
-            entered.append(1)
-
-        def __exit__(self, *a):
-            return False
-
-    grad_cache_step(model, [_chunks(q, 2), _chunks(c, 3), _chunks(n, 6)], _loss(Tau()),
-                    no_sync=Ctx)
-    assert len(entered) == 3 + 2 + 2 - 1
-
-
 def test_rand_context_replays_and_restores():
     torch.manual_seed(5)
     ctx = RandContext()

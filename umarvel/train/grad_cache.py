@@ -9,8 +9,8 @@ in pass 1 and restored in pass 2, so dropout (LoRA dropout included) draws the s
 Composition with :func:`umarvel.dist.all_gather_with_grad`: the loss function may gather the pass-1 leaf
 embeddings; the gather's backward sums the other ranks' gradients into this rank's leaf gradient, which pass 2
 then pushes into the local parameters. Parameters used only by the loss (the learnable temperature) get
-their gradient directly from pass 1. Under DDP, pass ``no_sync`` (``model.no_sync``) so only the last chunk's
-backward triggers the gradient all-reduce.
+their gradient directly from pass 1. No backward here synchronises ranks: the trainer all-reduces the
+gradients once per optimiser step.
 """
 from __future__ import annotations
 
@@ -86,8 +86,6 @@ def grad_cache_step(
     embed_fn: EmbedFn | Sequence[EmbedFn],
     inputs: Sequence[Sequence[Any]],
     loss_fn: Callable[..., Tensor],
-    loss_kwargs: dict[str, Any] | None = None,
-    no_sync: Callable[[], ContextManager] | None = None,
     restore_rng: bool = True,
 ) -> Tensor:
     """One cached forward/backward; parameter ``.grad`` ends up as for a plain step on the whole batch.
@@ -96,10 +94,8 @@ def grad_cache_step(
         embed_fn: ``embed_fn(chunk) -> (b, D)`` (one function, or one per input group).
         inputs: per input group (e.g. ``[query_chunks, candidate_chunks, negative_chunks]``), the list of
             sub-batches to embed; a group's embeddings are the concatenation of its chunks (n_g, D).
-        loss_fn: ``loss_fn(*group_embeddings, **loss_kwargs) -> scalar``; may call
+        loss_fn: ``loss_fn(*group_embeddings) -> scalar``; may call
             :func:`umarvel.dist.all_gather_with_grad` and use parameters of its own (temperature).
-        loss_kwargs: extra keyword arguments for ``loss_fn``.
-        no_sync: context-manager factory (DDP ``model.no_sync``) entered for every pass-2 backward but the last.
         restore_rng: replay each chunk's RNG state in pass 2 (keep True; False only to show why it matters).
 
     Returns:
@@ -107,19 +103,16 @@ def grad_cache_step(
     """
     fns = _embed_fns(embed_fn, len(inputs))
     leaves, states, sizes = _first_pass(fns, inputs, restore_rng)
-    loss = loss_fn(*leaves, **(loss_kwargs or {}))
+    loss = loss_fn(*leaves)
     if loss.dim() != 0:
         raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
     loss.backward()  # d loss / d embeddings into the leaves (+ grads of loss-only parameters)
-    jobs = [(g, i) for g in range(len(inputs)) for i in range(len(inputs[g]))]
-    for n, (g, i) in enumerate(jobs):
+    for g in range(len(inputs)):
         grad = leaves[g].grad
         cached = torch.zeros_like(leaves[g]) if grad is None else grad  # (n_g, D)
-        start = sum(sizes[g][:i])
-        sync_ctx = no_sync() if (no_sync is not None and n < len(jobs) - 1) else contextlib.nullcontext()
-        rng_ctx = states[g][i] if states[g][i] is not None else contextlib.nullcontext()
-        with sync_ctx:
-            with rng_ctx:
-                emb = fns[g](inputs[g][i])  # (b, D)
+        for i, chunk in enumerate(inputs[g]):
+            start = sum(sizes[g][:i])
+            with states[g][i] if states[g][i] is not None else contextlib.nullcontext():
+                emb = fns[g](chunk)  # (b, D)
             torch.autograd.backward(emb, cached[start : start + emb.shape[0]])
     return loss.detach()
