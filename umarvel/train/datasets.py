@@ -235,15 +235,17 @@ class MbeirTrainDataset:
     def __len__(self) -> int:
         return len(self.queries)
 
+    def candidate_sides(self, dids: tuple[str, ...]) -> tuple[Side, ...]:
+        """The sides of pool candidates: ``format_string`` of the text, truncated, and the image."""
+        return tuple(Side(self.truncate(format_string(self.pool[d].text or "")), self.pool[d].image) for d in dids)
+
     def example(self, index: int, rng: random.Random) -> TrainExample:
         q = self.queries[index]
         did = rng.choice(q.positives)
-        cand = self.pool[did]
-        prompts = self.table.lookup((q.dataset_id, q.modality, cand.modality), q.qid)
+        prompts = self.table.lookup((q.dataset_id, q.modality, self.pool[did].modality), q.qid)
         instruction = rng.choice(prompts)
         q_text = self.truncate(query_text_with_instruction(instruction, q.text or ""))
-        c_text = self.truncate(format_string(cand.text or ""))
-        return TrainExample(Side(q_text, q.image), (Side(c_text, cand.image),), query_id=q.qid,
+        return TrainExample(Side(q_text, q.image), self.candidate_sides((did,)), query_id=q.qid,
                             candidate_ids=(did,))
 
     def length_hint(self, index: int) -> int:

@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from umarvel.data.formatting import format_string
 from umarvel.data.runfiles import TeacherRow, iter_teacher
 from umarvel.errors import ConfigError, DataError
 from umarvel.train import losses as L
-from umarvel.train.datasets import MbeirTrainDataset, Side, TrainExample, _build_mbeir
+from umarvel.train.datasets import MbeirTrainDataset, TrainExample, _build_mbeir
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +48,7 @@ class MbeirDistillDataset:
         ex = self.base.example(index, rng)
         row = self.rows[index]
         dids = row.dids[:self.k]
-        sides = []
-        for did in dids:
-            c = self.base.pool[did]
-            sides.append(Side(self.base.truncate(format_string(c.text or "")), c.image))
-        return TrainExample(ex.query, tuple(sides), query_id=ex.query_id, candidate_ids=dids,
+        return TrainExample(ex.query, self.base.candidate_sides(dids), query_id=ex.query_id, candidate_ids=dids,
                             scores=row.scores[:self.k])
 
     def length_hint(self, index: int) -> int:

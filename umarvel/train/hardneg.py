@@ -24,10 +24,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from umarvel.data.formatting import format_string
 from umarvel.data.runfiles import MinedRow, iter_mined
 from umarvel.errors import ConfigError, DataError
-from umarvel.train.datasets import MbeirTrainDataset, Side, TrainExample, _build_mbeir
+from umarvel.train.datasets import MbeirTrainDataset, TrainExample, _build_mbeir
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +106,7 @@ class MbeirHardNegDataset:
         """Row ``index``: the stage-3 example (same draws) followed by its K negatives."""
         ex = self.base.example(index, rng)
         dids = self.negatives[index] or self._random_negatives(index, rng)
-        sides = []
-        for did in dids:
-            c = self.base.pool[did]
-            sides.append(Side(self.base.truncate(format_string(c.text or "")), c.image))
-        return TrainExample(ex.query, ex.candidates + tuple(sides), query_id=ex.query_id,
+        return TrainExample(ex.query, ex.candidates + self.base.candidate_sides(dids), query_id=ex.query_id,
                             candidate_ids=ex.candidate_ids + tuple(dids))
 
     def length_hint(self, index: int) -> int:
@@ -155,8 +150,6 @@ def build_hardneg_dataset(data, tokenizer) -> MbeirHardNegDataset:
                           "required for data.kind=mbeir_hardneg")
     if data.num_hard_negatives < 1:
         raise ConfigError(f"data.num_hard_negatives must be >= 1 for mbeir_hardneg, got {data.num_hard_negatives}")
-    if data.hard_negative_skip_top < 0:
-        raise ConfigError(f"data.hard_negative_skip_top must be >= 0, got {data.hard_negative_skip_top}")
     base = _build_mbeir(data, tokenizer)
     ds = attach_negatives(base, data.negatives, data.num_hard_negatives, data.hard_negative_skip_top,
                           data.hard_negative_margin)
