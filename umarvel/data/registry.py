@@ -90,9 +90,10 @@ class SplitFiles:
 class TrainSpec:
     """Training-side definition of an M-BEIR task (method spec 5.2), used by mining.
 
+    Its queries are rows of the union up-sampled train file (:data:`MBEIR_UNION_TRAIN_QUERIES`), its pool a part
+    of the union train pool (:data:`MBEIR_UNION_POOLS`).
+
     Attributes:
-        queries: the union up-sampled train query file.
-        pool: the union train candidate pool.
         qrels: the dataset's train qrels file (each task's qrels are a copy of its dataset's).
         query_dataset_id / query_task_id: a train query belongs to the task when the dataset id of its
             qid and its ``task_id`` equal these.
@@ -101,8 +102,6 @@ class TrainSpec:
         pool_modality: ... and whose modality equals the task's target modality.
     """
 
-    queries: str
-    pool: str
     qrels: str
     query_dataset_id: int
     query_task_id: int
@@ -252,8 +251,6 @@ def mbeir_train_spec(dataset: str, task_id: int) -> TrainSpec:
     dataset_id = DATASET_IDS[dataset]
     pool_ids = _WIKI_DATASETS if dataset_id in _WIKI_DATASETS else frozenset({dataset_id})
     return TrainSpec(
-        queries=MBEIR_UNION_TRAIN_QUERIES,
-        pool=MBEIR_UNION_POOLS["train"],
         qrels=f"qrels/train/mbeir_{dataset}_train_qrels.txt",
         query_dataset_id=dataset_id,
         query_task_id=task_id,
