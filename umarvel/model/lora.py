@@ -12,13 +12,12 @@ from umarvel.model.embedder import UMarvelEmbedder
 logger = logging.getLogger(__name__)
 
 
-def make_lora_config(embedder: UMarvelEmbedder, r: int, alpha: int, dropout: float = 0.05,
-                     task_type: str | None = None):
+def make_lora_config(embedder: UMarvelEmbedder, r: int, alpha: int, dropout: float = 0.05):
     """A peft ``LoraConfig`` on q/k/v/o/gate/up/down of every language-model layer (vision frozen)."""
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                      target_modules=embedder.spec.lora_target_regex, task_type=task_type)
+                      target_modules=embedder.spec.lora_target_regex)
 
 
 def attach_lora(embedder: UMarvelEmbedder, r: int, alpha: int, dropout: float = 0.05) -> UMarvelEmbedder:
@@ -49,14 +48,14 @@ def is_lora(embedder: UMarvelEmbedder) -> bool:
     return hasattr(embedder.backbone, "peft_config")
 
 
-def load_lora(embedder: UMarvelEmbedder, adapter_dir: str | Path, trainable: bool = False) -> UMarvelEmbedder:
+def load_lora(embedder: UMarvelEmbedder, adapter_dir: str | Path) -> UMarvelEmbedder:
     """Load a saved LoRA adapter onto the backbone."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter_dir}: not a LoRA adapter folder (no adapter_config.json)")
-    embedder.backbone = PeftModel.from_pretrained(embedder.backbone, str(adapter_dir), is_trainable=trainable)
+    embedder.backbone = PeftModel.from_pretrained(embedder.backbone, str(adapter_dir))
     return embedder
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 from umarvel.data.mbeir import DEFAULT_INSTRUCTION_SEED
 from umarvel.errors import ConfigError
 from umarvel.eval import DEFAULT_SHARD_SIZE
+from umarvel.utils.checks import check_positive
 from umarvel.utils.compat import DEFAULT, CompatMode
 
 
@@ -78,9 +79,7 @@ class MBeirEvalConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"MBeirEvalConfig.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         for key in ("batch_size", "shard_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"MBeirEvalConfig.{key} must be a positive integer, got {value!r}")
+            check_positive(getattr(self, key), f"MBeirEvalConfig.{key}")
         if self.tasks is not None:
             if isinstance(self.tasks, str) or not all(isinstance(t, str) and t for t in self.tasks):
                 raise ConfigError(f"MBeirEvalConfig.tasks must be a list of task names or null, got {self.tasks!r}")
