@@ -82,17 +82,6 @@ def _read(path: Path, image_root: str | Path | None, queries: bool) -> tuple[lis
     return items, ids, lines
 
 
-def read_items(path: str | Path, image_root: str | Path | None, queries: bool) -> tuple[list[dict], list[str] | None]:
-    """Read encode items from JSONL; relative image paths are resolved against ``image_root``.
-
-    Raises:
-        DataError: naming ``file:line``: a malformed or non-UTF-8 line, an unknown key, a non-string text /
-            image / instruction, an item with neither text nor image, a duplicate id; an empty file.
-    """
-    items, ids, _ = _read(Path(path), image_root, queries)
-    return items, (ids or None)
-
-
 def run(args: argparse.Namespace) -> int:
     """Check everything, then encode the input file and write the matrix (and ids, and
     ``<output>.meta.json``) atomically."""
