@@ -331,6 +331,8 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, check_images: bool = T
 
     # Pools: each task's own, plus (global) every other local pool of the split present in the tree.
     pool_files = {t.name: t.files(cfg.split).pool for t in tasks}
+    pools: dict[str, list[Candidate]] = {}  # local protocol: the readers load each task's pool
+    modalities: Mapping[str, str] = _union_modalities(root, tasks, cfg.split)
     if cfg.protocol == "global":
         pool_files = {}
         for name in MBEIR_TASK_ORDER:
@@ -342,14 +344,9 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, check_images: bool = T
                                "16-pool M-BEIR global pool)", rel)
         if len(pool_files) < len(MBEIR_TASK_ORDER):
             logger.warning("global pool = %d of the 16 local pools", len(pool_files))
-    # Local protocol: the readers load each task's pool. Global: every pool is read here once as well,
-    # since any of them may hold a positive (OVEN <-> InfoSeek) or be searched.
-    pools = {n: _load_pool(root, rel) for n, rel in pool_files.items()} if cfg.protocol == "global" else {}
-    modalities: Mapping[str, str] = _union_modalities(root, tasks, cfg.split)
-    concat_ids: set[str] = set()
-    if cfg.protocol == "global":
+        # every pool is read here once: any of them may hold a positive (OVEN <-> InfoSeek) or be searched
+        pools = {n: _load_pool(root, rel) for n, rel in pool_files.items()}
         concat_map = {c.did: c.modality for n in pool_files for c in pools[n]}
-        concat_ids = set(concat_map)
         modalities = ChainMap(dict(modalities), concat_map)  # type: ignore[assignment]
 
     data: dict[str, TaskData] = {}
@@ -360,7 +357,7 @@ def evaluate_mbeir(encoder: Any, cfg: MBeirEvalConfig, *, check_images: bool = T
         if not d.queries:
             raise DataError(f"{root / t.files(cfg.split).queries}: no queries")
         if cfg.protocol == "global":
-            check_known_ids(d.queries, d.qrels, concat_ids, allow_missing=cfg.allow_missing,
+            check_known_ids(d.queries, d.qrels, concat_map, allow_missing=cfg.allow_missing,
                             where=f"{t.name} ({cfg.split}) against the global pool")
         data[t.name] = d
 
@@ -441,13 +438,6 @@ def _image_refs(root: Path, split: str, tasks: Sequence[Task], data: Mapping[str
 
 
 # ---------------------------------------------------------------------------------- model + torchrun
-def load_encoder(cfg: MBeirEvalConfig, device: str | None = None) -> Any:
-    """``UMarvel.from_pretrained(cfg.model)`` on ``device`` (default :func:`umarvel.dist.device_for_rank`) in
-    ``cfg.dtype`` and ``cfg.compat``."""
-    return UMarvel.from_pretrained(cfg.model, device=device or dist.device_for_rank(cfg.device), dtype=cfg.dtype,
-                                   compat=cfg.compat)
-
-
 def run_mbeir_eval(cfg: MBeirEvalConfig, *, check_images: bool = True) -> MBeirEvalResult:
     """Load the model and evaluate (the commands' entry point); torchrun-aware.
 
@@ -455,7 +445,7 @@ def run_mbeir_eval(cfg: MBeirEvalConfig, *, check_images: bool = True) -> MBeirE
     """
     device = dist.device_for_rank(cfg.device)
     with dist.process_group(device):
-        encoder = load_encoder(cfg, device)
+        encoder = UMarvel.from_pretrained(cfg.model, device=device, dtype=cfg.dtype, compat=cfg.compat)
         resolved = dataclasses.replace(cfg, device=str(device), dtype=str(encoder.settings.dtype),
                                        cache_dir=str(cfg.resolved_cache_dir().resolve()),
                                        search_device=cfg.search_device or str(device))
