@@ -290,27 +290,24 @@ def _eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
 def register() -> None:
     """Register :func:`packed_attention_forward` in transformers' ``AttentionInterface`` (once)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
     AttentionInterface.register(VISION_ATTENTION, packed_attention_forward)
-    try:  # padded batches whose mask transformers builds (the reranker): SDPA's boolean mask format
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:  # transformers without mask interfaces builds masks independently of the name
-        return
+    # padded batches whose mask transformers builds (the reranker): SDPA's boolean mask format
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
     AttentionMaskInterface.register(VISION_ATTENTION, sdpa_mask)
 
 
-def _install(modules: Iterable[nn.Module], config, name: str) -> bool:
+def _install(modules: Iterable[nn.Module], config, name: str) -> None:
     """Point ``config`` at ``name``, remembering the previous implementation on each module."""
     current = getattr(config, "_attn_implementation", None) or "eager"
     if current.startswith("flash_attention"):
-        return True  # transformers' own flash-attention already reads cu_seq_lens_* (packed batches work)
+        return  # transformers' own flash-attention already reads cu_seq_lens_* (packed batches work)
     if current not in (PACKED_ATTENTION, VISION_ATTENTION):
         for m in modules:
             setattr(m, _BASE_ATTR, current)
     config._attn_implementation = name
-    return True
 
 
 def install_packed_attention(language_config, lm_attention: Iterable[nn.Module], vision_config=None,
