@@ -4,7 +4,7 @@ import pytest
 
 from umarvel.errors import DataError
 from umarvel.eval.metrics import (
-    TaskResult, average, hit_matrix, recall_at_k, score_task, top_k,
+    TaskResult, average, hit_matrix, recall_at_k, score_task,
 )
 from umarvel.data.registry import get_task
 
@@ -65,14 +65,10 @@ def test_bad_shapes_rejected():
         recall_at_k(["a", "b"], [{"a"}, {"b"}], (1,))
 
 
-def test_ties_broken_by_pool_index_then_scored():
-    scores = np.array([[0.5, 0.9, 0.9, 0.1], [0.2, 0.2, 0.2, 0.2]])
+def test_recall_scores_the_ranking_as_given():
     ids = np.array(["0:1", "0:2", "0:3", "0:4"])
-    idx, top = top_k(scores, 10)  # k larger than the pool is clipped
-    assert idx.tolist() == [[1, 2, 0, 3], [0, 1, 2, 3]]
-    assert top[0].tolist() == [0.9, 0.9, 0.5, 0.1]
-    r = recall_at_k(ids[idx], [{"0:3"}, {"0:2"}], (1, 2))
-    assert r == {1: 0.0, 2: 1.0}
+    idx = np.array([[1, 2, 0, 3], [0, 1, 2, 3]])  # ties already broken by pool index (umarvel.eval.search)
+    assert recall_at_k(ids[idx], [{"0:3"}, {"0:2"}], (1, 2)) == {1: 0.0, 2: 1.0}
 
 
 def test_score_task_uses_headline_metric_and_average():

@@ -91,20 +91,6 @@ def recall_at_k(retrieved: np.ndarray | Sequence[Sequence], positives: Sequence[
     return {k: float(np.mean(hits[:, :k].any(axis=1))) for k in ks}
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and scores of the ``k`` best columns per row of ``scores`` (Q, N), best first.
-
-    Ties keep the lower pool index first (stable), so rankings are deterministic. ``k`` above ``N`` is
-    clipped. Returns ``(indices (Q, k'), scores (Q, k'))``.
-    """
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise DataError(f"scores must be a (Q, N) array, got shape {scores.shape}")
-    k = min(int(k), scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(scores, order, axis=1)
-
-
 @dataclass(frozen=True)
 class TaskResult:
     """One row of the per-task table (values in percent, as the papers show them).
