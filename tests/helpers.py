@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from umarvel.eval.search import make_searcher
 from umarvel.train.config import StageConfig, load_stage_config
 from umarvel.utils.io import iter_jsonl
 
@@ -38,6 +39,11 @@ class Tau(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.temp
+
+
+def search(queries, candidates, k: int, **kwargs):
+    """One-shot top-k: ``umarvel.eval.search.make_searcher(candidates, **kwargs).search(queries, k)``."""
+    return make_searcher(candidates, **kwargs).search(queries, k)
 
 
 def read_jsonl(path) -> list[dict]:

@@ -6,7 +6,7 @@ import pytest
 
 from umarvel.errors import DataError
 from umarvel.eval.cache import EmbeddingCache, concat_cached
-from umarvel.eval.search import search
+from helpers import search
 
 D = 6
 

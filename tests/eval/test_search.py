@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from umarvel.errors import ConfigError, DataError
-from umarvel.eval.search import (ann_recall, make_searcher, merge_topk, search, tile_topk)
+from helpers import search
+from umarvel.eval.search import (ann_recall, make_searcher, merge_topk, tile_topk)
 
 
 def unit(n, d, seed):

@@ -78,7 +78,7 @@ def test_without_a_process_group_it_is_a_plain_search():
     vecs, queries = _data()
     s = RankShardedSearcher(vecs, device="cpu")
     assert (s.lo, s.hi, s.world) == (0, len(vecs), 1)
-    from umarvel.eval.search import search
+    from helpers import search
 
     ref = search(queries, vecs, 9, device="cpu")
     got = s.search(queries, 9)

@@ -114,7 +114,7 @@ class CachedEmbeddings:
     @property
     def vectors(self) -> np.ndarray:
         """``(N, D)`` float16: a memmap for a single entry (no copy); a concatenation copies into RAM —
-        pass the object itself to :func:`umarvel.eval.search.search` to stream blocks instead."""
+        pass the object itself to :func:`umarvel.eval.search.make_searcher` to stream blocks instead."""
         blocks = self.vector_blocks()
         return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 

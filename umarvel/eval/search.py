@@ -1,6 +1,7 @@
 """Exact (and approximate) inner-product top-k search that never materialises the full score matrix.
 
-One entry point, :func:`search`, with interchangeable backends:
+One entry point, :func:`make_searcher` (build once, then ``.search(queries, k)`` any number of times), with
+interchangeable backends:
 
 - ``"torch"`` (default): tiled ``queries @ candidates.T`` plus a per-tile ``topk`` and an exact merge.
   On CUDA the matmul runs in fp16/bf16 with fp32 accumulation and fp32 scores (``torch.mm(...,
@@ -26,8 +27,6 @@ and query to unit length in fp32 before scoring, so the scores are cosines of th
 round trip changes a unit vector's norm by up to ~1e-3 relative, enough to reorder near-ties of a plain inner
 product. The torch backend scales each fp32 score tile by the fp32 inverse norms (the vectors themselves
 stay in their storage / compute dtype); faiss normalises its fp32 copy.
-
-Use :func:`make_searcher` to build an index / upload candidates once and search many query sets.
 """
 from __future__ import annotations
 
@@ -719,27 +718,6 @@ def make_searcher(candidates: Any, backend: str = "torch", device: Any = None,
         kind = {"faiss": "flat", "faiss-ivf": "ivf", "faiss-hnsw": "hnsw"}[backend]
         return FaissSearcher(candidates, kind=kind, **kwargs)
     raise ConfigError(f"unknown search backend {backend!r}; choose one of {BACKENDS}")
-
-
-def search(queries: Any, candidates: Any, k: int, backend: str = "torch", device: Any = None,
-           devices: Sequence[Any] | None = None, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Inner-product top-k of every query over all candidates.
-
-    Args:
-        queries: ``(Q, D)`` numpy / torch (any float dtype).
-        candidates: ``(N, D)`` numpy array or float16 memmap, torch tensor, list of blocks, or an object
-            with ``vector_blocks()`` (``CachedEmbeddings``); never copied whole for the torch backend.
-        k: neighbours per query; when ``k > N`` rows are padded with index -1 / score -inf.
-        backend: ``"torch"`` (exact), ``"faiss"`` (exact IndexFlatIP), ``"faiss-ivf"``, ``"faiss-hnsw"``.
-        device / devices: torch backend placement (default: cuda if available, else cpu; several
-            devices -> sharded search with an exact merge).
-    Returns:
-        ``(scores, indices)``: ``(Q, k)`` float32 and ``(Q, k)`` int64, score desc, ties by lower index.
-    Raises:
-        DataError: empty pool or mismatched dimensions. ConfigError: bad ``k`` or backend.
-    """
-    _check_k(k)
-    return make_searcher(candidates, backend=backend, device=device, devices=devices, **kwargs).search(queries, k)
 
 
 def ann_recall(approx_indices: np.ndarray, exact_indices: np.ndarray, k: int | None = None) -> float:
