@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -47,7 +46,7 @@ from umarvel.eval.cache import EmbeddingCache, encoder_settings
 from umarvel.eval.dist_search import RankShardedSearcher
 from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall, gather_rows
 from umarvel.index.items import encode_item, read_items
-from umarvel.utils.io import atomic_path, atomic_write_json, read_json
+from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl, read_json, write_jsonl
 from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, RunLock, claim_on_rank0
 from umarvel.version import __version__
 
@@ -360,9 +359,7 @@ class Index:
         commit point); then remove cache entries and faiss files no longer referenced."""
         self.items = rows
         self._blocks = None
-        with atomic_path(self.path / ITEMS_FILE) as tmp, tmp.open("w", encoding="utf-8") as fh:
-            for it in rows:
-                fh.write(json.dumps(it, ensure_ascii=False) + "\n")
+        write_jsonl(self.path / ITEMS_FILE, rows)
         if self.backend != "flat":
             self._write_ann(new_rows, recall_sample)
         atomic_write_json(self.path / INDEX_JSON, self.info)
@@ -619,16 +616,11 @@ def _read_rows(path: Path, count: int) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: missing (the index's items)")
     rows = []
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if len(rows) == count:
-                logger.warning("%s: rows past %d belong to an unfinished add; ignored", path, count)
-                break
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
-            rows.append(rec)
+    for _, rec in iter_jsonl(path):
+        if len(rows) == count:
+            logger.warning("%s: rows past %d belong to an unfinished add; ignored", path, count)
+            break
+        rows.append(rec)
     if len(rows) != count:
         raise DataError(f"{path}: {len(rows)} rows, but {INDEX_JSON} says {count}")
     return rows
