@@ -47,7 +47,7 @@ from umarvel.eval.dist_search import RankShardedSearcher
 from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall, gather_rows
 from umarvel.index.items import encode_item, read_items
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl, read_json, write_jsonl
-from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, RunLock, claim_on_rank0
+from umarvel.utils.runs import RunClaim, RunIdentity, RunLock, claim_on_rank0
 from umarvel.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -530,7 +530,7 @@ BUILD_IGNORE = ("model", "input", "output", "batch_size", "shard_size", "device"
 
 def claim_build(path: str | os.PathLike, model: str | os.PathLike, items: str | os.PathLike, backend: str,
                 params: Mapping[str, Any] | None, dtype: str | None, image_root: str | os.PathLike | None,
-                overwrite: bool = False, **ignored: Any) -> RunClaim | NoClaim:
+                overwrite: bool = False, **ignored: Any) -> RunClaim | contextlib.nullcontext:
     """Claim the folder of an ``umarvel index build`` before the model loads (:mod:`umarvel.utils.runs`):
     one writer (lock, rank 0, held until the returned claim is released), and an unfinished build of another
     model, input file, backend or dtype is refused unless ``overwrite``. ``ignored``: settings recorded but

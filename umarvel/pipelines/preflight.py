@@ -8,11 +8,12 @@ this module imports neither pipeline.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from umarvel.utils.checks import check_device, check_input_dir, check_input_file, check_positive
-from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, claim_on_rank0
+from umarvel.utils.runs import RunClaim, RunIdentity, claim_on_rank0
 
 MINE_OUTPUTS = ("rerank_data_all_eval_train_local.jsonl", "rerank_data_all_eval_train_global.jsonl",
                 "mbeir_union_up_train_10percent.jsonl", "distill_subset.json", "mine_done.json", "parts")
@@ -39,7 +40,7 @@ def _model_input(name: str, path: str, given: Any) -> tuple[dict, dict]:
     return {}, {name: fp}
 
 
-def start_mine_run(cfg: Any, *, overwrite: bool = False, encoder: Any = None) -> RunClaim | NoClaim:
+def start_mine_run(cfg: Any, *, overwrite: bool = False, encoder: Any = None) -> RunClaim | nullcontext:
     """Checks of a mining run before its model loads, then the claim of ``cfg.output``.
 
     Args:
@@ -59,7 +60,7 @@ def start_mine_run(cfg: Any, *, overwrite: bool = False, encoder: Any = None) ->
                          override_hint=OVERRIDE_HINT)
 
 
-def start_teacher_run(cfg: Any, *, overwrite: bool = False, reranker: Any = None) -> RunClaim | NoClaim:
+def start_teacher_run(cfg: Any, *, overwrite: bool = False, reranker: Any = None) -> RunClaim | nullcontext:
     """Checks of a teacher run before the reranker loads, then the claim of ``cfg.output``.
 
     Args:

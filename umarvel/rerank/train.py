@@ -37,7 +37,7 @@ from umarvel.rerank.data import RerankBatchCollator, RerankTrainDataset, build_t
 from umarvel.rerank.model import attach_reranker_lora, load_reranker
 from umarvel.train.trainer import LoopConfig, Trainer, TrainerCallback
 from umarvel.utils.checks import check_device
-from umarvel.utils.runs import NoClaim, RunClaim, RunIdentity, claim_on_rank0
+from umarvel.utils.runs import RunClaim, RunIdentity, claim_on_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def rerank_identity(cfg: RerankTrainConfig) -> RunIdentity:
                              inputs={"model.init_from": cfg.model.init_from, **files})
 
 
-def start_rerank_run(cfg: RerankTrainConfig, *, overwrite: bool = False) -> RunClaim | NoClaim:
+def start_rerank_run(cfg: RerankTrainConfig, *, overwrite: bool = False) -> RunClaim | contextlib.nullcontext:
     """Before the reranker loads: the device exists, and rank 0 claims ``train.output_dir`` (lock + run
     identity, as :func:`umarvel.train.preflight.start_stage_run`): a folder holding another reranker run is
     refused unless ``overwrite`` (start over) or an explicit ``train.resume=<checkpoint>``."""

@@ -39,6 +39,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -452,27 +453,12 @@ def claim_run_dir(folder: str | os.PathLike, identity: RunIdentity, *, overwrite
         raise
 
 
-class NoClaim:
-    """What ranks other than 0 hold instead of a :class:`RunClaim` (release does nothing)."""
-
-    state = "not-rank-0"
-
-    def release(self) -> None:
-        pass
-
-    def __enter__(self) -> "NoClaim":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def claim_on_rank0(folder: str | os.PathLike, identity: RunIdentity, **kwargs: Any) -> RunClaim | NoClaim:
+def claim_on_rank0(folder: str | os.PathLike, identity: RunIdentity, **kwargs: Any) -> RunClaim | nullcontext:
     """:func:`claim_run_dir` on global rank 0 (``RANK``, set by torchrun before any process group exists);
-    the other ranks only check that the folder is writable and get a :class:`NoClaim`."""
+    the other ranks only check that the folder is writable and get a ``nullcontext`` to hold instead."""
     if int(os.environ.get("RANK", "0")) != 0:
         check_output_dir(folder, kwargs.get("what"))
-        return NoClaim()
+        return nullcontext()
     return claim_run_dir(folder, identity, **kwargs)
 
 
