@@ -54,10 +54,8 @@ class EncodeSettings:
     compat: str = DEFAULT
 
     def as_dict(self) -> dict:
-        """JSON-serialisable form."""
-        d = asdict(self)
-        d["style"] = asdict(self.style)
-        return d
+        """JSON-serialisable form (``asdict`` recurses into ``style``)."""
+        return asdict(self)
 
 
 def validate_item(item: Any, index: int, role: str) -> tuple[str | None, Any, str | None]:
