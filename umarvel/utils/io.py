@@ -154,46 +154,17 @@ def not_utf8(path: str | os.PathLike) -> DataError:
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
-class _Utf8Reader:
-    """A UTF-8 text file whose reads turn ``UnicodeDecodeError`` into :func:`not_utf8`'s DataError."""
-
-    def __init__(self, path: Path, newline: str | None):
-        self.path = path
-        self._fh: IO[str] = path.open("r", encoding="utf-8", newline=newline)
-
-    def __enter__(self) -> "_Utf8Reader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._fh.close()
-
-    def __iter__(self) -> "_Utf8Reader":
-        return self
-
-    def _guard(self, fn, *args):
-        try:
-            return fn(*args)
-        except UnicodeDecodeError:
-            raise not_utf8(self.path) from None
-
-    def __next__(self) -> str:
-        return self._guard(next, self._fh)
-
-    def readline(self, size: int = -1) -> str:
-        return self._guard(self._fh.readline, size)
-
-    def read(self, size: int = -1) -> str:
-        return self._guard(self._fh.read, size)
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def open_text(path: str | os.PathLike, newline: str | None = None) -> _Utf8Reader:
-    """Open a UTF-8 text file for reading (iteration, ``readline``, ``read``; a context manager); a byte
-    that is not UTF-8 raises ``DataError("not UTF-8 at byte N of FILE:LINE")``. ``newline`` as in ``open``
-    (``""`` for the csv module)."""
-    return _Utf8Reader(Path(path), newline)
+@contextmanager
+def open_text(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
+    """Open a UTF-8 text file for reading (``with open_text(path) as fh``); a byte that is not UTF-8, met by
+    any read of ``fh`` in the block, raises ``DataError("not UTF-8 at byte N of FILE:LINE")``. ``newline``
+    as in ``open`` (``""`` for the csv module)."""
+    path = Path(path)
+    try:
+        with path.open("r", encoding="utf-8", newline=newline) as fh:
+            yield fh
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
