@@ -93,14 +93,10 @@ def thumbnail_jpeg(image: Any, size: int = THUMB_SIZE) -> bytes | None:
         return None
 
 
-def data_uri(jpeg: bytes | None) -> str | None:
-    """``data:image/jpeg;base64,...`` of JPEG bytes (None stays None)."""
-    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
-
-
 def embedded_thumb(image: Any, size: int = THUMB_SIZE) -> str | None:
-    """A thumbnail of ``image`` as a data URI (None if unreadable)."""
-    return data_uri(thumbnail_jpeg(image, size))
+    """A thumbnail of ``image`` as a ``data:image/jpeg;base64,...`` URI (None if unreadable)."""
+    jpeg = thumbnail_jpeg(image, size)
+    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def snippet(text: str | None, n: int = SNIPPET_CHARS) -> str:
