@@ -179,24 +179,15 @@ class EmbeddingCollator:
         self.start_id = tokenizer.convert_tokens_to_ids(INSTRUCTION_START)
         self.end_id = tokenizer.convert_tokens_to_ids(INSTRUCTION_END)
 
-    def pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad id lists to (B, L) ``input_ids`` and ``attention_mask`` on this collator's side."""
-        return pad_sequences(seqs, self.pad_id, self.padding_side)
-
     def __call__(self, items: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
-        ids, attn = self.pad([x.input_ids for x in items])
+        ids, attn = pad_sequences([x.input_ids for x in items], self.pad_id, self.padding_side)
         instr = instruction_mask(ids, self.start_id, self.end_id)
         pool = attn * (1 - instr) if self.mask_instruction else attn.clone()
         batch = {"input_ids": ids, "attention_mask": attn, "instruction_mask": instr, "pool_mask": pool}
-        batch.update(self.visuals(items))
-        return batch
-
-    def visuals(self, items: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
-        """Patches of all images (videos) of ``items`` in order (``umarvel.data.visual.visual_batch``):
-        ``pixel_values`` (patches, 1176) + ``image_grid_thw`` (n_images, 3), ``pixel_values_videos`` +
-        ``video_grid_thw``; absent when none."""
+        # the patches of all images (videos) in order (umarvel.data.visual.visual_batch); absent when none
         parts = [p for x in items for p in (x.patches or [image_patches(im, self.patch_spec) for im in x.images])]
-        return visual_batch(parts, [x.video for x in items if x.video is not None])
+        batch.update(visual_batch(parts, [x.video for x in items if x.video is not None]))
+        return batch
 
 
 def plan_batches(lengths: Sequence[int], max_batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
