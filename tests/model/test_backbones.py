@@ -275,12 +275,12 @@ def test_missing_processor_files_are_named_and_the_backbone_files_used(models, t
 
 def test_a_processor_of_another_family_is_refused(models, tmp_path):
     from umarvel import UMarvel
-    from umarvel.data.processor import bundled_processor_dir
+    from umarvel.data.processor import BUNDLED_PROCESSOR_DIRS
 
     model, _ = models["qwen3_vl"]
     folder = tmp_path / "mixed"
     model.embedder.hf_model.save_pretrained(str(folder))
-    shutil.copy(bundled_processor_dir("qwen2_vl") / "preprocessor_config.json", folder)
+    shutil.copy(BUNDLED_PROCESSOR_DIRS["qwen2_vl"] / "preprocessor_config.json", folder)
     with pytest.raises(CheckpointError, match=r"\(patch, merge, temporal patch\) \(14, 2, 2\) do not match the "
                                               r"Qwen3-VL vision tower's \(16, 2, 2\)"):
         UMarvel.from_pretrained(folder)

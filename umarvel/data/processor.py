@@ -40,19 +40,6 @@ IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 OFFICIAL_ADDED_IDS = {"<emb>": 151657, "<instruction_start>": 151658, "<instruction_end>": 151659}
 
 
-def bundled_processor_dir(model_type: str) -> Path:
-    """The bundled processor folder of a backbone ``model_type``.
-
-    Raises:
-        CheckpointError: naming the backbones that have bundled files.
-    """
-    try:
-        return BUNDLED_PROCESSOR_DIRS[model_type]
-    except KeyError:
-        raise CheckpointError(f"no bundled processor files for model_type {model_type!r}; "
-                              f"bundled: {sorted(BUNDLED_PROCESSOR_DIRS)}") from None
-
-
 def _is_bundled(path: Path) -> bool:
     return path.resolve().parent == ASSETS_DIR.resolve()
 

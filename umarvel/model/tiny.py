@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from umarvel.data.processor import _image_processor_class, load_tokenizer
-from umarvel.data.processor import bundled_processor_dir
 from umarvel.model.backbones import get_backbone_spec
 from umarvel.model.constants import BACKBONES
 
@@ -98,7 +97,7 @@ def save_tiny_checkpoint(path: str | Path, seed: int = 0, backbone: str = "qwen2
     """Write a tiny random checkpoint folder (weights + the backbone's bundled tokenizer/processor files),
     laid out like a released checkpoint: the U-MARVEL tokens are added at load time."""
     path = Path(path)
-    files = bundled_processor_dir(backbone)
+    files = get_backbone_spec(backbone).processor_dir
     model = build_tiny(backbone, seed=seed, **config_kwargs)
     model.save_pretrained(str(path))
     load_tokenizer(files, add_umarvel_tokens=False).save_pretrained(str(path))
