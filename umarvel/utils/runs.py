@@ -344,7 +344,7 @@ class RunClaim:
 
     folder: Path
     identity: RunIdentity
-    lock: RunLock | None
+    lock: RunLock
     state: str
     previous: dict | None = None
     changes: list[str] = field(default_factory=list)
@@ -376,8 +376,7 @@ class RunClaim:
 
     def release(self) -> None:
         """Release the lock (idempotent)."""
-        if self.lock is not None:
-            self.lock.release()
+        self.lock.release()
 
     def __enter__(self) -> "RunClaim":
         return self
@@ -387,9 +386,8 @@ class RunClaim:
 
 
 def claim_run_dir(folder: str | os.PathLike, identity: RunIdentity, *, overwrite: bool = False,
-                  accept_changes: bool = False, outputs: Iterable[str] = (), lock: bool = True,
-                  record: bool = True, what: str | None = None,
-                  override_hint: str = "rerun with --overwrite to replace it",
+                  accept_changes: bool = False, outputs: Iterable[str] = (), record: bool = True,
+                  what: str | None = None, override_hint: str = "rerun with --overwrite to replace it",
                   legacy: Mapping[str, Any] | None = None) -> RunClaim:
     """Claim ``folder`` for a run with ``identity``: check it is writable, take the lock, compare identities.
 
@@ -399,7 +397,6 @@ def claim_run_dir(folder: str | os.PathLike, identity: RunIdentity, *, overwrite
         accept_changes: a different recorded run is continued with the new identity (a warning names the
             changes; for explicit resumes such as ``train.resume=<checkpoint>``).
         outputs: names (relative to ``folder``) of what this kind of run writes, removed by ``overwrite``.
-        lock: take the folder's lock (the one writer; rank 0 only).
         record: write ``run_identity.json`` now; pass False to check first and call ``record()`` once the
             other checks passed (so a failed start never records a config that did not run).
         what: the option that named the folder (for errors), e.g. ``"--output"``.
@@ -411,7 +408,7 @@ def claim_run_dir(folder: str | os.PathLike, identity: RunIdentity, *, overwrite
         RunConflictError: another process holds the lock, or the folder holds a run with another identity.
     """
     folder = check_output_dir(folder, what)
-    run_lock = RunLock(folder).acquire() if lock else None
+    run_lock = RunLock(folder).acquire()
     try:
         previous = read_identity(folder)
         if previous is None and legacy is not None:
@@ -448,8 +445,7 @@ def claim_run_dir(folder: str | os.PathLike, identity: RunIdentity, *, overwrite
             claim.record()
         return claim
     except BaseException:
-        if run_lock is not None:
-            run_lock.release()
+        run_lock.release()
         raise
 
 
