@@ -21,10 +21,9 @@ every backend (gloo has no reduce-scatter). ``torch.distributed.nn.functional.al
 since torch 2.13 and the functional collectives live in a private module, so neither is used.
 
 Equal sizes are required: every rank must pass the same shape. Unequal first dimensions raise a clear
-``ValueError`` on every rank (the check is one tiny all_gather of the shape; pass ``check_shapes=False`` to
-skip it). Padding was rejected on purpose: padded rows would have to be masked out of every loss and the
-label offsets would depend on the other ranks' sizes, and the samplers give every rank the same number of
-examples.
+``ValueError`` on every rank (the check is one tiny all_gather of the shape). Padding was rejected on purpose:
+padded rows would have to be masked out of every loss and the label offsets would depend on the other ranks'
+sizes, and the samplers give every rank the same number of examples.
 """
 from __future__ import annotations
 
@@ -75,7 +74,7 @@ def device_for_rank(device: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------ process group
-def init_from_env(device: str | torch.device = "cpu", timeout: datetime.timedelta = TIMEOUT) -> bool:
+def init_from_env(device: str | torch.device = "cpu") -> bool:
     """Initialise the default process group from the torchrun environment when ``WORLD_SIZE > 1``.
 
     Backend ``nccl`` for a CUDA ``device`` (made this process's current device first), ``gloo`` otherwise.
@@ -89,7 +88,7 @@ def init_from_env(device: str | torch.device = "cpu", timeout: datetime.timedelt
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     logger.info("process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return True
 
@@ -116,37 +115,37 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def get_rank(group: Any = None) -> int:
-    """Rank in ``group`` (default world), 0 when not distributed."""
-    return dist.get_rank(group) if is_dist() else 0
+def get_rank() -> int:
+    """Global rank, 0 when not distributed."""
+    return dist.get_rank() if is_dist() else 0
 
 
-def get_world_size(group: Any = None) -> int:
-    """Size of ``group`` (default world), 1 when not distributed."""
-    return dist.get_world_size(group) if is_dist() else 1
+def get_world_size() -> int:
+    """World size, 1 when not distributed."""
+    return dist.get_world_size() if is_dist() else 1
 
 
-def barrier(group: Any = None) -> None:
+def barrier() -> None:
     """``dist.barrier`` when distributed, otherwise nothing."""
     if is_dist():
-        dist.barrier(group)
+        dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s (picklable) ``obj`` on every rank; ``obj`` itself when not distributed."""
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's (picklable) ``obj`` on every rank; ``obj`` itself when not distributed."""
     if not is_dist():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+def all_gather_object(obj: Any) -> list[Any]:
     """Gather a picklable object from every rank (rank order); ``[obj]`` when not distributed."""
     if not is_dist():
         return [obj]
-    out: list[Any] = [None] * get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -160,9 +159,9 @@ def all_reduce_mean(t: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ the gather
-def local_slice_offset(batch_size: int, group: Any = None) -> int:
+def local_slice_offset(batch_size: int) -> int:
     """Index of this rank's first row in a tensor gathered by :func:`all_gather_with_grad` (``rank * B``)."""
-    return get_rank(group) * batch_size
+    return get_rank() * batch_size
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -173,26 +172,25 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:  # (B, ...) -> (W*B, ...)
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t.contiguous(), group=group)
-        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), t.shape[0]
+    def forward(ctx: Any, t: Tensor) -> Tensor:  # (B, ...) -> (W*B, ...)
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), t.shape[0]
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # (W*B, ...) -> (B, ...)
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # (W*B, ...) -> (B, ...)
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows], None
+        return grad[start : start + ctx.rows]
 
 
-def _check_same_shape(t: Tensor, group: Any) -> None:
-    """Raise ValueError on every rank when ranks pass tensors of different shapes."""
+def _check_same_shape(t: Tensor) -> None:
+    """Raise ValueError on every rank when ranks pass tensors of different shapes (one tiny all_gather)."""
     shape = torch.tensor(list(t.shape), dtype=torch.long, device=t.device)
-    shapes = [torch.empty_like(shape) for _ in range(get_world_size(group))]
-    dist.all_gather(shapes, shape, group=group)
+    shapes = [torch.empty_like(shape) for _ in range(get_world_size())]
+    dist.all_gather(shapes, shape)
     listed = [tuple(s.tolist()) for s in shapes]
     if len(set(listed)) > 1:
         raise ValueError(
@@ -201,20 +199,18 @@ def _check_same_shape(t: Tensor, group: Any) -> None:
         )
 
 
-def all_gather_with_grad(t: Tensor, group: Any = None, check_shapes: bool = True) -> Tensor:
+def all_gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` over ranks along dim 0 in rank order, with gradients to the local slice.
 
     Args:
-        t: (B, ...) local tensor; the same shape on every rank.
-        group: process group (default world).
-        check_shapes: verify equal shapes first (one tiny collective) for a clear error instead of a hang.
+        t: (B, ...) local tensor; the same shape on every rank (checked first, for a clear error instead of
+            a hang).
 
     Returns:
         (W*B, ...); ``t`` itself when not distributed or world size 1. Every rank must run backward through
         the result (the backward is a collective).
     """
-    if not is_dist() or get_world_size(group) == 1:
+    if not is_dist() or get_world_size() == 1:
         return t
-    if check_shapes:
-        _check_same_shape(t, group)
-    return _AllGatherWithGrad.apply(t, group)
+    _check_same_shape(t)
+    return _AllGatherWithGrad.apply(t)
