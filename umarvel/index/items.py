@@ -69,43 +69,26 @@ def _resolve_image(item: dict, root: Path, where: str) -> None:
         raise ImageLoadError(f"{where}: item {item['id']!r}: image file not found: {p}")
     item["image"] = str(p.resolve())
 
-def _checked(records: Iterable[tuple[str, Any]], root: Path) -> tuple[list[dict], list[str]]:
-    """``(where, record)`` pairs -> the checked items (images resolved against ``root``) and their ``where``s."""
-    items, wheres = [], []
+
+def _checked(records: Iterable[tuple[str, Any]], root: Path, empty: str) -> list[dict]:
+    """``(where, record)`` pairs -> the checked items, images resolved against ``root`` and checked to exist.
+
+    Raises:
+        DataError: naming ``where`` (a JSONL ``file:line`` or ``item n``): an unknown key, a missing id, an
+            item without content, a duplicate id (and where it was first); ``empty`` when there is no item.
+        ImageLoadError: ``where: item 'id': image file not found: path``.
+    """
+    items, first = [], {}
     for where, rec in records:
         it = _check_item(rec, where)
         _resolve_image(it, root, where)
-        items.append(it)
-        wheres.append(where)
-    return items, wheres
-
-
-
-def _check_unique(items: Sequence[dict], wheres: Sequence[str]) -> None:
-    """DataError naming both places of the first duplicated id."""
-    first: dict[str, str] = {}
-    for it, where in zip(items, wheres):
         if it["id"] in first:
             raise DataError(f"{where}: duplicate id {it['id']!r} (first at {first[it['id']]})")
         first[it["id"]] = where
-
-
-def read_jsonl_items(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[dict]:
-    """Items of a JSONL file (see the module doc); images checked to exist.
-
-    Raises:
-        DataError: ``file:line`` of a malformed line, an unknown key, a missing id, an item without
-            content, a duplicate id; ``file: no items`` for an empty file.
-        ImageLoadError: ``file:line: item 'id': image file not found: path``.
-    """
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
-    items, wheres = _checked(((f"{path}:{lineno}", rec) for lineno, rec in iter_jsonl(path)), root)
+        items.append(it)
     if not items:
-        raise DataError(f"{path}: no items (empty file)")
-    _check_unique(items, wheres)
+        raise DataError(empty)
     return items
-
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted, hidden entries and symlinked folders skipped)."""
@@ -171,8 +154,12 @@ def read_items(source: Any, image_root: str | os.PathLike | None = None,
                exclude: Sequence[str | os.PathLike] = ()) -> list[dict]:
     """Items from a JSONL path, an image folder, or a sequence of dicts (validated, images checked).
 
+    Relative image paths are resolved against ``image_root`` (default: the JSONL file's folder, or the current
+    folder for a list).
+
     Raises:
-        DataError / ImageLoadError: see :func:`read_jsonl_items` and :func:`read_image_folder`.
+        DataError / ImageLoadError: see :func:`_checked` and :func:`read_image_folder`; a JSONL line that is
+            not a JSON object names its ``file:line``.
     """
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
@@ -180,15 +167,12 @@ def read_items(source: Any, image_root: str | os.PathLike | None = None,
             return read_image_folder(p, exclude=exclude)
         if not p.exists():
             raise DataError(f"{p}: not found (give a JSONL file of items or a folder of images)")
-        return read_jsonl_items(p, image_root)
+        return _checked(((f"{p}:{lineno}", rec) for lineno, rec in iter_jsonl(p)),
+                        Path(image_root) if image_root else p.parent, f"{p}: no items (empty file)")
     if isinstance(source, Mapping) or not isinstance(source, Sequence):
         raise DataError(f"items must be a JSONL path, a folder or a list of dicts, got {type(source).__name__}")
-    root = Path(image_root) if image_root else Path.cwd()
-    items, wheres = _checked(((f"item {n}", rec) for n, rec in enumerate(source)), root)
-    if not items:
-        raise DataError("no items given (empty list)")
-    _check_unique(items, wheres)
-    return items
+    return _checked(((f"item {n}", rec) for n, rec in enumerate(source)),
+                    Path(image_root) if image_root else Path.cwd(), "no items given (empty list)")
 
 
 def encode_item(item: Mapping[str, Any]) -> dict:
