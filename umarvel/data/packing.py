@@ -141,7 +141,5 @@ class EncodeChunks(torch.utils.data.Dataset):
         else:
             inputs = [f() for f in part]
         tokenized = self.tok.tokenize(inputs)
-        out = []
-        for idx in self.plan([len(t) for t in tokenized]):
-            out.append(([start + j for j in idx], self.collate([tokenized[j] for j in idx])))
-        return out
+        return [([start + j for j in idx], self.collate([tokenized[j] for j in idx]))
+                for idx in self.plan([len(t) for t in tokenized])]

@@ -143,11 +143,7 @@ def read_image_folder(folder: str | os.PathLike, exclude: Sequence[str | os.Path
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     ids = [f.relative_to(folder).as_posix() for f in files]
     caps = _read_captions(folder / CAPTIONS_FILE, set(ids)) if (folder / CAPTIONS_FILE).is_file() else {}
-    items = []
-    for f, i in zip(files, ids):
-        it: dict[str, Any] = {"id": i, "text": caps.get(i) or None, "image": str(f.resolve())}
-        items.append(it)
-    return items
+    return [{"id": i, "text": caps.get(i) or None, "image": str(f.resolve())} for f, i in zip(files, ids)]
 
 
 def read_items(source: Any, image_root: str | os.PathLike | None = None,

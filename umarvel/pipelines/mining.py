@@ -273,11 +273,8 @@ def _gt_scores(q_vecs: np.ndarray, gt: Sequence[Sequence[str]], row_of: dict[str
         j = int(np.searchsorted(offsets, r, side="right") - 1)
         return np.asarray(blocks[j][r - offsets[j]], dtype=np.float32)
 
-    out = []
-    for qv, dids in zip(q_vecs, gt):
-        out.append([None if d not in row_of else round(float(qv.astype(np.float32) @ vec(row_of[d])), 6)
-                    for d in dids])
-    return out
+    return [[None if d not in row_of else round(float(qv.astype(np.float32) @ vec(row_of[d])), 6) for d in dids]
+            for qv, dids in zip(q_vecs, gt)]
 
 
 def _part_path(out: Path, scope: str, task: str) -> Path:
