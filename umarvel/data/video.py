@@ -170,9 +170,7 @@ def probe_video(path: str | os.PathLike, video_id: str | None = None) -> tuple[i
     container = _open_container(path, label)
     try:
         fps = _stream_fps(container.streams.video[0])
-        total = 0
-        for _ in container.decode(video=0):
-            total += 1
+        total = sum(1 for _ in container.decode(video=0))
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise DataError(f"{label}: corrupt or unreadable ({exc})") from None
     finally:
