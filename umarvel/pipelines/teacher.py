@@ -33,7 +33,7 @@ from umarvel.data.registry import MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, list_ta
 from umarvel.data.runfiles import TEACHER_FILE, TeacherRow, iter_mined, write_teacher
 from umarvel.pipelines.mining import partition_train_queries
 from umarvel.pipelines.preflight import start_teacher_run
-from umarvel.rerank.fusion import teacher_fuse, teacher_weight
+from umarvel.rerank.fusion import teacher_fuse
 from umarvel.utils.checks import scan_images
 from umarvel.utils.io import atomic_write_json
 
@@ -176,9 +176,7 @@ def _build_teacher_file(cfg: TeacherConfig, reranker, check_images: bool) -> Pat
     for qid, (dids, cos) in mined.items():
         task = task_of_qid[qid]
         order_dids, f = teacher_fuse(task, dids, cos, p_yes[qid], cfg.weights, cfg.default_weight)
-        w = teacher_weight(task, cfg.weights, cfg.default_weight)
-        idx = np.argsort(-(np.asarray(cos, np.float64) + w * np.asarray(p_yes[qid], np.float64)), kind="stable")
-        assert [dids[i] for i in idx] == order_dids  # each candidate keeps its own cosine and P(yes)
+        idx = [dids.index(d) for d in order_dids]  # each candidate keeps its own cosine and P(yes)
         fused[qid] = TeacherRow(qid, tuple(order_dids), tuple(float(x) for x in f), task,
                                 tuple(float(cos[i]) for i in idx), tuple(p_yes[qid][i] for i in idx))
     path = out / TEACHER_FILE
