@@ -15,8 +15,6 @@ from umarvel.data.processor import _image_processor_class, load_tokenizer
 from umarvel.model.backbones import get_backbone_spec
 from umarvel.model.constants import BACKBONES
 
-TINY_BACKBONES = BACKBONES
-
 
 def _mrope_sections(head_dim: int, interleaved: bool = False) -> list[int]:
     """M-RoPE sections (t, h, w) summing to ``head_dim / 2``."""
@@ -42,7 +40,7 @@ _SPECIAL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_t
 def tiny_config(backbone: str = "qwen2_vl", hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                 vision_dim: int = 32, vision_depth: int = 2, initializer_range: float = 0.02,
                 intermediate: int | None = None, vision_heads: int = 2, vision_mlp_ratio: int = 2):
-    """A transformers config of a tiny model of ``backbone`` (a ``model_type`` of :data:`TINY_BACKBONES`).
+    """A transformers config of a tiny model of ``backbone`` (a ``model_type`` of :data:`BACKBONES`).
 
     ``intermediate`` (default ``2 * hidden``), ``vision_heads`` and ``vision_mlp_ratio`` allow wider shapes
     (e.g. the 7B widths with few layers, for GPU checks)."""
@@ -82,7 +80,7 @@ def tiny_config(backbone: str = "qwen2_vl", hidden: int = 64, layers: int = 2, h
                       deepstack_visual_indexes=list(range(min(vision_depth, layers))),
                       initializer_range=initializer_range)
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_SPECIAL_IDS)
-    raise ValueError(f"no tiny config for backbone {backbone!r}; known: {TINY_BACKBONES}")
+    raise ValueError(f"no tiny config for backbone {backbone!r}; known: {BACKBONES}")
 
 
 def build_tiny(backbone: str = "qwen2_vl", seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
