@@ -18,7 +18,9 @@ receives besides the embeddings (:meth:`BackboneSpec.embed_inputs`), the mask fo
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -207,19 +209,9 @@ class BackboneSpec:
         return position_ids
 
 
-def _qwen2_vl_class():
-    from transformers import Qwen2VLForConditionalGeneration
-    return Qwen2VLForConditionalGeneration
-
-
-def _qwen2_5_vl_class():
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    return Qwen2_5_VLForConditionalGeneration
-
-
-def _qwen3_vl_class():
-    from transformers import Qwen3VLForConditionalGeneration
-    return Qwen3VLForConditionalGeneration
+def _transformers_class(name: str) -> type:
+    """``transformers.<name>``, imported when first needed (a spec's ``model_class`` is a partial of this)."""
+    return getattr(importlib.import_module("transformers"), name)
 
 
 @dataclass(frozen=True)
@@ -293,6 +285,9 @@ def get_backbone_spec(model_type: str) -> BackboneSpec:
             f"unsupported backbone model_type {model_type!r}; supported: {sorted(_REGISTRY)}") from None
 
 
-register_backbone(BackboneSpec("qwen2_vl", _qwen2_vl_class, _LM_LORA, name="Qwen2-VL"))
-register_backbone(BackboneSpec("qwen2_5_vl", _qwen2_5_vl_class, _LM_LORA, name="Qwen2.5-VL"))
-register_backbone(Qwen3VLSpec("qwen3_vl", _qwen3_vl_class, _LM_LORA, name="Qwen3-VL", video_timestamps=True))
+register_backbone(BackboneSpec("qwen2_vl", partial(_transformers_class, "Qwen2VLForConditionalGeneration"),
+                               _LM_LORA, name="Qwen2-VL"))
+register_backbone(BackboneSpec("qwen2_5_vl", partial(_transformers_class, "Qwen2_5_VLForConditionalGeneration"),
+                               _LM_LORA, name="Qwen2.5-VL"))
+register_backbone(Qwen3VLSpec("qwen3_vl", partial(_transformers_class, "Qwen3VLForConditionalGeneration"),
+                              _LM_LORA, name="Qwen3-VL", video_timestamps=True))
