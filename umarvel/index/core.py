@@ -25,7 +25,6 @@ ignored (and rewritten by the next ``add``).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import logging
 import os
@@ -47,7 +46,7 @@ from umarvel.eval.dist_search import RankShardedSearcher
 from umarvel.eval.search import FaissSearcher, RowBlocks, TorchSearcher, ann_recall, gather_rows
 from umarvel.index.items import encode_item, read_items
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl, read_json, write_jsonl
-from umarvel.utils.runs import RunClaim, RunIdentity, RunLock, claim_on_rank0
+from umarvel.utils.runs import RunClaim, RunIdentity, RunLock, claim_on_rank0, now_iso
 from umarvel.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -63,10 +62,6 @@ DEFAULT_RECALL_SAMPLE = 1000
 #: faiss parameters accepted per backend (see :class:`umarvel.eval.search.FaissSearcher`).
 ANN_PARAMS = {"ivf": ("nlist", "nprobe", "train_size", "seed"),
               "hnsw": ("hnsw_m", "ef_construction", "ef_search")}
-
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 @dataclass
@@ -311,8 +306,8 @@ class Index:
     def _create(cls, path: Path, rows: list[dict], emb: Any, model: dict, encode: dict, backend: str,
                 backend_params: Mapping[str, Any] | None, recall_sample: int, source: str) -> None:
         """Rank 0: the first ``index.json`` of a new index over the cache entry ``emb`` of ``rows``, committed."""
-        info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": _now(),
-                "updated": _now(), "model": model, "encode": encode, "count": len(rows), "dim": int(emb.dim),
+        info = {"format_version": FORMAT_VERSION, "umarvel_version": __version__, "created": now_iso(),
+                "updated": now_iso(), "model": model, "encode": encode, "count": len(rows), "dim": int(emb.dim),
                 "dtype": "float16", "backend": backend, "backend_params": dict(backend_params or {}),
                 "faiss_file": None, "recall": None, "parts": [_part_record(path, emb.path, len(rows), source)],
                 "items_file": ITEMS_FILE}
@@ -343,7 +338,7 @@ class Index:
             info = dict(self.info)
             info["parts"] = list(info["parts"]) + [_part_record(self.path, emb.path, len(new), src)]
             info["count"] = len(self) + len(new)
-            info["updated"] = _now()
+            info["updated"] = now_iso()
             self.info = info
             self._blocks, self._rows, self._searchers = None, None, {}
             rows = self.items + new
@@ -403,7 +398,7 @@ class Index:
         _, approx = ann.search(queries, k)
         r = ann_recall(approx, exact, k)
         return {"k": k, "recall": round(float(r), 6), "queries": len(rows), "seed": seed,
-                "queries_from": "a seeded sample of the indexed vectors", "measured": _now()}
+                "queries_from": "a seeded sample of the indexed vectors", "measured": now_iso()}
 
     def _cleanup(self) -> None:
         """Remove cache entries (``vectors/part-*``) and faiss files the committed ``index.json`` does not use."""
@@ -608,7 +603,7 @@ def _encode_part(path: Path, model: Any, rows: list[dict], fingerprint: str, bat
 def _part_record(path: Path, entry: Path, count: int, source: str) -> dict:
     """The ``parts`` entry of one cache entry (paths relative to the index folder)."""
     return {"vectors": (Path(entry) / "vectors.npy").resolve().relative_to(path.resolve()).as_posix(),
-            "count": count, "source": source, "added": _now()}
+            "count": count, "source": source, "added": now_iso()}
 
 
 def _read_rows(path: Path, count: int) -> list[dict]:

@@ -200,7 +200,8 @@ def read_identity(folder: str | os.PathLike) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------- lock
-def _now() -> str:
+def now_iso() -> str:
+    """The local time with its UTC offset, to the second (the timestamps of run and index records)."""
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
@@ -249,7 +250,7 @@ class RunLock:
         """Take the lock or raise :class:`RunConflictError` naming the holder; stale locks are taken over."""
         import fcntl  # lazy: POSIX only
 
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": " ".join(sys.argv)}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso(), "command": " ".join(sys.argv)}
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -367,11 +368,11 @@ class RunClaim:
                            ", ".join(removed) or "record")
         history = list((self.previous or {}).get("history", []))
         if self.previous and not self.previous.get("legacy") and self.state in ("changed", "replaced"):
-            history.append({"fingerprint": self.previous.get("fingerprint"), "until": _now(), "how": self.state,
+            history.append({"fingerprint": self.previous.get("fingerprint"), "until": now_iso(), "how": self.state,
                             "changes": self.changes})
         created = (self.previous or {}).get("created") if self.state in ("resumed", "changed") else None
         atomic_write_json(self.folder / IDENTITY_FILE, {
-            **self.identity.to_json(), "created": created or _now(), "last_start": _now(), "history": history})
+            **self.identity.to_json(), "created": created or now_iso(), "last_start": now_iso(), "history": history})
         self.recorded = True
 
     def release(self) -> None:
