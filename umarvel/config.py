@@ -191,7 +191,7 @@ def _coerce(value: Any, tp: Any, key: str, origins: _Origins) -> Any:
         if any(value == a and type(value) is type(a) for a in args):
             return value
         raise _Fail(f"expected one of {list(args)}, got {value!r}")
-    if origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+    if origin in (Union, types.UnionType):
         return _coerce_union(value, args, key, origins)
     if value is None:
         raise _Fail("a value is required (got null)")

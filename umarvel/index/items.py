@@ -90,6 +90,7 @@ def _checked(records: Iterable[tuple[str, Any]], root: Path, empty: str) -> list
         raise DataError(empty)
     return items
 
+
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted, hidden entries and symlinked folders skipped)."""
     out = []
