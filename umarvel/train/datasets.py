@@ -262,13 +262,11 @@ def _need_path(data) -> str:
 
 
 def _build_nli(data, tokenizer) -> NliDataset:
-    _need_path(data)
-    return NliDataset.from_file(data.path, data.max_examples)  # NLI is never truncated (official)
+    return NliDataset.from_file(_need_path(data), data.max_examples)  # NLI is never truncated (official)
 
 
 def _build_cc3m(data, tokenizer) -> Cc3mDataset:
-    _need_path(data)
-    return Cc3mDataset.from_file(data.path, data.root, make_truncate(tokenizer, data.max_text_tokens),
+    return Cc3mDataset.from_file(_need_path(data), data.root, make_truncate(tokenizer, data.max_text_tokens),
                                  data.max_examples)
 
 
