@@ -39,7 +39,7 @@ def test_quick_demo_recall_rises_through_stage3_and_every_stage_runs_slow(tmp_pa
         chance = results["chance"][protocol]["average"]
         # the order the quick run guarantees, each step by a margin
         assert avg["stage0"] + margin <= avg["stage1"] and avg["stage1"] + margin <= avg["stage2"], (protocol, avg)
-        assert avg["stage2"] + 4 * margin <= avg["stage3"], (protocol, avg)
+        assert avg["stage2"] + margin <= avg["stage3"], (protocol, avg)
         assert avg["stage3"] >= chance + 35, (protocol, avg, chance)
         for key in ("stage4", "stage5", "plus"):  # the later stages run and keep most of it
             assert avg[key] >= avg["stage2"], (protocol, key, avg)
