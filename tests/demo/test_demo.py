@@ -17,8 +17,10 @@ def _averages(results: dict, protocol: str) -> dict[str, float]:
     return {s["key"]: s[protocol]["average"] for s in results["stages"] if s.get(protocol)}
 
 
-def test_quick_demo_recall_rises_from_stage1_to_stage5_slow(tmp_path, capsys):
-    """The whole recipe (stages 1-5, mining, reranker, teacher, U-MARVEL+) on the quick preset (~2 min on 2 CPUs)."""
+def test_quick_demo_recall_rises_through_stage3_and_every_stage_runs_slow(tmp_path, capsys):
+    """The whole recipe (stages 1-5, mining, reranker and its check, teacher, U-MARVEL+) on the quick preset (~3 min
+    on 2 CPUs): what the quick run guarantees is the rising order random < NLI < image-caption < M-BEIR, in the local
+    and the global protocol (stages 4-5 and U-MARVEL+ are shown by the default run, see the README)."""
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -32,14 +34,18 @@ def test_quick_demo_recall_rises_from_stage1_to_stage5_slow(tmp_path, capsys):
     assert keys == ["stage0", "stage1", "stage2", "stage3", "stage4", "stage5", "plus"]
     for s in results["stages"]:
         assert len(s["local"]["tasks"]) == 7 and len(s["global"]["tasks"]) == 7
-    local, glob = _averages(results, "local"), _averages(results, "global")
-    chance_local, chance_global = results["chance"]["local"]["average"], results["chance"]["global"]["average"]
-    # The learning is real: far above chance and above the stage-1 model; M-BEIR training is the big step.
-    # (Stages 4-5 hold rather than add at this scale: the tiny reranker barely learns, see umarvel.demo.plan.)
-    assert local["stage5"] >= local["stage1"] + 15, local
-    assert glob["stage5"] >= glob["stage1"] + 15, glob
-    assert local["stage5"] >= chance_local + 30 and glob["stage5"] >= chance_global + 20, (local, glob)
-    assert local["stage3"] >= local["stage0"] + 25, local
+    for protocol, margin in (("local", 5.0), ("global", 2.0)):
+        avg = _averages(results, protocol)
+        chance = results["chance"][protocol]["average"]
+        # the order the quick run guarantees, each step by a margin
+        assert avg["stage0"] + margin <= avg["stage1"] and avg["stage1"] + margin <= avg["stage2"], (protocol, avg)
+        assert avg["stage2"] + margin <= avg["stage3"], (protocol, avg)
+        assert avg["stage3"] >= chance + 35, (protocol, avg, chance)
+        for key in ("stage4", "stage5", "plus"):  # the later stages run and keep most of it
+            assert avg[key] >= avg["stage2"], (protocol, key, avg)
+    check = results["reranker_check"]  # the reranker's own top-k accuracy, measured before it teaches
+    assert check["split"] == "val" and 0.0 <= check["reranker_recall"] <= 100.0
+    assert 0.0 < check["embedding_recall"] <= 100.0
     # Every embedding stage lowered its training loss; the timings and the machine are recorded.
     for key in ("stage1", "stage2", "stage3", "stage4"):
         info = results["training"][key]
@@ -47,6 +53,9 @@ def test_quick_demo_recall_rises_from_stage1_to_stage5_slow(tmp_path, capsys):
     assert results["total_seconds"] > 0 and results["environment"]["torch_threads"] == 1
     md = (out / "results.md").read_text()
     assert "| **total** |" in md and "recall_per_stage.png" in md and "4 hard negatives" in md
+    assert "## What each stage added" in md and "Reranker check" in md
+    for label in ("1 NLI", "2 image-caption", "3 M-BEIR", "4 hard negatives", "5 distillation"):
+        assert f"- **{label}**: local " in md, label
 
 
 def test_demo_model_option_evaluates_a_checkpoint_without_training(tiny_checkpoint, tmp_path, capsys):

@@ -27,15 +27,15 @@ import itertools
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
 from umarvel.data.formatting import format_string
 from umarvel.data.registry import DATASET_IDS, MBEIR_INSTRUCTIONS, MBEIR_UNION_POOLS, MBEIR_UNION_TRAIN_QUERIES, get_task
-from umarvel.utils.io import atomic_write_text, write_jsonl
+from umarvel.utils.io import atomic_write_json, atomic_write_text, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ class Obj:
 
 
 UNIVERSE: tuple[Obj, ...] = tuple(Obj(*t) for t in itertools.product(SHAPES, COLOURS, SIZES, POSITIONS))
+#: Objects chosen for pools: ``{(task, split): objects}`` (see :func:`make_synthetic_mbeir`).
+PoolObjects = Mapping[tuple[str, str], Sequence[Obj]]
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -135,10 +137,24 @@ class _Tree:
     root: Path
     seed: int
     image_size: int
+    query_jitter: float = 0.12
+    pool_objects: PoolObjects | None = None
     next_n: dict[tuple[str, str], int] = field(default_factory=dict)   # (dataset, "q"|"d") -> last n
     images: dict[tuple, str] = field(default_factory=dict)
+    candidate_objects: dict[str, Obj] = field(default_factory=dict)    # did -> the object it shows / describes
     train_queries: dict[str, list[dict]] = field(default_factory=dict)  # dataset -> records
     train_pool: list[dict] = field(default_factory=list)
+
+    def objects(self, task: str, split: str, n: int, rng: random.Random) -> list[Obj]:
+        """The ``n`` objects of ``task``'s pool built for ``split``: from :attr:`pool_objects` when it has the
+        key ``(task, split)``, else ``n`` distinct random objects of the universe."""
+        chosen = (self.pool_objects or {}).get((task, split))
+        if chosen is None:
+            return rng.sample(UNIVERSE, n)
+        if len(chosen) != n or len(set(chosen)) != n:
+            raise ValueError(f"pool_objects[({task!r}, {split!r})]: {len(chosen)} objects "
+                             f"({len(set(chosen))} distinct), the pool needs {n} distinct objects")
+        return list(chosen)
 
     def new_id(self, dataset: str, kind: str) -> str:
         """Next ``"<dataset_id>:<n>"`` (n from 1, one space per dataset for queries and one for dids)."""
@@ -153,7 +169,7 @@ class _Tree:
             ext = "png" if dataset == "nights" else "jpg"
             rel = f"mbeir_images/{dataset}_images/{split}/{dataset}_{len(self.images) + 1:06d}.{ext}"
             rng = random.Random(f"{self.seed}:img:{dataset}:{split}:{obj}:{variant}")
-            img = draw_object(obj, self.image_size, rng, jitter=0.04 if variant == 0 else 0.12)
+            img = draw_object(obj, self.image_size, rng, jitter=0.04 if variant == 0 else self.query_jitter)
             path = self.root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path, format="PNG" if ext == "png" else "JPEG", quality=90)
@@ -310,6 +326,7 @@ def _build_pool(tree: _Tree, task: str, split: str, objs: Sequence[Obj]) -> tupl
         for txt, img in _SPECS[task].candidates(tree, ds, split, obj):
             did = tree.new_id(ds, "d")
             records.append(_cand(did, txt, img, t.cand_modality))
+            tree.candidate_objects[did] = obj
             dids.setdefault(obj, []).append(did)
     return records, dids
 
@@ -331,8 +348,9 @@ def _qrels_text(queries: Sequence[dict]) -> str:
     return "".join(f"{q['qid']} 0 {did} 1 {q['task_id']}\n" for q in queries for did in q["pos_cand_list"])
 
 
-def _n_objects(task: str, n_candidates: int) -> int:
-    """How many objects give ``n_candidates`` candidates for ``task`` (at least one)."""
+def pool_object_count(task: str, n_candidates: int) -> int:
+    """How many objects give ``n_candidates`` candidates for ``task`` (at least one; MSCOCO image -> text has
+    two captions per object)."""
     return max(1, n_candidates // _SPECS[task].cands_per_object)
 
 
@@ -341,12 +359,12 @@ def _write_eval_task(tree: _Tree, task: str, n_queries: int, n_candidates: int,
     """Local pool(s), val/test queries and qrels of one task (MSCOCO: one pool per split)."""
     t = get_task(task)
     rng = random.Random(f"{tree.seed}:task:{task}")
-    n_obj = _n_objects(task, n_candidates)
+    n_obj = pool_object_count(task, n_candidates)
     built: dict[str, tuple[list[dict], dict[Obj, list[str]]]] = {}
     for split in ("val", "test"):
         files = t.files(split)
         if files.pool not in built:
-            built[files.pool] = _build_pool(tree, task, split, rng.sample(UNIVERSE, n_obj))
+            built[files.pool] = _build_pool(tree, task, split, tree.objects(task, split, n_obj, rng))
             write_jsonl(tree.root / files.pool, built[files.pool][0])
         records, dids = built[files.pool]
         pools_by_split[split].extend(records)
@@ -359,7 +377,7 @@ def _write_eval_task(tree: _Tree, task: str, n_queries: int, n_candidates: int,
 def _add_train_task(tree: _Tree, task: str, n_queries: int, n_candidates: int) -> None:
     """Train candidates (union train pool) and train queries of one task."""
     rng = random.Random(f"{tree.seed}:train:{task}")
-    objs = rng.sample(UNIVERSE, _n_objects(task, n_candidates))
+    objs = tree.objects(task, "train", pool_object_count(task, n_candidates), rng)
     records, dids = _build_pool(tree, task, "train", objs)
     tree.train_pool.extend(records)
     ds = get_task(task).options["dataset_key"]
@@ -398,7 +416,8 @@ def _check_args(tasks: Sequence[str], n_queries: int, n_candidates: int, n_train
 def make_synthetic_mbeir(root: str | os.PathLike, seed: int = 0, n_queries_per_task: int = 6,
                          n_candidates_per_task: int = 12, image_size: int = 48,
                          n_train_queries_per_task: int | None = None,
-                         tasks: Sequence[str] = SYNTHETIC_TASKS) -> Path:
+                         tasks: Sequence[str] = SYNTHETIC_TASKS, pool_objects: PoolObjects | None = None,
+                         query_jitter: float = 0.12, objects_file: str | None = None) -> Path:
     """Write a synthetic M-BEIR tree under ``root`` and return ``root``.
 
     Args:
@@ -409,11 +428,19 @@ def make_synthetic_mbeir(root: str | os.PathLike, seed: int = 0, n_queries_per_t
         image_size: side of the square drawings, pixels.
         n_train_queries_per_task: train queries per task (default ``2 * n_queries_per_task``).
         tasks: registry task names to generate (a subset of :data:`SYNTHETIC_TASKS`).
+        pool_objects: the objects of chosen pools, ``{(task, split): objects}`` (split ``train``, ``val`` or
+            ``test``; a local pool that val and test share, every task's but MSCOCO's, is keyed by ``val``), each
+            :func:`pool_object_count` distinct objects; pools not in it draw random objects.
+        query_jitter: how far (fraction of the side) query drawings (image queries, the composed references)
+            move from their nominal position; candidate drawings move at most 0.04.
+        objects_file: also write ``root/objects_file``, JSON ``{did: {shape, colour, size, position}}`` of every
+            candidate (train, val and test pools): the ground truth of what each candidate shows or describes.
     """
     n_train = 2 * n_queries_per_task if n_train_queries_per_task is None else n_train_queries_per_task
     tasks = [t for t in SYNTHETIC_TASKS if t in set(tasks)] + [t for t in tasks if t not in SYNTHETIC_TASKS]
     _check_args(tasks, n_queries_per_task, n_candidates_per_task, n_train, image_size)
-    tree = _Tree(root=Path(root), seed=seed, image_size=image_size)
+    tree = _Tree(root=Path(root), seed=seed, image_size=image_size, query_jitter=query_jitter,
+                 pool_objects=pool_objects)
     pools: dict[str, list[dict]] = {"val": [], "test": []}
     queries: dict[str, list[dict]] = {"val": [], "test": []}
     for task in tasks:
@@ -421,6 +448,9 @@ def make_synthetic_mbeir(root: str | os.PathLike, seed: int = 0, n_queries_per_t
         _add_train_task(tree, task, n_train, n_candidates_per_task)
     _write_unions(tree, pools, queries)
     atomic_write_text(tree.root / MBEIR_INSTRUCTIONS, _instructions_tsv())
+    if objects_file:
+        atomic_write_json(tree.root / objects_file, {did: asdict(obj) for did, obj in tree.candidate_objects.items()},
+                          indent=None)
     logger.info("synthetic M-BEIR tree at %s: %d tasks, %d images", tree.root, len(tasks), len(tree.images))
     return tree.root
 

@@ -13,6 +13,7 @@ stage2         image-caption pairs (``02_cc3m.yaml``)                           
 stage3         M-BEIR instruction tuning (``03_mbeir.yaml``)                    ``run_stage``
 mine3          stage-3 top-k of the train queries, local + global, subset       ``mine``
 rerank         point-wise reranker on the stage-3 local lists (``reranker.yaml``) ``train_reranker``
+rerank_check   the reranker alone vs stage 3 on the stage-3 val top-k (local)   ``evaluate_plus`` (P(yes) order)
 stage4         global hard negatives (``04_mbeir_hardneg.yaml``)                ``run_stage``
 mine4          stage-4 local top-k of the distillation subset                   ``mine``
 teacher        reranker P(yes) fused with the cosines (``teacher.yaml`` fields)  ``build_teacher_file``
@@ -21,10 +22,11 @@ plus           U-MARVEL+: rerank the stage-5 top-k, weight chosen on val        
 =============  ===============================================================  ======================================
 
 Every embedding stage is followed by a local and a global evaluation on the test split. The demo
-simplifies the published recipe in three documented ways: a tiny randomly initialised model stands in for
-Qwen2-VL-7B (hidden 64, 2 layers, the real tokenizer), step counts / learning rates / LoRA ranks are the
-preset's (:mod:`umarvel.demo.plan`), and U-MARVEL+ reuses the stage-3 reranker (the published U-MARVEL+
-retrains it on stage-5 mined lists).
+simplifies the published recipe in documented ways: a tiny randomly initialised model stands in for
+Qwen2-VL-7B (hidden 64, 2 layers, the real tokenizer), step counts / learning rates / LoRA ranks / the
+hard-negative skip and the compression suffix of stages 4-5 are the preset's (:mod:`umarvel.demo.plan`, which
+says why), and U-MARVEL+ reuses the stage-3 reranker (the published U-MARVEL+ retrains it on stage-5 mined
+lists).
 
 Outputs in the output folder: ``results.md``, ``results.json``, ``recall_per_stage.png``, ``benchmark/``
 (the data), ``runs/`` (checkpoints, mined lists, teacher file) and ``eval/`` (every evaluation's own
@@ -67,6 +69,8 @@ from umarvel.train.trainer import TrainerCallback
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("local", "global")
+#: Fusion weight that orders a reranked list by P(yes) alone (the cosines, at most 2 apart, only break ties).
+RERANKER_ALONE = 1e6
 #: Library loggers kept at WARNING during a non-verbose run (their INFO lines would drown the progress).
 QUIET_LOGGERS = ("umarvel.train", "umarvel.eval", "umarvel.rerank", "umarvel.model", "umarvel.data", "umarvel.api")
 #: Loggers at ERROR in a non-verbose run: the global pool of the generated tree is, by design, the union of
@@ -239,6 +243,9 @@ class DemoRun:
                 jobs.append(Job("mine3", "mine the stage-3 top-k (local + global)", 1.5 + n_train / 250.0))
                 jobs.append(Job("rerank", "train the reranker",
                                 2.0 + p.rerank.steps * p.rerank.queries_per_step * 2 / 160.0))
+                n_val = len(b.tasks) * b.eval_queries_per_task
+                jobs.append(Job("rerank_check", "reranker alone vs the stage-3 embedding (val top-k)",
+                                2.0 + eval_cost / 2 + n_val * p.plus_top_k / 400.0))
             if key == "stage4":
                 n_sub = max(1, int(n_train * p.subset_fraction))
                 jobs.append(Job("mine4", "mine the stage-4 top-k of the subset", 1.0 + n_sub / 250.0))
@@ -265,14 +272,15 @@ class DemoRun:
         elif key == "stage3":
             data = files
         elif key == "stage4":
-            # the LOCAL list: in the generated tree the same drawing recurs across datasets, so the global list's
-            # top candidates are mostly false negatives (the published stage 4 mines globally)
-            data = files + [f"data.negatives={self.runs / 'mined3' / 'rerank_data_all_eval_train_local.jsonl'}",
-                            f"data.num_hard_negatives={p.hard_negatives}"]
+            mined = self.runs / "mined3" / f"rerank_data_all_eval_train_{p.hard_negative_scope}.jsonl"
+            data = files + [f"data.negatives={mined}", f"data.num_hard_negatives={p.hard_negatives}",
+                            f"data.hard_negative_skip_top={p.hard_negative_skip_top}"]
         else:  # stage 5: the distillation subset and its teacher lists
             data = files[:1] + files[2:] + [f"data.path={self.subset}",
                                             f"data.scores={self.runs / 'teacher' / 'fusion_results.jsonl'}",
                                             f"data.num_candidates={p.teacher_top_k}"]
+        if key in ("stage4", "stage5") and p.suffix_stages45:
+            data.append("data.suffix=true")
         sp: StagePlan = getattr(p, key)
         return [f"init_from={init_from}", f"train.output_dir={self.runs / key}", *_CPU_OVERRIDES,
                 f"train.save_steps={sp.steps}", f"train.seed={42 + p.seed}", *sp.overrides(), *data]
@@ -338,14 +346,32 @@ class DemoRun:
                           f"{self.result.training['rerank']['loss_last']:.3f}")
         return out / "merged"
 
+    def reranker_check(self, stage3: Path, reranker) -> dict:
+        """The reranker as a ranker on its own, before it teaches: Recall@5 of the stage-3 val top-k (local pools)
+        ordered by P(yes) alone, next to the stage-3 embedding's order of the same lists."""
+        self.evaluate("stage3", stage3, split="val", protocols=("local",))
+        out = self.evals / "rerank_check"
+        evaluate_plus(PlusConfig(run_dir=str(self.evals / "stage3_val" / "local"), reranker=str(self.runs / "rerank" /
+                                 "merged"), output=str(out), choose_weight=True, grid=[0.0, RERANKER_ALONE],
+                                 top_k=self.plan.plus_top_k, batch_size=32, device="cpu", dtype="float32"),
+                      reranker=reranker)
+        table = {float(w): 100.0 * r for w, r in json.loads((out / WEIGHT_FILE).read_text())["mean_recall"].items()}
+        check = {"split": "val", "protocol": "local", "top_k": self.plan.plus_top_k,
+                 "embedding_recall": round(table[0.0], 2), "reranker_recall": round(table[RERANKER_ALONE], 2)}
+        self.progress.end(f"reranker alone R@5 {check['reranker_recall']:.1f} vs stage-3 embedding "
+                          f"{check['embedding_recall']:.1f} on the stage-3 val top {check['top_k']} (local)")
+        return check
+
     def teacher(self, reranker, mined_local: Path) -> Path:
         """Stage-5 teacher lists (``umarvel teacher``): P(yes) of the top-k fused with the cosines."""
         out = self.runs / "teacher"
         shutil.rmtree(out, ignore_errors=True)
+        # the plan's one weight for every task, else the published per-task weights
+        weights = {} if self.plan.teacher_weight is None else {"weights": {}, "default_weight": self.plan.teacher_weight}
         cfg = TeacherConfig(reranker=str(self.runs / "rerank" / "merged"), mbeir_root=str(self.bench.mbeir),
                             queries=str(self.subset), mined=str(mined_local), output=str(out),
                             top_k=self.plan.teacher_top_k, batch_size=32, device="cpu", dtype="float32",
-                            shard_queries=1 << 20)
+                            shard_queries=1 << 20, **weights)
         path = build_teacher_file(cfg, reranker=reranker)
         self.progress.end()
         return path
@@ -428,7 +454,6 @@ class DemoRun:
                     if key == "stage5":
                         assert mined4 is not None, "stage 4 mining must run before the teacher"
                         self._timed("teacher")
-                        rr = load_reranker(self.runs / "rerank" / "merged", device="cpu", dtype="float32")
                         self.teacher(rr, mined4["local"])
                         self._record("teacher")
                     self._timed(key)
@@ -443,6 +468,10 @@ class DemoRun:
                         self._timed("rerank")
                         self.train_reranker(mined3["local"])
                         self._record("rerank")
+                        self._timed("rerank_check")
+                        rr = load_reranker(self.runs / "rerank" / "merged", device="cpu", dtype="float32")
+                        self.result.reranker_check = self.reranker_check(model, rr)
+                        self._record("rerank_check")
                     if key == "stage4":
                         self._timed("mine4")
                         mined4 = self.mine("mined4", model, queries=str(self.subset), scope="local", subset=False)

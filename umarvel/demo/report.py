@@ -2,11 +2,15 @@
 
 Rows are the evaluated models in run order (random init, stages 1-5, U-MARVEL+), then the chance level;
 columns are the tasks (by query -> candidate modality) and the unweighted average of their headline
-Recall@k (Recall@5 for every generated task), as the M-BEIR scorer computes it.
+Recall@k (Recall@5 for every generated task), as the M-BEIR scorer computes it. ``results.md`` also says in
+one line per stage what it added (:func:`stage_gains`), next to what the stage is for and the direction the
+paper reports (:data:`STAGE_ROLES`); the plot marks the chance level and, above every stage, the paper's
+direction (green where the demo moves the same way, red where it does not).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from umarvel.demo.plan import DemoResult
@@ -24,6 +28,27 @@ PLOT_PNG = "recall_per_stage.png"
 TASK_SHORT: dict[str, str] = {
     "mscoco_task0": "txt>img", "webqa_task1": "txt>txt", "edis_task2": "txt>img+txt", "mscoco_task3": "img>txt",
     "nights_task4": "img>img", "oven_task6": "img+q>txt", "cirr_task7": "img+edit>img",
+}
+
+
+@dataclass(frozen=True)
+class StageRole:
+    """What a stage is for, the row it is compared with, and the direction of its effect in the paper."""
+
+    purpose: str
+    baseline: str
+    paper: str  # "up": the paper reports that the stage raises retrieval
+
+
+#: Every row's role. The paper (arXiv 2507.14902, ablations) reports a gain for each stage of the recipe.
+STAGE_ROLES: dict[str, StageRole] = {
+    "stage1": StageRole("a text-only warm-up on NLI paraphrases", "stage0", "up"),
+    "stage2": StageRole("drawings aligned with their captions", "stage1", "up"),
+    "stage3": StageRole("the seven instructed tasks, with in-batch negatives", "stage2", "up"),
+    "stage4": StageRole("the stage-3 model's near misses (other colours, other positions) as negatives", "stage3",
+                        "up"),
+    "stage5": StageRole("the reranker's scores of the top candidates as soft targets", "stage4", "up"),
+    "plus": StageRole("the reranker re-scoring the final model's top candidates", "stage5", "up"),
 }
 
 
@@ -92,10 +117,12 @@ def plot_recall(result: "DemoResult", path: Path) -> Path:
         chance = result.chance.get(protocol)
         if chance:
             ax.axhline(chance["average"], color="grey", linestyle="--", linewidth=1.2, label="chance (average)")
+            ax.text(x[-1], chance["average"] + 1.5, "chance", color="grey", fontsize=7, ha="right")
+        _mark_paper_direction(ax, result, protocol, x)
         ax.set_xticks(x)
         ax.set_xticklabels([r[0].replace(" (U-MARVEL+)", "\n(U-MARVEL+)") for r in models], rotation=30, ha="right",
                            fontsize=8)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 108)
         ax.set_ylabel("Recall@5 (%)")
         ax.set_title(f"{protocol} pool" + (" (one pool per task)" if protocol == "local" else " (union of all pools)"))
         ax.grid(alpha=0.3)
@@ -106,6 +133,58 @@ def plot_recall(result: "DemoResult", path: Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def _mark_paper_direction(ax, result: "DemoResult", protocol: str, x: list[int]) -> None:
+    """Above every stage: a triangle for the paper's direction (up), green where the demo's average moved
+    the same way from the stage's baseline row, red where it did not."""
+    gains = {g["key"]: g for g in stage_gains(result, protocol)}
+    keys = [s.key for s in result.stages if s.protocol(protocol)]
+    for xi, key in zip(x, keys):
+        if key not in gains:
+            continue
+        g = gains[key]
+        agrees = g["delta"] >= 0 if g["paper"] == "up" else g["delta"] <= 0
+        ax.scatter([xi], [104], marker="^" if g["paper"] == "up" else "v", s=40, zorder=3,
+                   color="tab:green" if agrees else "tab:red")
+    ax.scatter([], [], marker="^", s=40, color="tab:green", label="paper: the stage raises recall\n"
+               "(green: so does the demo; red: not here)")
+
+
+def stage_gains(result: "DemoResult", protocol: str) -> list[dict]:
+    """Per stage row: its average, its baseline row's average and the difference (``delta``), plus its role.
+
+    Returns ``[{key, label, baseline, average, baseline_average, delta, purpose, paper}]`` in run order, for
+    the rows with a role whose baseline row was evaluated.
+    """
+    avg = {s.key: s.protocol(protocol)["average"] for s in result.stages if s.protocol(protocol)}
+    labels = {s.key: s.label for s in result.stages}
+    out = []
+    for key in avg:
+        role = STAGE_ROLES.get(key)
+        if role is None or role.baseline not in avg:
+            continue
+        out.append({"key": key, "label": labels[key], "baseline": role.baseline, "average": avg[key],
+                    "baseline_average": avg[role.baseline], "delta": avg[key] - avg[role.baseline],
+                    "purpose": role.purpose, "paper": role.paper})
+    return out
+
+
+def gains_markdown(result: "DemoResult") -> str:
+    """One line per stage: what it is for and what it added (local and global average Recall@5)."""
+    per = {p: {g["key"]: g for g in stage_gains(result, p)} for p in ("local", "global")}
+    lines = []
+    for key, g in per["local"].items():
+        parts = []
+        for p in ("local", "global"):
+            if key in per[p]:
+                q = per[p][key]
+                parts.append(f"{p} {q['baseline_average']:.1f} -> {q['average']:.1f} (**{q['delta']:+.1f}**)")
+        base = next(s.label for s in result.stages if s.key == g["baseline"])
+        paper = "raises" if g["paper"] == "up" else "lowers"
+        lines.append(f"- **{g['label']}**: {', '.join(parts)} over {base}; adds {g['purpose']} "
+                     f"(paper: {paper} recall).")
+    return "\n".join(lines)
 
 
 def _training_table(result: "DemoResult") -> str:
@@ -140,6 +219,15 @@ def results_markdown(result: "DemoResult") -> str:
     parts += ["## Recall@5, local pools (each task searches its own pool)", "", markdown_table(result, "local"), "",
               "## Recall@5, global pool (every query searches the union of all task pools)", "",
               markdown_table(result, "global"), "", f"![Recall@5 per stage]({PLOT_PNG})", ""]
+    gains = gains_markdown(result)
+    if gains:
+        parts += ["## What each stage added", "", gains, ""]
+    if result.reranker_check:
+        c = result.reranker_check
+        verdict = "a better" if c["reranker_recall"] > c["embedding_recall"] else "not a better"
+        parts += [f"Reranker check (before it teaches): ordering the stage-3 model's {c['split']} top {c['top_k']} "
+                  f"({c['protocol']} pools) by the reranker's P(yes) alone gives Recall@5 {c['reranker_recall']:.1f}, "
+                  f"the stage-3 embedding's own order {c['embedding_recall']:.1f}: {verdict} ranker.", ""]
     if result.plus:
         w = result.plus["weights"]
         parts += [f"U-MARVEL+: the reranker's P(yes) of the stage-5 top {result.plus['top_k']} is added to each "
@@ -173,4 +261,5 @@ def stage_averages(result_json: dict, protocol: str) -> dict[str, float]:
 
 
 __all__ = ["recall_table", "markdown_table", "plot_recall", "results_markdown", "write_report", "stage_averages",
-           "TASK_SHORT", "RESULTS_MD", "RESULTS_JSON", "PLOT_PNG"]
+           "stage_gains", "gains_markdown", "StageRole", "STAGE_ROLES", "TASK_SHORT", "RESULTS_MD", "RESULTS_JSON",
+           "PLOT_PNG"]
