@@ -4,7 +4,8 @@ Folder layout (every file written atomically; ``index.json`` is written last and
 
     index.json              format, model (path + fingerprint), encode settings, count, dim, backend,
                             backend parameters, ANN recall, parts, created / updated
-    items.jsonl             {"id", "text", "image", "meta"} per row, row-aligned with the vectors
+    items.jsonl             {"id", "text", "image", "meta", "file"} per row, row-aligned with the vectors;
+                            "file": the image's {"size", "mtime_ns", "sha1"} when it was encoded
     vectors/part-<key>/     one embedding-cache entry per build / add (umarvel.eval.cache): manifest.json,
                             ids.json, vectors.npy float16 (n, D); shard files while encoding
     faiss-<gen>.index       the faiss index of the ivf / hnsw backends (absent for flat)
@@ -22,6 +23,14 @@ row itself, whose own row would be its exact top-1 and flatter the number.
 
 A row of ``items.jsonl`` past ``index.json``'s ``count`` belongs to an ``add`` that did not finish; it is
 ignored (and rewritten by the next ``add``).
+
+Changed pictures: every item with an image records its file's content fingerprint
+(:func:`umarvel.index.items.image_fingerprint`, hashed before it is encoded). The fingerprints are part of
+the items the cache key covers, so a killed build resumed after a picture was replaced encodes afresh
+instead of reusing the stale shards. ``add`` of a folder skips the pictures already indexed with the same
+caption and content and refuses one whose content changed, naming it (the parts and faiss index only grow:
+a row's vector cannot be replaced; rebuild with ``overwrite``). Rows of an index written before the
+fingerprints were recorded have none: their pictures are not compared (one warning per ``add``).
 """
 from __future__ import annotations
 
@@ -37,16 +46,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from umarvel.api import UMarvel
 from umarvel.data.images import open_image
-from umarvel.dist import barrier, get_rank, get_world_size, is_dist
+from umarvel.dist import all_gather_object, barrier, broadcast_object, get_rank, get_world_size, is_dist
 from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
 from umarvel.eval.cache import EmbeddingCache, encoder_settings
 from umarvel.eval.dist_search import RankShardedSearcher
 from umarvel.eval.search import (FaissSearcher, RowBlocks, TorchSearcher, ann_recall, gather_rows,
                                  unit_rows_fp32)
-from umarvel.index.items import encode_item, read_items
+from umarvel.index.items import FILE_KEY, content_changed, encode_item, image_fingerprint, read_items
+from umarvel.log import progress_disabled
 from umarvel.utils.io import atomic_path, atomic_write_json, iter_jsonl, read_json, write_jsonl
 from umarvel.utils.runs import RunClaim, RunIdentity, RunLock, claim_on_rank0, now_iso
 from umarvel.version import __version__
@@ -187,10 +198,8 @@ class Index:
 
     def row_of(self, item_id: str) -> int:
         """Row of ``item_id``; DataError if absent."""
-        if self._rows is None:
-            self._rows = {it["id"]: r for r, it in enumerate(self.items)}
         try:
-            return self._rows[item_id]
+            return self._row_map()[item_id]
         except KeyError:
             raise DataError(f"{self.path}: no item with id {item_id!r}") from None
 
@@ -269,9 +278,15 @@ class Index:
         path = Path(path)
         check_new_index(path, backend, backend_params, overwrite)
         src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
-        rows = read_items(items, image_root=image_root, exclude=[path])
+        rows = with_fingerprints(read_items(items, image_root=image_root, exclude=[path]))
         fp = model.fingerprint()
+        unfinished = [] if (path / INDEX_JSON).is_file() else sorted((path / VECTORS_DIR).glob(f"{PART_NAME}-*"))
         emb = _encode_part(path, model, rows, fp, batch_size, shard_size)
+        stale = [d.name for d in unfinished if d.name != Path(emb.path).name]
+        if stale and get_rank() == 0:
+            logger.warning("%s: the vectors of an unfinished build of other items (%s) were not reused: an id, "
+                           "caption or picture changed since, so its items were encoded again (the old vectors "
+                           "are removed now that this build has finished)", path, ", ".join(stale))
         if get_rank() == 0:
             cls._create(path, rows, emb, {"path": _model_path(model), "fingerprint": fp},
                         {"role": "candidate", "settings": encoder_settings(model)}, backend, backend_params,
@@ -290,7 +305,7 @@ class Index:
         :meth:`check_model`)."""
         path = Path(path)
         check_new_index(path, backend, backend_params, overwrite)
-        rows = read_items(items, image_root=image_root, exclude=[path])
+        rows = with_fingerprints(read_items(items, image_root=image_root, exclude=[path]))
         vecs = np.asarray(vectors)
         if vecs.ndim != 2 or vecs.shape[0] != len(rows):
             raise DataError(f"vectors of shape {vecs.shape} for {len(rows)} items (expected ({len(rows)}, D))")
@@ -318,21 +333,21 @@ class Index:
     def add(self, model: Any, items: Any, *, batch_size: int = 32, shard_size: int = 1024,
             image_root: str | os.PathLike | None = None, recall_sample: int = DEFAULT_RECALL_SAMPLE,
             source: str | None = None) -> int:
-        """Encode only ``items`` (new ids) and append them; returns the number added.
+        """Encode only the new items of ``items`` (:meth:`items_to_add`) and append them; returns the number
+        added (0, with nothing encoded, when there is nothing new).
 
         Raises:
             CheckpointError: ``model`` is not the one the index was built with (fingerprint differs).
-            DataError: an id already in the index (naming it and its row), bad items.
+            DataError: an id already in the index (JSONL / list; naming it and its row), a picture of a folder
+                that changed since it was indexed (naming it), bad items.
         """
         self.check_model(model)
         src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
-        new = read_items(items, image_root=image_root, exclude=[self.path])
-        for it in new:
-            if self._rows is None:
-                self._rows = {x["id"]: r for r, x in enumerate(self.items)}
-            if it["id"] in self._rows:
-                raise DataError(f"{src}: item id {it['id']!r} is already in the index {self.path} "
-                                f"(row {self._rows[it['id']]}); ids must be unique")
+        new = self.items_to_add(items, image_root=image_root, source=src)
+        if not new:
+            logger.info("%s: nothing new to add to %s", src, self.path)
+            return 0
+        new = with_fingerprints(new)
         emb = _encode_part(self.path, model, new, self.fingerprint, batch_size, shard_size)
         if int(emb.dim) != self.dim:
             raise DataError(f"{self.path}: new vectors have dim {emb.dim}, the index {self.dim}")
@@ -350,6 +365,72 @@ class Index:
         fresh = Index.load(self.path)
         self.info, self.items, self._blocks, self._rows, self._searchers = fresh.info, fresh.items, None, None, {}
         return len(new)
+
+    def items_to_add(self, items: Any, *, image_root: str | os.PathLike | None = None,
+                     source: str | None = None) -> list[dict]:
+        """The items of ``items`` that :meth:`add` encodes (read and checked; no model needed).
+
+        A folder of images is a collection that grows: its pictures already in the index (same id) are
+        skipped when their caption and image content are the ones indexed (the recorded fingerprint; a
+        stat when size and mtime match, else the bytes are hashed), and one whose caption or content
+        changed is an error (a row's vector cannot be replaced: the parts and faiss index only grow). A
+        JSONL file or a list holds new items: an id already in the index is an error.
+
+        Raises:
+            DataError: see :meth:`add`; the changed pictures are named with what changed and the remedy.
+        """
+        src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
+        new = read_items(items, image_root=image_root, exclude=[self.path])
+        if not (isinstance(items, (str, os.PathLike)) and Path(items).is_dir()):
+            for it in new:
+                if it["id"] in self._row_map():
+                    raise DataError(f"{src}: item id {it['id']!r} is already in the index {self.path} "
+                                    f"(row {self._row_map()[it['id']]}); ids must be unique")
+            return new
+        # rank 0 compares (stats, hashes where they differ) and every rank acts on its answer
+        keep, changed, unknown = broadcast_object(self._compare_folder(new) if get_rank() == 0 else None)
+        if changed:
+            shown = "; ".join(f"{i!r} ({why})" for i, why in changed[:5])
+            more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+            raise DataError(
+                f"{src}: {len(changed)} item(s) already in the index {self.path} changed since they were indexed: "
+                f"{shown}{more}. An index cannot replace an item's vector (its vectors and faiss index only "
+                f"grow): rebuild it from the folder (`umarvel index build --model {self.model_path or 'CKPT'} "
+                f"--input {src} --output {self.path} --overwrite`, or Index.build(..., overwrite=True)), or put "
+                "the indexed versions back")
+        if unknown:
+            logger.warning("%s: %d picture(s) already in it (e.g. %r) have no content fingerprint (indexed by an "
+                           "older umarvel): kept without checking whether they changed; rebuild the index "
+                           "(--overwrite) to check them", self.path, len(unknown), unknown[0])
+        if len(keep) < len(new):
+            logger.info("%s: %d item(s) already in the index %s and unchanged: skipped", src, len(new) - len(keep),
+                        self.path)
+        return [new[n] for n in keep]
+
+    def _row_map(self) -> dict[str, int]:
+        """``{id: row}`` (cached)."""
+        if self._rows is None:
+            self._rows = {it["id"]: r for r, it in enumerate(self.items)}
+        return self._rows
+
+    def _compare_folder(self, new: list[dict]) -> tuple[list[int], list[tuple[str, str]], list[str]]:
+        """Items of a folder vs the index: positions of the new ids, ``(id, what changed)`` of the changed
+        ones, ids of indexed pictures without a fingerprint (not compared)."""
+        keep, changed, unknown = [], [], []
+        for n, it in enumerate(new):
+            row = self._row_map().get(it["id"])
+            if row is None:
+                keep.append(n)
+                continue
+            old = self.items[row]
+            if it.get("image") and old.get(FILE_KEY):
+                it = {**it, FILE_KEY: _fingerprint_of(it, old[FILE_KEY])}
+            why = content_changed(old, it)
+            if why:
+                changed.append((it["id"], why))
+            elif it.get("image") and old.get("image") and not old.get(FILE_KEY):
+                unknown.append(it["id"])
+        return keep, changed, unknown
 
     def _commit(self, rows: list[dict], recall_sample: int, new_rows: int | None) -> None:
         """Rank 0: write items.jsonl, the faiss index (ivf / hnsw) and its recall, then index.json (the
@@ -535,8 +616,8 @@ def claim_build(path: str | os.PathLike, model: str | os.PathLike, items: str | 
     """Claim the folder of an ``umarvel index build`` before the model loads (:mod:`umarvel.utils.runs`):
     one writer (lock, rank 0, held until the returned claim is released), and an unfinished build of another
     model, input file, backend or dtype is refused unless ``overwrite``. ``ignored``: settings recorded but
-    not compared (:data:`BUILD_IGNORE`). An input folder of images is compared by its item ids (the cache
-    does that), not hashed.
+    not compared (:data:`BUILD_IGNORE`). An input folder of images is compared by its items, the pictures'
+    content fingerprints included (the cache key covers them), not here.
     """
     config = {"model": str(model), "input": str(items), "output": str(path), "backend": backend,
               "backend_params": dict(params or {}), "dtype": dtype,
@@ -648,6 +729,30 @@ def without_rows(found: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
         kept = r[r != own][:k]
         out[i, :len(kept)] = kept
     return out
+
+
+def _fingerprint_of(item: Mapping[str, Any], known: Mapping[str, Any] | None = None) -> dict:
+    """:func:`image_fingerprint` of an item's image, an error naming the item."""
+    try:
+        return image_fingerprint(item["image"], known)
+    except ImageLoadError as exc:
+        raise ImageLoadError(f"item {item['id']!r}: {exc}") from None
+
+
+def with_fingerprints(rows: list[dict]) -> list[dict]:
+    """``rows`` with ``"file"`` (:func:`image_fingerprint`) on each item that has an image (new dicts).
+
+    The bytes are hashed before the items are encoded: a picture replaced in between makes the next ``add``
+    report it as changed rather than leave a vector that does not match its record. Under torchrun rank
+    ``r`` hashes the pictures ``r, r + W, ...`` and the ranks exchange the fingerprints.
+    """
+    todo = [n for n, r in enumerate(rows) if r.get("image")][get_rank()::get_world_size()]
+    mine = {n: _fingerprint_of(rows[n]) for n in tqdm(todo, desc="fingerprint images", unit="image",
+                                                      disable=progress_disabled() or not todo)}
+    found: dict[int, dict] = {}
+    for part in all_gather_object(mine):
+        found.update(part)
+    return [{**r, FILE_KEY: found[n]} if n in found else dict(r) for n, r in enumerate(rows)]
 
 
 def _rows_of(part: list[dict], ids: list[str]) -> np.ndarray:
