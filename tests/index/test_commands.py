@@ -106,7 +106,7 @@ def test_list_tasks(capsys):
     assert "mscoco_task0" in out and "cirr_task7" in out and len(out.splitlines()) == 17
 
 
-def test_add_command_and_errors(cli_index, tiny_checkpoint, tmp_path, draw_image):
+def test_add_command_and_errors(cli_index, tiny_checkpoint, tmp_path, draw_image, capsys, monkeypatch):
     import shutil
 
     idx_dir = tmp_path / "copy.idx"
@@ -115,7 +115,17 @@ def test_add_command_and_errors(cli_index, tiny_checkpoint, tmp_path, draw_image
     draw_image(more / "new.png", (5, 5, 200))
     assert main(["index", "add", "--index", str(idx_dir), "--input", str(more), "--device", "cpu"]) == 0
     assert Index.load(idx_dir).ids[-1] == "new.png"
-    assert main(["index", "add", "--index", str(idx_dir), "--input", str(more), "--device", "cpu"]) == 2  # duplicate
+    with monkeypatch.context() as m:  # the same folder again: nothing new, no model loaded; a changed picture
+        m.setattr("umarvel.api.UMarvel.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+        assert main(["index", "add", "--index", str(idx_dir), "--input", str(more), "--device", "cpu"]) == 0
+        draw_image(more / "new.png", (200, 5, 5), shape="ellipse")
+        capsys.readouterr()
+        assert main(["index", "add", "--index", str(idx_dir), "--input", str(more), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'new.png' (image content:" in err and "--overwrite" in err
+    jsonl = tmp_path / "dup.jsonl"
+    jsonl.write_text(json.dumps({"id": "new.png", "text": "x"}) + "\n")
+    assert main(["index", "add", "--index", str(idx_dir), "--input", str(jsonl), "--device", "cpu"]) == 2  # duplicate
     assert main(["search", "--index", str(idx_dir), "--text", "x", "--dtype", "bfloat16", "--device", "cpu"]) == 2
     assert main(["search", "--index", str(idx_dir), "--text", "x", "--task", "nope"]) == 2
     assert main(["search", "--index", str(idx_dir), "--image", str(tmp_path / "missing.jpg")]) == 2

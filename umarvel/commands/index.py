@@ -4,7 +4,8 @@
     umarvel index add --index photos.idx --input more.jsonl
 
 ``--input`` is a JSONL of candidates (``id``, ``text``, ``image``, optional ``meta``) or a folder of images
-searched recursively (id = relative path; an optional ``captions.jsonl`` in it adds text). A killed build
+searched recursively (id = relative path; an optional ``captions.jsonl`` in it adds text); ``index add`` of the
+same folder later encodes only its new pictures (one replaced under the same name is refused). A killed build
 resumes when run again; under ``torchrun`` the encoding is sharded over the ranks. The folder has one writer
 at a time (``.lock``), and a build records its identity (``run_identity.json``): an unfinished build of another
 model, input file, backend or dtype is refused unless ``--overwrite`` (:mod:`umarvel.utils.runs`).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU; "
                                                   "add: the index's)")
     p.add_argument("--recall-sample", type=int, default=1000,
-                   help="ivf / hnsw: queries (sampled from the collection) of the recall@10 measurement")
+                   help="ivf / hnsw: queries of the recall@10 estimate written to index.json (made from a "
+                        "seeded sample of the collection, held-out style: not the indexed vectors themselves)")
 
 
 def add_subparser(sub) -> None:
@@ -55,8 +58,11 @@ def add_subparser(sub) -> None:
     b.set_defaults(func=run_build)
 
     a = isub.add_parser("add", help="encode new items into an existing index",
-                        description="Encode only the new items and append them; a duplicate id or a different "
-                                    "model is an error naming it.")
+                        description="Encode only the new items and append them. A folder of images may be given "
+                                    "again as it grows: the pictures already indexed with the same caption and "
+                                    "content are skipped, one that changed under the same name is an error "
+                                    "naming it (rebuild with `index build --overwrite`). In a JSONL an id "
+                                    "already in the index, and a different model, are errors naming it.")
     a.add_argument("--index", required=True, help="index folder")
     a.add_argument("--input", required=True, help="items JSONL or a folder of images")
     a.add_argument("--model", default=None, help="checkpoint folder (default: the one recorded in index.json; "
@@ -110,15 +116,21 @@ def run_build(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     """``umarvel index add``."""
     from umarvel import dist  # lazy: keeps the CLI start-up free of torch
-    from umarvel.index import Index, read_items
-    from umarvel.index.core import lock_index
+    from umarvel.index import Index
+    from umarvel.index.core import INDEX_JSON, lock_index
 
-    index = Index.load(args.index)
-    items = read_items(args.input, image_root=args.image_root, exclude=[args.index])  # errors before the model loads
+    if not (Path(args.index) / INDEX_JSON).is_file():
+        Index.load(args.index)  # raises the clear error (not an index, an unfinished build) before the lock
     device = dist.device_for_rank(args.device)
     with lock_index(args.index), dist.process_group(device):
+        index = Index.load(args.index)  # under the lock: the state this add extends
+        # errors (bad items, an id already indexed, a changed picture) before the model loads; nothing new: no model
+        todo = index.items_to_add(args.input, image_root=args.image_root, source=args.input)
+        if not todo:
+            logger.info("nothing new to add: %r", index)
+            return 0
         model = index.load_model(args.model, device=device, dtype=args.dtype)
-        n = index.add(model, items, batch_size=args.batch_size, shard_size=args.shard_size,
+        n = index.add(model, todo, batch_size=args.batch_size, shard_size=args.shard_size,
                       recall_sample=args.recall_sample, source=args.input)
     logger.info("added %d items: %r", n, index)
     return 0

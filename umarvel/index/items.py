@@ -13,10 +13,16 @@ Inputs:
   one ``{"id": "<relative path>", "text": "..."}`` per line (``"image"`` may stand for ``"id"``);
 - a list of dicts with the same keys (Python API).
 
+An index records, with each item that has an image, the image file's content fingerprint
+``"file": {"size", "mtime_ns", "sha1"}`` (:func:`image_fingerprint`), so that a picture replaced under the
+same name is noticed (``umarvel index add``, a resumed build); a ``"file"`` given in the input is ignored
+(it is recomputed from the file).
+
 Every problem is a :class:`~umarvel.errors.DataError` (or ``ImageLoadError``) naming the file:line or item id.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +32,8 @@ from umarvel.errors import DataError, ImageLoadError
 from umarvel.utils.io import iter_jsonl
 
 ITEM_KEYS = frozenset({"id", "text", "image", "meta"})
+#: The key of an item's image fingerprint (recorded by the index; recomputed, never read from the input).
+FILE_KEY = "file"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CAPTIONS_FILE = "captions.jsonl"
 
@@ -34,7 +42,7 @@ def _check_item(rec: Mapping[str, Any], where: str) -> dict:
     """Validate one raw item; return the normalised dict (image as given, not resolved)."""
     if not isinstance(rec, Mapping):
         raise DataError(f"{where}: expected an object with 'id' and 'text' and/or 'image', got {type(rec).__name__}")
-    unknown = set(rec) - ITEM_KEYS
+    unknown = set(rec) - ITEM_KEYS - {FILE_KEY}
     if unknown:
         raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)} "
                         "(put extra fields under 'meta')")
@@ -170,6 +178,50 @@ def read_items(source: Any, image_root: str | os.PathLike | None = None,
         raise DataError(f"items must be a JSONL path, a folder or a list of dicts, got {type(source).__name__}")
     return _checked(((f"item {n}", rec) for n, rec in enumerate(source)),
                     Path(image_root) if image_root else Path.cwd(), "no items given (empty list)")
+
+
+def image_fingerprint(path: str | os.PathLike, known: Mapping[str, Any] | None = None) -> dict:
+    """Content fingerprint of an image file: ``{"size", "mtime_ns", "sha1"}`` (sha1 of its bytes).
+
+    ``known``: the fingerprint recorded earlier; when size and mtime still match it is returned as is (a
+    stat, no read), otherwise the bytes are hashed again. The sha1 is the truth (:func:`content_changed`);
+    size and mtime only spare re-reading every unchanged picture of a folder on each ``add``, and a copied or
+    touched file with the same bytes (new mtime) is recognised as unchanged by its hash.
+
+    Raises:
+        ImageLoadError: the file cannot be read (naming it).
+    """
+    try:
+        st = os.stat(path)
+        if known and known.get("sha1") and known.get("size") == st.st_size \
+                and known.get("mtime_ns") == st.st_mtime_ns:
+            return dict(known)
+        digest = hashlib.sha1()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+            st = os.fstat(fh.fileno())  # the file that was read (the path may have been replaced since the stat)
+    except OSError as exc:
+        raise ImageLoadError(f"{path}: cannot read image file ({exc.strerror})") from None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": digest.hexdigest()}
+
+
+def content_changed(indexed: Mapping[str, Any], item: Mapping[str, Any]) -> str | None:
+    """What changed between an indexed item row and the same id read again (both with ``"file"`` where they
+    have an image): ``"caption"``, ``"image content (...)"``, ``"image added"`` / ``"image removed"``, or
+    None when the encoded content is the same. An indexed image without a fingerprint (an index written
+    before they were recorded) is not compared (None; the caller warns)."""
+    if (indexed.get("text") or None) != (item.get("text") or None):
+        return "caption"
+    if bool(indexed.get("image")) != bool(item.get("image")):
+        return "image added" if item.get("image") else "image removed"
+    old, new = indexed.get(FILE_KEY), item.get(FILE_KEY)
+    if not item.get("image") or not old:
+        return None
+    if old.get("size") != new["size"] or old.get("sha1") != new["sha1"]:
+        return (f"image content: {old.get('size')} bytes sha1 {str(old.get('sha1'))[:10]} -> "
+                f"{new['size']} bytes sha1 {new['sha1'][:10]}")
+    return None
 
 
 def encode_item(item: Mapping[str, Any]) -> dict:
