@@ -1,15 +1,20 @@
 """umarvel.index.Index: build, resume, add, exact and ANN search, bad inputs (tiny model, generated photos)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from umarvel import Index
+from umarvel.index import read_items
 from umarvel.errors import CheckpointError, ConfigError, DataError, ImageLoadError
 from umarvel.index.core import INDEX_JSON, ITEMS_FILE
+from umarvel.utils.io import write_jsonl
 
 
 N_PHOTOS = 8  # tests/index/conftest.py: photos
@@ -63,18 +68,25 @@ def test_query_finds_an_item_by_its_own_content(photo_index, tiny_model):
     assert hits[0].to_dict()["id"] == hits[0].id and hits[0].image and Path(hits[0].image).is_file()
 
 
+def _kill_after(monkeypatch, model, calls: int) -> list[int]:
+    """Make ``model.encode_candidates`` raise KeyboardInterrupt after ``calls`` calls (a killed build); returns the
+    sizes of the calls that ran."""
+    original, seen = model.encode_candidates, []
+
+    def killed(items, batch_size=32, **kw):
+        if len(seen) == calls:
+            raise KeyboardInterrupt("killed mid-encode")
+        seen.append(len(items))
+        return original(items, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(model, "encode_candidates", killed)
+    return seen
+
+
 def test_killed_build_resumes_with_the_same_vectors(tiny_model, photos, tmp_path, monkeypatch):
     ref = Index.build(tiny_model, photos, tmp_path / "ref", shard_size=3)
     original = tiny_model.encode_candidates
-    encoded: list[int] = []
-
-    def killed_after_two_shards(items, batch_size=32, **kw):
-        if len(encoded) == 2:
-            raise KeyboardInterrupt("killed mid-encode")
-        encoded.append(len(items))
-        return original(items, batch_size=batch_size, **kw)
-
-    monkeypatch.setattr(tiny_model, "encode_candidates", killed_after_two_shards)
+    encoded = _kill_after(monkeypatch, tiny_model, 2)
     with pytest.raises(KeyboardInterrupt):
         Index.build(tiny_model, photos, tmp_path / "idx", shard_size=3)
     assert not (tmp_path / "idx" / INDEX_JSON).exists()
@@ -84,9 +96,8 @@ def test_killed_build_resumes_with_the_same_vectors(tiny_model, photos, tmp_path
     with pytest.raises(DataError, match="not an index .*run the same `umarvel index build` again"):
         Index.load(tmp_path / "idx")
 
-    encoded.clear()
-    monkeypatch.setattr(tiny_model, "encode_candidates",
-                        lambda items, batch_size=32, **kw: encoded.append(len(items)) or original(items, batch_size, **kw))
+    monkeypatch.setattr(tiny_model, "encode_candidates", original)
+    encoded = _counting(monkeypatch, tiny_model)
     idx = Index.build(tiny_model, photos, tmp_path / "idx", shard_size=3)
     assert sum(encoded) == N_PHOTOS - 6  # only the missing shard was encoded
     np.testing.assert_array_equal(idx.vectors[:6], before)
@@ -104,10 +115,7 @@ def test_add_encodes_only_new_items(tiny_model, photos, tmp_path, monkeypatch, d
         json.dumps({"id": "pink", "image": "pink.png", "meta": {"album": "x"}}) + "\n"
         + json.dumps({"id": "teal", "text": "a teal disc", "image": "teal.png"}) + "\n"
         + json.dumps({"id": "note", "text": "a text-only item about boats"}) + "\n")
-    original = tiny_model.encode_candidates
-    seen: list[int] = []
-    monkeypatch.setattr(tiny_model, "encode_candidates",
-                        lambda items, batch_size=32, **kw: seen.append(len(items)) or original(items, batch_size, **kw))
+    seen = _counting(monkeypatch, tiny_model)
     assert idx.add(tiny_model, more / "items.jsonl") == 3
     assert seen == [3] and len(idx) == N_PHOTOS + 3 and idx.ids[-3:] == ["pink", "teal", "note"]
     again = Index.load(idx.path)
@@ -123,7 +131,6 @@ def test_add_encodes_only_new_items(tiny_model, photos, tmp_path, monkeypatch, d
 
 
 def _sha1(path: Path) -> str:
-    import hashlib
 
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
@@ -138,9 +145,6 @@ def _counting(monkeypatch, model) -> list[int]:
 
 def test_folder_add_skips_unchanged_pictures_and_refuses_a_changed_one(tiny_model, photos, tmp_path, monkeypatch,
                                                                         draw_image):
-    import os
-    import shutil
-
     folder = tmp_path / "photos"
     shutil.copytree(photos, folder)
     idx = Index.build(tiny_model, folder, tmp_path / "idx", shard_size=3)
@@ -185,22 +189,11 @@ def test_folder_add_skips_unchanged_pictures_and_refuses_a_changed_one(tiny_mode
 
 def test_resumed_build_does_not_reuse_the_vector_of_a_replaced_picture(tiny_model, photos, tmp_path, monkeypatch,
                                                                        draw_image, caplog):
-    import shutil
-
-    from umarvel.index import read_items
 
     folder = tmp_path / "photos"
     shutil.copytree(photos, folder)
     original = tiny_model.encode_candidates
-    seen: list[int] = []
-
-    def killed_after_two_shards(items, batch_size=32, **kw):
-        if len(seen) == 2:
-            raise KeyboardInterrupt("killed mid-encode")
-        seen.append(len(items))
-        return original(items, batch_size=batch_size, **kw)
-
-    monkeypatch.setattr(tiny_model, "encode_candidates", killed_after_two_shards)
+    _kill_after(monkeypatch, tiny_model, 2)
     with pytest.raises(KeyboardInterrupt):
         Index.build(tiny_model, folder, tmp_path / "idx", shard_size=3)
     first = read_items(folder)[0]  # encoded in the first shard before the kill
@@ -220,9 +213,6 @@ def test_resumed_build_does_not_reuse_the_vector_of_a_replaced_picture(tiny_mode
 def test_an_index_without_fingerprints_loads_and_grows_with_one_warning(photo_index, photos, tiny_model, tmp_path,
                                                                         monkeypatch, caplog):
     """An index folder written before the fingerprints were recorded: its pictures are not compared."""
-    import shutil
-
-    from umarvel.utils.io import write_jsonl
 
     copy = tmp_path / "old.idx"
     shutil.copytree(photo_index.path, copy)
@@ -238,8 +228,6 @@ def test_an_index_without_fingerprints_loads_and_grows_with_one_warning(photo_in
 
 
 def test_unfinished_add_rows_are_ignored(photo_index, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy.idx"
     shutil.copytree(photo_index.path, copy)
     with open(copy / ITEMS_FILE, "a") as fh:
