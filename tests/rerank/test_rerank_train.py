@@ -241,3 +241,14 @@ def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path, capsys):
     meta["split"] = "test"
     (tmp_path / "val_scores.meta.json").write_text(json.dumps(meta))
     assert main(["rerank", "fuse", "--choose-weight", "--val-scores", str(out)]) == 2  # test data refused
+
+
+def test_reranker_config_passes_the_fused_optimizer_knob_to_the_one_trainer():
+    """``train.fused_optimizer`` (on by default, as for the stages) reaches the trainer's loop settings."""
+    from umarvel.config import load_config
+    from umarvel.rerank.train import RerankTrainConfig, loop_config
+
+    yaml = Path(__file__).resolve().parents[2] / "configs" / "rerank" / "reranker.yaml"
+    assert loop_config(load_config(yaml, RerankTrainConfig, [])).fused_optimizer is True
+    off = load_config(yaml, RerankTrainConfig, ["train.fused_optimizer=false"])
+    assert loop_config(off).fused_optimizer is False

@@ -86,7 +86,8 @@ class RerankOptimConfig:
     the assistant turn). ``max_steps`` > 0 overrides the epoch count. ``resume``: ``"auto"`` (latest
     complete checkpoint in ``output_dir``), ``"never"``, or a checkpoint folder. ``save_steps``: 0 keeps
     only the final checkpoint. ``lr_scheduler``: a ``transformers.get_scheduler`` name. ``report_to``:
-    ``tensorboard`` / ``wandb`` / ``auto`` (see :class:`umarvel.train.trainer.LoopConfig`).
+    ``tensorboard`` / ``wandb`` / ``auto`` (see :class:`umarvel.train.trainer.LoopConfig`). ``fused_optimizer``:
+    fused AdamW kernels on CUDA, as the embedding stages (same update rule; ignored on CPU).
     """
 
     output_dir: str
@@ -109,6 +110,7 @@ class RerankOptimConfig:
     save_merged: bool = True
     device: str = "auto"
     report_to: list[str] = field(default_factory=lambda: ["auto"])
+    fused_optimizer: bool = True
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,8 @@ def loop_config(cfg: RerankTrainConfig) -> LoopConfig:
                       warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
                       seed=t.seed, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
                       logging_steps=t.logging_steps, resume=t.resume, report_to=tuple(t.report_to),
-                      micro_batch_size=t.per_device_queries * 2, dtype=cfg.model.dtype)
+                      micro_batch_size=t.per_device_queries * 2, dtype=cfg.model.dtype,
+                      fused_optimizer=t.fused_optimizer)
 
 
 #: What a reranker run writes into its folder (removed by ``overwrite``).
