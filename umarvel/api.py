@@ -393,6 +393,8 @@ class UMarvel:
             first = min(64, chunk)
         bounds = chunk_bounds(len(loaders), chunk, first=first)
         workers = self._workers(len(bounds) - 1)
+        if workers > 1 and not official:  # every worker gets a chunk (official chunks stay batch-aligned)
+            bounds = chunk_bounds(len(loaders), chunk, first=first, workers=workers)
         pin = self.device.type == "cuda"
         if workers:
             ds = EncodeChunks(loaders, tok, collate, plan, bounds)

@@ -86,3 +86,16 @@ def test_chunk_bounds_small_first_chunk():
     assert chunk_bounds(50, 400, first=64) == [0, 50]
     assert chunk_bounds(0, 400, first=64) == [0]
     assert chunk_bounds(800, 400) == [0, 400, 800]
+
+
+def test_chunk_bounds_give_every_preprocessing_worker_a_chunk():
+    """A small job is cut so that all workers decode in parallel; a large one keeps the full chunk size."""
+    from umarvel.data.packing import chunk_bounds
+
+    small = chunk_bounds(1024, 512, first=64, workers=8)  # was [0, 64, 576, 1024]: 3 chunks for 8 workers
+    assert small[:2] == [0, 64] and small[-1] == 1024 and len(small) - 2 >= 8
+    assert all(b - a == 120 for a, b in zip(small[1:-2], small[2:-1]))
+    assert chunk_bounds(300, 512, first=64, workers=8)[:3] == [0, 64, 128]  # never below the first chunk's size
+    assert chunk_bounds(100_000, 512, first=64, workers=8) == chunk_bounds(100_000, 512, first=64)
+    assert chunk_bounds(1024, 512, first=64, workers=1) == [0, 64, 576, 1024]
+    assert chunk_bounds(1000, 400, workers=4) == [0, 250, 500, 750, 1000]

@@ -99,9 +99,19 @@ class PackedCollator(EmbeddingCollator):
         return pack_padded(super().__call__(items))
 
 
-def chunk_bounds(n: int, chunk: int, first: int | None = None) -> list[int]:
+def chunk_bounds(n: int, chunk: int, first: int | None = None, workers: int = 0) -> list[int]:
     """Boundaries ``[0, b1, ..., n]`` of preprocessing chunks: a smaller ``first`` chunk (the accelerator
-    starts early), then chunks of ``chunk`` inputs."""
+    starts early), then chunks of ``chunk`` inputs.
+
+    ``workers`` > 1 (preprocessing processes, one chunk each at a time): the chunks after the first shrink, down
+    to ``first`` inputs (64 without one), until every worker has one. Otherwise a job of a few thousand inputs
+    would keep most workers idle (1,024 inputs in chunks of 512: 3 chunks for 8 workers, each 512-input chunk
+    decoded by one process while the accelerator waits); jobs of ``workers * chunk`` inputs or more keep ``chunk``.
+    """
+    if workers > 1:
+        floor = first or 64
+        rest = max(0, n - (first or 0))
+        chunk = min(chunk, max(floor, -(-rest // workers)))
     bounds = [0]
     if first and first < chunk and n > first:
         bounds.append(first)
