@@ -37,6 +37,9 @@ def test_mined_round_trip_and_official_bytes(tmp_path):
     light = list(iter_mined(path, scores=False))
     assert [(r.qid, r.top_docs, r.scores, r.gt_scores) for r in light] == [(r.qid, r.top_docs, None, None)
                                                                           for r in MINED]
+    accented = tmp_path / "accented.jsonl"  # json.dumps' default escaping, as the official files
+    write_mined(accented, [MinedRow("9:é", ("9:ü",), ("9:ü",))])
+    assert accented.read_text() == '{"qid": "9:\\u00e9", "gt_docs": ["9:\\u00fc"], "top100_docs": ["9:\\u00fc"]}\n'
 
 
 def test_mined_without_scores_omits_them(tmp_path):

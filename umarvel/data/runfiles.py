@@ -38,7 +38,7 @@ import numpy as np
 
 from umarvel.data.mbeir import unhash_did
 from umarvel.errors import DataError
-from umarvel.utils.io import atomic_path, iter_columns, iter_jsonl
+from umarvel.utils.io import atomic_path, iter_columns, iter_jsonl, write_jsonl
 
 PathLike = str | os.PathLike
 TEACHER_FILE = "fusion_results.jsonl"
@@ -193,17 +193,14 @@ def iter_mined(path: PathLike, qids: Sequence[str] | None = None, *, rows: str =
 
 def write_mined(path: PathLike, rows: Iterable[MinedRow]) -> int:
     """Write a mined list atomically (``score`` / ``gt_scores`` only when set); returns the number of lines."""
-    n = 0
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            obj: dict[str, Any] = {"qid": r.qid, "gt_docs": list(r.gt_docs), "top100_docs": list(r.top_docs)}
-            if r.scores is not None:
-                obj["score"] = list(r.scores)
-            if r.gt_scores is not None:
-                obj["gt_scores"] = list(r.gt_scores)
-            fh.write(json.dumps(obj) + "\n")
-            n += 1
-    return n
+    def record(r: MinedRow) -> dict[str, Any]:
+        obj: dict[str, Any] = {"qid": r.qid, "gt_docs": list(r.gt_docs), "top100_docs": list(r.top_docs)}
+        if r.scores is not None:
+            obj["score"] = list(r.scores)
+        if r.gt_scores is not None:
+            obj["gt_scores"] = list(r.gt_scores)
+        return obj
+    return write_jsonl(path, map(record, rows), ensure_ascii=True)
 
 
 # ---------------------------------------------------------------------------------------- teacher file
@@ -239,20 +236,17 @@ def iter_teacher(path: PathLike, qids: Sequence[str] | None = None, *, rows: str
 
 def write_teacher(path: PathLike, rows: Iterable[TeacherRow]) -> int:
     """Write a teacher file atomically (``task`` / ``cosine`` / ``p_yes`` only when set); returns the line count."""
-    n = 0
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            obj: dict[str, Any] = {"qid": r.qid}
-            if r.task is not None:
-                obj["task"] = r.task
-            obj["did"], obj["score"] = list(r.dids), list(r.scores)
-            if r.cosine is not None:
-                obj["cosine"] = list(r.cosine)
-            if r.p_yes is not None:
-                obj["p_yes"] = list(r.p_yes)
-            fh.write(json.dumps(obj) + "\n")
-            n += 1
-    return n
+    def record(r: TeacherRow) -> dict[str, Any]:
+        obj: dict[str, Any] = {"qid": r.qid}
+        if r.task is not None:
+            obj["task"] = r.task
+        obj["did"], obj["score"] = list(r.dids), list(r.scores)
+        if r.cosine is not None:
+            obj["cosine"] = list(r.cosine)
+        if r.p_yes is not None:
+            obj["p_yes"] = list(r.p_yes)
+        return obj
+    return write_jsonl(path, map(record, rows), ensure_ascii=True)
 
 
 # -------------------------------------------------------------------------------------------- TREC run

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from umarvel.errors import DataError, FileAccessError
 
@@ -221,8 +221,14 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
 
 
-def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    """Write records as JSONL atomically."""
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict], *, ensure_ascii: bool = False) -> int:
+    """Write records (any iterable, consumed once) as JSONL atomically; returns the number of lines.
+
+    ``ensure_ascii=True``: ``json.dumps``' default escaping (the byte format of the official pipeline files).
+    """
+    n = 0
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(rec, ensure_ascii=ensure_ascii) + "\n")
+            n += 1
+    return n
