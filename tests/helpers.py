@@ -11,6 +11,7 @@ import torch
 
 from umarvel.eval.search import make_searcher
 from umarvel.train.config import StageConfig, load_stage_config
+from umarvel.train.trainer import TrainerCallback
 from umarvel.utils.io import iter_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,3 +104,18 @@ def tiny_config(kind: str, init_from: Path, data: dict[str, Path], out: Path, *e
                  "train.per_device_batch_size=4", "train.max_steps=2", "train.report_to=[tensorboard]",
                  *data_overrides(kind, data), *extra]
     return load_stage_config(REPO / "configs" / "stages" / STAGE_FILES[kind], overrides)
+
+
+class Killed(Exception):
+    """Raised by :class:`StopAfter`: the run was "killed"."""
+
+
+class StopAfter(TrainerCallback):
+    """Kill a training run after step ``n`` (and its checkpoint), like a killed job: raises :class:`Killed`."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        if step == self.n:
+            raise Killed

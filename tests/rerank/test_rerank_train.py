@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import Killed, StopAfter
+
 from umarvel.rerank.prompts import RerankPair, RerankSide
-from umarvel.train.trainer import TrainerCallback
 
 pytestmark = pytest.mark.slow
 
@@ -159,21 +160,6 @@ def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
 
 
-class _Stop(Exception):
-    pass
-
-
-class _StopAfter(TrainerCallback):
-    """Kill the run after step ``n`` (and its checkpoint), like a killed job."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_step(self, step: int, total: int, loss: float) -> None:
-        if step == self.n:
-            raise _Stop
-
-
 def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path, capsys):
     from umarvel.cli import main
     from umarvel.config import load_config
@@ -197,8 +183,8 @@ def test_cli_train_resume_score_fuse(mbeir, tiny_rerank_ckpt, tmp_path, capsys):
     assert ckpt.latest_checkpoint(straight).name == "step-000002" and not (straight / ".lock").exists()
     # interrupted run: killed after the step-1 checkpoint, then resumed through the CLI to finish step 2
     args = _train_args(mbeir, tiny_rerank_ckpt, resumed, *run, "train.save_steps=1")
-    with pytest.raises(_Stop):
-        train_reranker(load_config(args[2], RerankTrainConfig, args[3:]), callbacks=[_StopAfter(1)])
+    with pytest.raises(Killed):
+        train_reranker(load_config(args[2], RerankTrainConfig, args[3:]), callbacks=[StopAfter(1)])
     assert ckpt.latest_checkpoint(resumed).name == "step-000001" and not (resumed / "adapter").exists()
     assert main(args) == 0
     assert sorted(p.name for p in (resumed / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]

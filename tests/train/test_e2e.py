@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from helpers import make_data, tiny_config
+from helpers import Killed, StopAfter, make_data, tiny_config
 
 from umarvel.train import checkpoint as ckpt
 from umarvel.train.stage import stage_trainer
-from umarvel.train.trainer import TrainerCallback, TrainingDiverged
+from umarvel.train.trainer import TrainingDiverged
 
 pytestmark = pytest.mark.slow
 
@@ -51,28 +51,13 @@ def test_stage_learns_and_exports(kind, tiny_checkpoint, data, tmp_path):
     assert merged.encode_queries([{"text": "a red circle", "instruction": "find it"}]).shape == (1, 64)
 
 
-class _Stop(Exception):
-    pass
-
-
-class StopAfter(TrainerCallback):
-    """Kill the run after step ``n`` (and its checkpoint), like a killed job."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_step(self, step: int, total: int, loss: float) -> None:
-        if step == self.n:
-            raise _Stop
-
-
 def test_resume_reaches_the_same_losses(tiny_checkpoint, data, tmp_path):
     common = ["data.max_examples=16", "train.per_device_batch_size=4", "train.max_steps=6",
               "train.save_steps=3", "train.learning_rate=2e-3", "lora.dropout=0.1", "train.grad_cache=true",
               "train.chunk_size=3", "train.merge_at_end=false"]
     full = stage_trainer(tiny_config("mbeir", tiny_checkpoint, data, tmp_path / "a", *common)).train()
     cfg = tiny_config("mbeir", tiny_checkpoint, data, tmp_path / "b", *common)
-    with pytest.raises(_Stop):
+    with pytest.raises(Killed):
         stage_trainer(cfg, callbacks=[StopAfter(3)]).train()
     resumed = stage_trainer(cfg)
     assert resumed.resumed_from.name == "step-000003"
