@@ -277,7 +277,7 @@ class Index:
         """
         path = Path(path)
         check_new_index(path, backend, backend_params, overwrite)
-        src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
+        src = _source_name(items, source)
         rows = with_fingerprints(read_items(items, image_root=image_root, exclude=[path]))
         fp = model.fingerprint()
         unfinished = [] if (path / INDEX_JSON).is_file() else sorted((path / VECTORS_DIR).glob(f"{PART_NAME}-*"))
@@ -342,7 +342,7 @@ class Index:
                 that changed since it was indexed (naming it), bad items.
         """
         self.check_model(model)
-        src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
+        src = _source_name(items, source)
         new = self.items_to_add(items, image_root=image_root, source=src)
         if not new:
             logger.info("%s: nothing new to add to %s", src, self.path)
@@ -379,7 +379,7 @@ class Index:
         Raises:
             DataError: see :meth:`add`; the changed pictures are named with what changed and the remedy.
         """
-        src = source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
+        src = _source_name(items, source)
         new = read_items(items, image_root=image_root, exclude=[self.path])
         if not (isinstance(items, (str, os.PathLike)) and Path(items).is_dir()):
             for it in new:
@@ -729,6 +729,11 @@ def without_rows(found: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
         kept = r[r != own][:k]
         out[i, :len(kept)] = kept
     return out
+
+
+def _source_name(items: Any, source: str | None) -> str:
+    """How error messages and ``index.json`` name an input: ``source``, else the path, else ``<python list>``."""
+    return source or (str(items) if isinstance(items, (str, os.PathLike)) else "<python list>")
 
 
 def _fingerprint_of(item: Mapping[str, Any], known: Mapping[str, Any] | None = None) -> dict:
