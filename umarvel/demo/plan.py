@@ -48,11 +48,12 @@ Also tried (seed 0, default benchmark, one torch thread; the same held-out pairs
   most of it the 151,936-word softmax), then trained as the reranker (800 steps, learning rates 3e-4 and 1e-3,
   Yes/No rows scaled 8x after captioning; a 4-layer model for 200 steps). Pairwise accuracy stayed at 0.5-0.58,
   P(yes) alone at val top-10 Recall@5 52-61 against the embedding's 83.9.
-- Easy negatives (the positive of another query of the same task, instead of the mined lists): the training
-  loss stays at or above ln 2 for 800 steps, from both initialisation scales (0.3, and 0.02 with the Yes/No rows scaled
+- Easy negatives (the positive of another query of the same task, instead of the mined lists): the training loss
+  stays at or above ln 2 for 800 steps, from both initialisation scales (0.3, and 0.02 with the Yes/No rows scaled
   20x), and with a 4x wider model (hidden 256, 8 heads, 500 steps, easy or mined negatives: pairwise accuracy
-  0.42-0.65, P(yes) alone 50-54). Yet 16 fixed queries are memorised within 150 steps (loss 0): the training code works, the tiny causal
-  model just does not find a comparison of query and candidate that generalises, even between unrelated objects.
+  0.42-0.65, P(yes) alone 50-54). Yet 16 fixed queries are memorised within 150 steps (loss 0): the training code
+  works, the tiny causal model just does not find a comparison of query and candidate that generalises, even between
+  unrelated objects.
 - Stage 4 from a shorter stage 3 (300 steps, the quick preset's, then 400 stage-4 steps at 5e-4 or 1e-3): local /
   global 83.6 / 61.1-62.5 against stage 3's 83.6 / 61.4, where 300 more stage-3 steps reach 84.3 / 69.3. The quick
   preset's stage-4 gain (60 steps) does not hold over seeds either: +1.0 / +3.6 (seed 0), +2.9 / -0.4 (seed 1),
