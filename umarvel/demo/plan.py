@@ -27,37 +27,8 @@ through stages 1, 2 and 3 (default, local about 19 -> 32 -> 62 -> 84, global 3 -
 Stages 4, 5 and U-MARVEL+ run the real code but do not add at this scale: per seed they move the average by -2.9
 to +0.8 points, about the seed-to-seed spread of stage 3 itself (3.6 local, 5.0 global). Stage 5 and U-MARVEL+
 rely on the reranker, and a point-wise cross-encoder of the demo's size does not become a better ranker than the
-stage-3 embedding within any budget tried (the run measures it before it teaches, ``DemoResult.reranker_check``:
-P(yes) alone orders the stage-3 val top 10 at Recall@5 51-56 against the embedding's 84-85), so the teacher lists
-and U-MARVEL+ have little to add. Tried on this benchmark, up to 750 optimiser steps (three times the default
-budget): random initialisations (std 0.02 and 0.3), the stage-3 weights with a scaled answer head, Yes/No-only
-loss, LoRA r16 and r64, learning rates 1e-3 to 3e-2, four layers: its pairwise accuracy (positive above the mined
-negative) stayed at 0.5-0.6; on the text-only WebQA pairs alone it starts to learn after about 150 steps, on the
-seven tasks mixed not within 750. Longer runs from the stage-3 weights (Yes/No rows of the tied head scaled 16x so
-the answer can be expressed; every language-model weight trained, or LoRA r64; learning rates 5e-4 to 3e-3;
-negatives from the whole mined list or only its first 5; 1,000-1,500 steps, 185-280 s of CPU, about the whole
-default run again) brought P(yes) alone to val top-10 Recall@5 48-60 against the embedding's 67.9 on the same
-lists; fused with the cosine (weights 0.1-1) it moved that by -1 to +3.9 points, differently at every checkpoint.
-The reranker starts to learn (its held-out pairwise accuracy against the nearest mined negative rises from 0.46 to
-0.58-0.66, above the embedding's own 0.52 on those pairs) but not enough to teach within the budget.
-
-Also tried (seed 0, default benchmark, one torch thread; the same held-out pairs and val top-10 lists):
-
-- A stand-in for the pretrained Qwen2-VL-Instruct the published reranker starts from: the random tiny model first
-  taught to caption the 350 demo pictures (300 steps of next-token loss on the caption, 6.9 -> 0.9; about 300 s,
-  most of it the 151,936-word softmax), then trained as the reranker (800 steps, learning rates 3e-4 and 1e-3,
-  Yes/No rows scaled 8x after captioning; a 4-layer model for 200 steps). Pairwise accuracy stayed at 0.5-0.58,
-  P(yes) alone at val top-10 Recall@5 52-61 against the embedding's 83.9.
-- Easy negatives (the positive of another query of the same task, instead of the mined lists): the training loss
-  stays at or above ln 2 for 800 steps, from both initialisation scales (0.3, and 0.02 with the Yes/No rows scaled
-  20x), and with a 4x wider model (hidden 256, 8 heads, 500 steps, easy or mined negatives: pairwise accuracy
-  0.42-0.65, P(yes) alone 50-54). Yet 16 fixed queries are memorised within 150 steps (loss 0): the training code
-  works, the tiny causal model just does not find a comparison of query and candidate that generalises, even between
-  unrelated objects.
-- Stage 4 from a shorter stage 3 (300 steps, the quick preset's, then 400 stage-4 steps at 5e-4 or 1e-3): local /
-  global 83.6 / 61.1-62.5 against stage 3's 83.6 / 61.4, where 300 more stage-3 steps reach 84.3 / 69.3. The quick
-  preset's stage-4 gain (60 steps) does not hold over seeds either: +1.0 / +3.6 (seed 0), +2.9 / -0.4 (seed 1),
-  +0.4 / -1.1 (seed 2).
+stage-3 embedding within the budget (the run measures it before it teaches, ``DemoResult.reranker_check``).
+``docs/demo_experiments.md`` records every reranker and stage-4 experiment made to change that.
 """
 from __future__ import annotations
 
